@@ -1,0 +1,142 @@
+"""The torchao configuration object for awq_ao and its ``quantize_`` handler."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+from torchao.core.config import AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from awq_ao.lowering.quant_math import SUPPORTED_BITS
+
+Step = Literal["prepare", "convert"]
+
+
+@dataclass
+class AWQConfig(AOBaseConfig):
+    """Settings for one awq_ao prepare or convert step (build it with :func:`awq_config`).
+
+    Attributes:
+        step: ``"prepare"`` attaches observers; ``"convert"`` searches, folds and quantizes.
+        bits: weight bit width (2..8; 4 is the main target, 3 is supported by the same path).
+        group_size: quantization group length along in_features, or -1 for per channel.
+            in_features need not be a multiple: the last group is simply shorter.
+        zero_point: asymmetric (True) or symmetric (False) quantization.
+        n_grid: grid points for the scale exponent alpha in [0, 1).
+        duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling).
+        scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
+        clip: run the per-group weight clipping search.
+        clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
+        max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
+            sequences) of the calibration calls are kept for the search; statistics still use
+            every calibration batch.
+        clip_tokens: tokens per layer kept for the clipping search.
+        skip: fnmatch patterns of module names kept in full precision. The output head
+            (a linear feeding the logits or sharing the embedding weight) is always skipped.
+        include: if given, only modules matching one of these patterns are quantized.
+        fallback: what to do where no fold is legal: ``"multiply"`` inserts an explicit
+            per-channel input multiply (counted in the report), ``"skip"`` leaves the group
+            unscaled (plain RTN for its linears).
+        seed: seed for every random choice (the search itself is deterministic).
+        progress: show progress bars.
+        verbose: print the report after convert.
+    """
+
+    step: Step = "convert"
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_grid: int = 20
+    duo_scaling: bool = True
+    scale_search: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_search_samples: int = 16
+    clip_tokens: int = 512
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    include: tuple[str, ...] | None = None
+    fallback: Literal["multiply", "skip"] = "multiply"
+    seed: int = 0
+    progress: bool = True
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.step not in ("prepare", "convert"):
+            raise ValueError(f"step={self.step!r}: use 'prepare' or 'convert'.")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}.")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: use a positive size or -1.")
+        if self.n_grid < 1 or self.clip_grid < 1:
+            raise ValueError("n_grid and clip_grid must be >= 1.")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError("max_shrink must be in [0, 1).")
+        if self.max_search_samples < 1 or self.clip_tokens < 1:
+            raise ValueError("max_search_samples and clip_tokens must be >= 1.")
+        if self.fallback not in ("multiply", "skip"):
+            raise ValueError("fallback must be 'multiply' or 'skip'.")
+        self.skip = tuple(self.skip)
+        if self.include is not None:
+            self.include = tuple(self.include)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether convert needs observed activations."""
+        return self.scale_search or self.clip
+
+
+def awq_config(step: Step = "convert", **kwargs: object) -> AWQConfig:
+    """Build an :class:`AWQConfig` for torchao's ``quantize_``.
+
+    Example::
+
+        quantize_(model, awq_config(step="prepare", bits=4, group_size=128))
+        for batch in calibration: model(batch)
+        quantize_(model, awq_config(bits=4, group_size=128))
+    """
+    return AWQConfig(step=step, **kwargs)  # type: ignore[arg-type]
+
+
+def _find_quantize_root() -> nn.Module | None:
+    """The ``model`` argument of the torchao ``quantize_`` call that is running, if any."""
+    from torchao.quantization import quant_api
+
+    code = quant_api.quantize_.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            model = frame.f_locals.get("model")
+            return model if isinstance(model, nn.Module) else None
+        frame = frame.f_back
+    return None
+
+
+@register_quantize_module_handler(AWQConfig)
+def _awq_transform(module: nn.Module, config: AWQConfig) -> nn.Module:
+    """torchao handler: works on the whole model the first time it is called.
+
+    ``quantize_`` calls handlers once per matching linear; AWQ needs the whole graph, so the
+    first call looks up the model passed to ``quantize_`` and runs prepare/convert on all of
+    it; later calls return the module that replaced ``module`` (if any).
+    """
+    from awq_ao.passes.convert import convert
+    from awq_ao.observers.attach import prepare
+    from awq_ao.state import get_state
+
+    root = _find_quantize_root()
+    if root is None:
+        root = module  # called directly on a root, e.g. quantize_(m, cfg, filter_fn=is_root)
+    state = get_state(root)
+    if config.step == "prepare":
+        if state is None or state.phase != "prepared" or state.prepare_token is not config:
+            prepare(root, config, token=config)
+        return module
+    if state is None or state.convert_token is not config:
+        convert(root, config, token=config)
+        state = get_state(root)
+    assert state is not None
+    return state.replacements.get(id(module), module)

@@ -1,0 +1,118 @@
+"""Streaming activation statistics and the root-call recorder used by the prepare step.
+
+Observers are plain forward pre-hooks: the user's model keeps its classes and parameter
+names, so any calibration loop works. Memory is bounded: per linear a float64 vector of
+``in_features`` and a counter; for the whole model at most ``search_rows`` recorded root calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+
+def _detach_tree(obj: Any) -> Any:
+    """Detach every tensor in a pytree (keeps device and dtype)."""
+
+    def f(t: Any) -> Any:
+        return t.detach() if isinstance(t, torch.Tensor) else t
+
+    return tree_map(f, obj)
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor found in a (possibly nested) call argument or module output."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    if hasattr(obj, "to_tuple"):  # transformers ModelOutput
+        return first_tensor(obj.to_tuple())
+    return None
+
+
+class ChannelStatsObserver:
+    """Per-input-channel mean |x| of one linear layer's input, accumulated in float64.
+
+    Also counts rows and remembers whether a non-finite value was seen (with the batch index),
+    so convert can name the layer instead of producing NaN scales.
+    """
+
+    def __init__(self, name: str, in_features: int) -> None:
+        self.name = name
+        self.in_features = in_features
+        self.abs_sum: torch.Tensor | None = None
+        self.rows = 0
+        self.calls = 0
+        self.nonfinite_call: int | None = None
+        self.enabled = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.enabled or not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0].detach()
+        self.calls += 1
+        if x.shape[-1] != self.in_features or x.numel() == 0:
+            return
+        x2 = x.reshape(-1, self.in_features)
+        if not torch.isfinite(x2).all():
+            if self.nonfinite_call is None:
+                self.nonfinite_call = self.calls
+            return
+        s = x2.abs().sum(dim=0, dtype=torch.float64)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.rows += x2.shape[0]
+
+    def mean_abs(self) -> torch.Tensor | None:
+        """Mean |x| per input channel (float64), or ``None`` if nothing was observed."""
+        if self.abs_sum is None or self.rows == 0:
+            return None
+        return self.abs_sum / self.rows
+
+
+@dataclass
+class RecordedCall:
+    """One recorded call of the root module: ``args``/``kwargs`` with tensors detached."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: int
+
+
+@dataclass
+class RootCallRecorder:
+    """Keeps the first root calls until ``max_rows`` batch rows are stored.
+
+    The first call is used to capture the graph; the stored calls form the (bounded) sample
+    that convert replays for the scale and clipping search.
+    """
+
+    max_rows: int
+    calls: list[RecordedCall] = field(default_factory=list)
+    rows: int = 0
+    total_calls: int = 0
+    enabled: bool = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.total_calls += 1
+        if self.rows >= self.max_rows and self.calls:
+            return
+        t = first_tensor((args, kwargs))
+        rows = int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+        self.calls.append(RecordedCall(_detach_tree(args), _detach_tree(dict(kwargs)), rows))
+        self.rows += rows
+
+
+HookFn = Callable[..., Any]

@@ -1,0 +1,273 @@
+"""The convert step: capture, group, search, fold, clip and swap weights to INT4.
+
+Convert is transactional: the search does not touch the model, and every edit of the apply
+phase is recorded, so any exception leaves the user's model exactly as it was (still
+prepared, observers attached) before it propagates.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from awq_ao.config import AWQConfig
+from awq_ao.lowering.scaled_input import ScaledInputLinear
+from awq_ao.observers.activation import RecordedCall
+from awq_ao.observers.attach import select_targets
+from awq_ao.passes.capture import CaptureError, call_kwargs, capture
+from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
+from awq_ao.passes.groups import GraphAnalysis, find_groups
+from awq_ao.passes.search import GroupResult, ScaleSearch, apply_clip, clip_ratios, weight_2d
+from awq_ao.report import ConvertReport, GroupReport
+from awq_ao.state import AWQState, get_state, set_state
+
+
+class CalibrationError(ValueError):
+    """Convert was called without usable calibration data."""
+
+
+def stack_calls(calls: list[RecordedCall]) -> tuple[tuple[Any, ...], dict[str, Any], int]:
+    """Concatenate recorded calls along the batch dimension into one search batch.
+
+    Calls whose structure or non-batch shapes differ from the first call are left out.
+    """
+    first = calls[0]
+    leaves0, spec0 = tree_flatten((first.args, first.kwargs))
+    cols: list[list[Any]] = [[leaf] for leaf in leaves0]
+    rows = first.rows
+    for c in calls[1:]:
+        leaves, spec = tree_flatten((c.args, c.kwargs))
+        if spec != spec0:
+            continue
+        ok = True
+        for a, b in zip(leaves0, leaves, strict=True):
+            if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+                ok = False
+            elif isinstance(a, torch.Tensor):
+                batch = a.dim() > 0 and a.shape[0] == first.rows and b.shape[0] == c.rows
+                if batch and a.shape[1:] != b.shape[1:]:
+                    ok = False
+                if not batch and not (a.shape == b.shape and torch.equal(a, b)):
+                    ok = False
+            elif a != b:
+                ok = False
+        if not ok:
+            continue
+        for col, leaf in zip(cols, leaves, strict=True):
+            col.append(leaf)
+        rows += c.rows
+    merged = []
+    for col in cols:
+        a = col[0]
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == first.rows and len(col) > 1:
+            merged.append(torch.cat(col, dim=0))
+        else:
+            merged.append(a)
+    args, kwargs = tree_unflatten(merged, spec0)
+    return tuple(args), dict(kwargs), rows
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
+    if state is None or state.phase != "prepared":
+        raise CalibrationError(
+            "convert needs calibration: call quantize_(model, awq_config(step='prepare', ...)), "
+            "run your calibration batches through the model, then quantize_(model, "
+            "awq_config(...)). For plain round-to-nearest without calibration use "
+            "awq_config(scale_search=False, clip=False)."
+        )
+    rec = state.recorder
+    if rec is None or not rec.calls or all(o.rows == 0 for o in state.observers.values()):
+        raise CalibrationError(
+            "no calibration data: the model was prepared but no batch was run through it. "
+            "Call model(batch) on some calibration batches (e.g. 16-128 sequences of 512 tokens) "
+            "between prepare and convert."
+        )
+    for name, obs in state.observers.items():
+        if obs.nonfinite_call is not None:
+            raise FloatingPointError(
+                f"NaN/Inf in the input of layer {name!r} during calibration call "
+                f"{obs.nonfinite_call}. Check the calibration data and the model's dtype "
+                "(float16 overflow is common: try bfloat16 or float32), then prepare again."
+            )
+
+
+def convert(model: nn.Module, config: AWQConfig, token: object = None) -> ConvertReport:
+    """Quantize ``model`` in place with AWQ; return a :class:`ConvertReport`."""
+    from awq_ao.lowering.swap import model_size_bytes, quantize_linear_module
+
+    t_start = time.perf_counter()
+    state = get_state(model)
+    if state is not None and state.phase == "converted":
+        raise RuntimeError("this model was already converted by awq_ao.")
+    if config.needs_calibration:
+        _check_calibration(state, config)
+        assert state is not None
+        targets = list(state.targets)
+    else:
+        targets = select_targets(model, config)
+        if not targets:
+            raise ValueError("no quantizable layer found (nn.Linear or transformers' Conv1D).")
+    report = ConvertReport(config.bits, config.group_size, config.zero_point)
+    report.size_before = model_size_bytes(model)
+    observers = state.observers if state is not None else {}
+    for o in observers.values():
+        o.enabled = False
+    if state is not None and state.recorder is not None:
+        state.recorder.enabled = False
+    txn = Transaction()
+    try:
+        results: dict[int, GroupResult] = {}
+        analysis: GraphAnalysis | None = None
+        clip_inputs: dict[str, torch.Tensor] = {}
+        if config.needs_calibration:
+            assert state is not None and state.recorder is not None
+            calls = state.recorder.calls
+            t0 = time.perf_counter()
+            try:
+                ep = capture(model, calls[0])
+            except CaptureError as e:
+                raise CaptureError(
+                    f"{e}. awq_ao needs torch.export to see the model; check that the model runs "
+                    "with the recorded calibration call, or quantize without calibration "
+                    "(awq_config(scale_search=False, clip=False))."
+                ) from e
+            analysis = find_groups(ep, model, targets)
+            del ep
+            report.times["capture+groups"] = time.perf_counter() - t0
+            report.unseen = list(analysis.unseen)
+            t0 = time.perf_counter()
+            args, kwargs, rows = stack_calls(calls)
+            kwargs = call_kwargs(model, kwargs)
+            n_groups = sum(1 for g in analysis.groups if g.consumers)
+            bar = _progress(n_groups, "awq search", config.progress)
+            search = ScaleSearch(model, analysis, observers, config, bar)
+            was_training = model.training
+            model.eval()
+            try:
+                results = search.run(args, kwargs)
+            finally:
+                model.train(was_training)
+                if bar is not None:
+                    bar.close()
+            clip_inputs = search.clip_inputs
+            report.times["search"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        input_scale: dict[str, torch.Tensor] = {}
+        if analysis is not None:
+            for gi, g in enumerate(analysis.groups):
+                res = results.get(gi)
+                if g.consumers and res is None and config.scale_search:
+                    res = GroupResult(None, note="its enclosing module never ran during the search")
+                if res is not None and res.scales is not None:
+                    if g.foldable:
+                        fold_group(model, g, res.scales, txn)
+                    else:
+                        for c in g.consumers:
+                            scale_consumer(model.get_submodule(c), g.consumer_is_conv1d.get(c, False), res.scales, txn)
+                            input_scale[c] = res.scales
+                        report.fallback_multiplies += len(g.consumers)
+                if g.consumers:
+                    kind = g.kind if (res is not None and res.scales is not None) or not config.scale_search else "unscaled"
+                    if not config.scale_search:
+                        kind = g.kind
+                    report.groups.append(
+                        GroupReport(
+                            kind, g.producer.module, list(g.consumers), g.inspect,
+                            res.alpha if res else None, res.loss_rtn if res else None,
+                            res.loss_best if res else None, (res.note if res else "") or g.reason,
+                        )
+                    )
+                    if res is not None and res.note and config.scale_search:
+                        report.warnings.append(f"{', '.join(g.consumers)}: {res.note}")
+            for name in analysis.shared_calls:
+                report.warnings.append(f"{name} is called more than once per forward: not scaled")
+        scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
+        qk = analysis.qk_linears if analysis is not None else set()
+        bar = _progress(len(targets), "awq quantize", config.progress)
+        for name in targets:
+            mod = model.get_submodule(name)
+            conv = type(mod).__name__ == "Conv1D"
+            if config.clip and name in clip_inputs and name not in qk:
+                w = weight_2d(mod, conv)
+                x = clip_inputs[name].to(w.device, torch.float32)
+                s = scale_of.get(name)
+                if s is not None:
+                    x = x / s.to(x.device)
+                ratios = clip_ratios(
+                    w.detach(), x, config.bits, config.group_size, config.zero_point,
+                    config.clip_grid, config.max_shrink,
+                )
+                clipped = apply_clip(w.detach(), ratios, config.group_size)
+                txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
+                report.clipped += 1
+            # quantize_linear_module may assign the weight in place; record it first
+            txn._save(mod, "weight")
+            if getattr(mod, "bias", None) is not None:
+                txn._save(mod, "bias")
+            new = quantize_linear_module(mod, config.bits, config.group_size, config.zero_point)
+            if name in input_scale:
+                new = ScaledInputLinear(new, 1.0 / input_scale[name])
+            if new is not mod:
+                txn.set_module(model, name, new)
+                if state is not None:
+                    state.replacements[id(mod)] = new
+            report.quantized.append(name)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        report.times["fold+clip+quantize"] = time.perf_counter() - t0
+    except BaseException:
+        txn.rollback()
+        for o in observers.values():
+            o.enabled = True
+        if state is not None and state.recorder is not None:
+            state.recorder.enabled = True
+        raise
+    if state is None:
+        state = AWQState()
+    state.remove_hooks()
+    state.observers = {}
+    state.recorder = None
+    state.phase = "converted"
+    state.convert_token = token
+    state.report = report
+    set_state(model, state)
+    report.kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(targets)]
+    report.size_after = model_size_bytes(model)
+    report.times["total"] = time.perf_counter() - t_start
+    if report.unseen:
+        report.warnings.append(
+            f"{len(report.unseen)} layers never ran in the captured call; quantized without scaling: "
+            + ", ".join(report.unseen[:5])
+        )
+    if config.verbose:
+        print(report.summary())
+    for w in report.warnings:
+        warnings.warn(w, stacklevel=2)
+    return report
+
+
+def _scales_by_consumer(analysis: GraphAnalysis, results: dict[int, GroupResult]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for gi, g in enumerate(analysis.groups):
+        res = results.get(gi)
+        if res is not None and res.scales is not None:
+            for c in g.consumers:
+                out[c] = res.scales
+    return out

@@ -1,0 +1,121 @@
+"""Apply AWQ scales: fold 1/s into producers, s into consumers, or insert an explicit multiply.
+
+All edits go through a :class:`Transaction` that assigns new tensors/modules instead of
+writing in place, so a failure anywhere in convert restores the user's model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_ao.passes.groups import ParamFold, ScaleGroup
+
+
+class Transaction:
+    """Records attribute and module replacements so they can be undone."""
+
+    def __init__(self) -> None:
+        self._log: list[tuple[Any, str, Any]] = []
+        self._seen: set[tuple[int, str]] = set()
+
+    def _save(self, obj: Any, attr: str) -> None:
+        key = (id(obj), attr)
+        if key not in self._seen:
+            self._seen.add(key)
+            self._log.append((obj, attr, obj._parameters.get(attr) if attr in getattr(obj, "_parameters", {}) else getattr(obj, attr)))
+
+    def set_param(self, module: nn.Module, attr: str, value: torch.Tensor) -> None:
+        """Replace ``module.<attr>`` by a new parameter holding ``value``."""
+        self._save(module, attr)
+        old = getattr(module, attr)
+        req = bool(getattr(old, "requires_grad", False))
+        setattr(module, attr, nn.Parameter(value, requires_grad=req))
+
+    def set_module(self, root: nn.Module, name: str, new: nn.Module) -> None:
+        """Replace the submodule ``name`` of ``root`` by ``new``."""
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        self._save(parent, child)
+        setattr(parent, child, new)
+
+    def rollback(self) -> None:
+        """Undo every recorded change, newest first."""
+        for obj, attr, old in reversed(self._log):
+            if isinstance(obj, nn.Module) and isinstance(old, nn.Module):
+                setattr(obj, attr, old)
+            elif isinstance(obj, nn.Module) and attr in obj._parameters:
+                obj._parameters[attr] = old
+            else:
+                setattr(obj, attr, old)
+        self._log.clear()
+        self._seen.clear()
+
+
+def _apply_affine(v: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
+    for op, c in ops:
+        if op == "mul":
+            v = v * c
+        elif op == "add":
+            v = v + c
+        elif op == "rsub":
+            v = c - v
+    return v
+
+
+def _invert_affine(v: torch.Tensor, ops: list[tuple[str, float]]) -> torch.Tensor:
+    for op, c in reversed(ops):
+        if op == "mul":
+            v = v / c
+        elif op == "add":
+            v = v - c
+        elif op == "rsub":
+            v = c - v
+    return v
+
+
+def _scale_along(p: torch.Tensor, s: torch.Tensor, dim: int, divide: bool) -> torch.Tensor:
+    shape = [1] * p.dim()
+    shape[dim] = -1
+    sv = s.to(p.device, torch.float64).view(shape)
+    v = p.detach().double()
+    return (v / sv if divide else v * sv).to(p.dtype)
+
+
+def fold_producer(model: nn.Module, pf: ParamFold, s_prod: torch.Tensor, txn: Transaction) -> None:
+    """Divide the producer's output channels by ``s_prod`` through parameter ``pf``."""
+    mod_name, _, attr = pf.name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    p = getattr(mod, attr)
+    if pf.affine:
+        v = _apply_affine(p.detach().double(), pf.affine) / s_prod.to(p.device, torch.float64)
+        new = _invert_affine(v, pf.affine).to(p.dtype)
+    else:
+        new = _scale_along(p, s_prod, pf.dim, divide=True)
+    txn.set_param(mod, attr, new)
+
+
+def scale_consumer(module: nn.Module, is_conv1d: bool, s: torch.Tensor, txn: Transaction) -> None:
+    """Multiply a consumer's input channels by ``s`` (Linear: columns; Conv1D: rows)."""
+    txn.set_param(module, "weight", _scale_along(module.weight, s, 0 if is_conv1d else 1, divide=False))
+
+
+def producer_scales(group: ScaleGroup, s_x: torch.Tensor) -> torch.Tensor:
+    """Per producer channel scale (1 for channels that do not reach X)."""
+    assert group.channel_map is not None
+    s = torch.ones(group.producer.out_channels, dtype=torch.float64)
+    s[group.channel_map] = s_x.detach().double().cpu()
+    return s
+
+
+def fold_group(model: nn.Module, group: ScaleGroup, s_x: torch.Tensor, txn: Transaction) -> None:
+    """Fold the scales of a foldable group into its producer and all readers of X."""
+    if not group.foldable:
+        raise ValueError("fold_group needs a foldable group")
+    s_prod = producer_scales(group, s_x)
+    for pf in group.producer.params:
+        fold_producer(model, pf, s_prod, txn)
+    for name in group.consumers + group.rescaled:
+        scale_consumer(model.get_submodule(name), group.consumer_is_conv1d.get(name, False), s_x, txn)

@@ -1,0 +1,107 @@
+"""Small helpers for reading an exported graph: parameters, owning modules, op classes."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets: object) -> set[object]:
+    out: set[object] = set()
+    for p in packets:
+        for name in p.overloads():  # type: ignore[attr-defined]
+            out.add(getattr(p, name))
+    return out
+
+
+# Ops that only move data around: replaying them on an index tensor gives the channel map.
+SHAPE_OPS = _overloads(
+    aten.view,
+    aten.reshape,
+    aten._unsafe_view,
+    aten.transpose,
+    aten.permute,
+    aten.t,
+    aten.expand,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.slice,
+    aten.split,
+    aten.split_with_sizes,
+    aten.chunk,
+    aten.unflatten,
+    aten.flatten,
+    aten.select,
+    aten.narrow,
+    aten.unbind,
+    aten.repeat_interleave,
+    aten.index_select,
+) | {operator.getitem}
+
+# Ops that leave values per channel unchanged (or scale them by a positive factor, e.g. relu).
+IDENTITY_OPS = _overloads(
+    aten.to,
+    aten._to_copy,
+    aten.contiguous,
+    aten.clone,
+    aten.alias,
+    aten.detach,
+    aten.dropout,
+    aten.type_as,
+    aten.relu,
+    aten.lift_fresh_copy,
+) | {torch.ops.aten.dropout.default}
+
+# Ops that are positively homogeneous only (relu(x/s) == relu(x)/s for s > 0).
+HOMOGENEOUS_OPS = _overloads(aten.relu)
+
+ASSERT_OPS = _overloads(aten._assert_tensor_metadata) | {torch.ops.aten.sym_constrain_range_for_size.default}
+
+MUL_OPS = _overloads(aten.mul)
+ADD_OPS = _overloads(aten.add)
+SUB_OPS = _overloads(aten.sub)
+RSUB_OPS = _overloads(aten.rsub)
+LINEAR_OPS = {aten.linear.default}
+ADDMM_OPS = {aten.addmm.default}
+LAYER_NORM_OPS = {aten.layer_norm.default}
+SDPA_OPS = _overloads(aten.scaled_dot_product_attention)
+# attention written out: probs @ V mixes positions but keeps V's channels
+MATMUL_OPS = _overloads(aten.matmul, aten.bmm)
+
+# Scalar-affine ops allowed between a per-channel parameter and the norm multiply.
+AFFINE_SCALAR_OPS = MUL_OPS | ADD_OPS | SUB_OPS | RSUB_OPS
+
+
+def is_op(node: fx.Node, ops: Iterable[object]) -> bool:
+    """True if ``node`` is a call_function of one of ``ops``."""
+    return node.op == "call_function" and node.target in ops
+
+
+def owner_module(node: fx.Node) -> str | None:
+    """FQN of the innermost module that produced ``node`` (from ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    fqn = list(stack.values())[-1][0]
+    return fqn if isinstance(fqn, str) else None
+
+
+def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Static shape of a node's value (None for non-tensors or symbolic shapes)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` except shape/metadata assertions."""
+    return [u for u in node.users if not is_op(u, ASSERT_OPS)]

@@ -1,0 +1,332 @@
+"""AWQ scale search and weight-clipping search.
+
+The scale search for a group tries s = mean|x|^a (optionally divided by mean|w|^(1-a), "duo
+scaling") for a in a grid over [0, 1), fake-quantizes the consumers' weights W*s, and
+measures the MSE of the output of the smallest module enclosing the consumers (AutoAWQ's
+"module2inspect"), with every other weight left in full precision. Everything runs in the
+model's own dtype for the module call and float32 for statistics, on the model's device.
+
+The search runs inside forward hooks during one replay of the recorded calibration sample,
+so only one module's inputs are held at a time. Nothing in the model changes here: results
+are returned and applied afterwards (passes/fold), which keeps a failed search harmless.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_ao.config import AWQConfig
+from awq_ao.lowering.quant_math import effective_group_size, fake_quantize
+from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
+from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
+
+
+@dataclass
+class GroupResult:
+    """Outcome of the scale search for one group."""
+
+    scales: torch.Tensor | None  # [in_features] float32 X-channel scales; None: unscaled
+    alpha: float | None = None
+    loss_rtn: float | None = None
+    loss_best: float | None = None
+    note: str = ""
+
+
+def weight_2d(module: nn.Module, is_conv1d: bool) -> torch.Tensor:
+    """The weight as [out, in] (a view for Conv1D's [in, out] storage)."""
+    w = module.weight
+    return w.t() if is_conv1d else w
+
+
+def tie_mean(v: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Replace each entry by the mean over entries of its class (tied scales)."""
+    if classes is None:
+        return v
+    c = classes.to(v.device)
+    n = int(c.max()) + 1
+    sums = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, c, v)
+    cnt = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, c, torch.ones_like(v))
+    return (sums / cnt.clamp(min=1))[c]
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| normalised by its group's max, per input channel."""
+    w = torch.cat([x.detach().float() for x in weights], dim=0)
+    n, k = w.shape
+    g = effective_group_size(k, group_size)
+    pad = (-k) % g
+    wa = w.abs()
+    if pad:
+        wa = torch.cat([wa, wa.new_zeros(n, pad)], dim=1)
+    wg = wa.view(n, -1, g)
+    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return wg.view(n, -1)[:, :k].mean(dim=0)
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float, tie: torch.Tensor | None
+) -> torch.Tensor:
+    """AWQ scale for exponent ``alpha`` (normalised so max*min == 1)."""
+    if w_mean is not None:
+        s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(alpha)
+    s = s.clamp(min=1e-4)
+    s = tie_mean(s, tie)
+    s = s / (s.max() * s.min()).sqrt()
+    return s
+
+
+class _Swap:
+    """Temporarily replaces the weights of the consumers (restored exactly on exit)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.saved = [m.weight.data for m in modules]
+
+    def set(self, i: int, w: torch.Tensor) -> None:
+        self.modules[i].weight.data = w
+
+    def restore(self) -> None:
+        for m, w in zip(self.modules, self.saved, strict=True):
+            m.weight.data = w
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean())
+
+
+class ScaleSearch:
+    """Runs the scale search for every group during one forward of the search sample."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        analysis: GraphAnalysis,
+        observers: dict[str, ChannelStatsObserver],
+        config: AWQConfig,
+        progress: Any = None,
+    ) -> None:
+        self.model = model
+        self.analysis = analysis
+        self.observers = observers
+        self.config = config
+        self.modules = dict(model.named_modules())
+        self.results: dict[int, GroupResult] = {}
+        self.clip_inputs: dict[str, torch.Tensor] = {}
+        self.active = True
+        self.progress = progress
+        self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._by_inspect: dict[str, list[int]] = {}
+        self._direct: dict[str, list[int]] = {}
+        for i, g in enumerate(analysis.groups):
+            if not g.consumers:
+                continue
+            if g.inspect is None:
+                self._direct.setdefault(g.consumers[0], []).append(i)
+            else:
+                self._by_inspect.setdefault(g.inspect, []).append(i)
+
+    # --- hooks -------------------------------------------------------------------------
+    def _pre_inspect(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.active and name not in self._inputs:
+                self._inputs[name] = (args, kwargs)
+
+        return hook
+
+    def _post_inspect(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            if not self.active or name not in self._inputs:
+                return
+            a, kw = self._inputs[name]
+            for gi in self._by_inspect.get(name, []):
+                if gi not in self.results:
+                    self._run_group(gi, lambda a=a, kw=kw, m=module: m(*a, **kw))
+            self._inputs[name] = ((), {})  # free the activations; keep the "seen" marker
+
+        return hook
+
+    def _pre_consumer(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.active or not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            if name not in self.clip_inputs and self.config.clip:
+                self.clip_inputs[name] = self._subsample(x)
+            for gi in self._direct.get(name, []):
+                if gi not in self.results:
+                    self._run_group(gi, None, x)
+
+        return hook
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        n = x2.shape[0]
+        t = self.config.clip_tokens
+        if n > t:
+            idx = torch.linspace(0, n - 1, t, device=x2.device).round().long()
+            x2 = x2[idx]
+        return x2.to("cpu", copy=True)
+
+    # --- search ------------------------------------------------------------------------
+    def _run_group(self, gi: int, call: Any, x: torch.Tensor | None = None) -> None:
+        g = self.analysis.groups[gi]
+        self.active = False
+        try:
+            self.results[gi] = self._search(g, call, x)
+        finally:
+            self.active = True
+            if self.progress is not None:
+                self.progress.update(1)
+
+    def _search(self, g: ScaleGroup, call: Any, x: torch.Tensor | None) -> GroupResult:
+        cfg = self.config
+        if not cfg.scale_search:
+            return GroupResult(None)
+        if not g.foldable and cfg.fallback == "skip":
+            return GroupResult(None, note="not foldable; left unscaled (fallback='skip')")
+        obs = self.observers.get(g.consumers[0])
+        xm = obs.mean_abs() if obs is not None else None
+        if xm is None:
+            return GroupResult(None, note="no calibration activations reached this group")
+        mods = [self.modules[c] for c in g.consumers]
+        conv = [g.consumer_is_conv1d.get(c, False) for c in g.consumers]
+        dev = mods[0].weight.device
+        tie = g.tie_groups()
+        x_mean = tie_mean(xm.to(dev, torch.float32), tie)
+        w2d = [weight_2d(m, c) for m, c in zip(mods, conv, strict=True)]
+        w_mean = tie_mean(weight_mean(w2d, cfg.group_size), tie) if cfg.duo_scaling else None
+        swap = _Swap(mods)
+        orig = [w.detach().float() for w in w2d]
+
+        def quantized(s: torch.Tensor | None) -> None:
+            for i, (w, c) in enumerate(zip(orig, conv, strict=True)):
+                if s is None:
+                    q = fake_quantize(w, cfg.bits, cfg.group_size, cfg.zero_point)
+                else:
+                    q = fake_quantize(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s
+                q = q.to(swap.saved[i].dtype)
+                swap.set(i, (q.t() if c else q).contiguous())
+
+        if call is None:
+            assert x is not None
+
+            def run() -> torch.Tensor:
+                return torch.cat([m(x).flatten() for m in mods])
+        else:
+
+            def run() -> torch.Tensor:
+                out = first_tensor(call())
+                if out is None:
+                    raise RuntimeError(f"module {g.inspect} returned no tensor")
+                return out
+
+        try:
+            with torch.no_grad():
+                ref = run()
+                if not torch.isfinite(ref).all():
+                    raise FloatingPointError(
+                        f"the output of {g.inspect or g.consumers[0]} contains NaN/Inf on the "
+                        "calibration sample; check the model in full precision first."
+                    )
+                quantized(None)
+                loss_rtn = _mse(run(), ref)
+                best = (math.inf, None, None)
+                for i in range(cfg.n_grid):
+                    alpha = i / cfg.n_grid
+                    s = candidate_scales(x_mean, w_mean, alpha, tie)
+                    quantized(s)
+                    loss = _mse(run(), ref)
+                    if loss < best[0]:
+                        best = (loss, alpha, s)
+        finally:
+            swap.restore()
+        loss, alpha, s = best
+        if s is None or not math.isfinite(loss):
+            return GroupResult(None, loss_rtn=loss_rtn, note="search found no finite loss")
+        return GroupResult(s.float(), alpha, loss_rtn, loss)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, GroupResult]:
+        """Replay the sample with search hooks attached; return results by group index."""
+        handles = []
+        try:
+            for name in self._by_inspect:
+                m = self.modules[name]
+                handles.append(m.register_forward_pre_hook(self._pre_inspect(name), with_kwargs=True))
+                handles.append(m.register_forward_hook(self._post_inspect(name), with_kwargs=True))
+            names = {c for g in self.analysis.groups for c in g.consumers}
+            for name in sorted(names):
+                handles.append(self.modules[name].register_forward_pre_hook(self._pre_consumer(name)))
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            self._inputs.clear()
+        return self.results
+
+
+def clip_ratios(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 256,
+) -> torch.Tensor:
+    """Best per-(row, group) clipping ratio r: clamp |w| to r * max|w| of the group.
+
+    Minimises the squared error of each group's partial output x_g · w_g over the sample
+    ``x [T, K]``. Returns ``[N, G]`` float32 ratios in (1 - max_shrink, 1].
+    """
+    n, k = w.shape
+    g = effective_group_size(k, group_size)
+    groups = math.ceil(k / g)
+    pad = groups * g - k
+    wf = w.float()
+    xf = x.to(w.device, torch.float32)
+    if pad:
+        xf = torch.cat([xf, xf.new_zeros(xf.shape[0], pad)], dim=1)
+    xg = xf.view(-1, groups, g).permute(1, 0, 2)  # [G, T, g]
+    steps = max(1, int(max_shrink * grid))
+    ratios = torch.ones(n, groups, device=w.device)
+    for r0 in range(0, n, rows_per_chunk):
+        wc = wf[r0 : r0 + rows_per_chunk]
+        nc = wc.shape[0]
+        wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
+        ref = torch.bmm(xg, wp.view(nc, groups, g).permute(1, 2, 0))  # [G, T, n]
+        amax = wp.abs().view(nc, groups, g).amax(dim=-1)  # [n, G]
+        best_err = torch.full((nc, groups), math.inf, device=w.device)
+        best_r = torch.ones(nc, groups, device=w.device)
+        for i in range(steps):
+            r = 1.0 - i / grid
+            mv = (amax * r).repeat_interleave(g, dim=1)[:, :k]
+            q = fake_quantize(torch.maximum(torch.minimum(wc, mv), -mv), bits, group_size, zero_point)
+            qp = torch.cat([q, q.new_zeros(nc, pad)], dim=1) if pad else q
+            out = torch.bmm(xg, qp.view(nc, groups, g).permute(1, 2, 0))
+            err = (out - ref).pow(2).mean(dim=1).t()  # [n, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        ratios[r0 : r0 + nc] = best_r
+    return ratios
+
+
+def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp ``w [N, K]`` to ±ratio·max|w| per group (returns a new tensor, same dtype)."""
+    n, k = w.shape
+    g = effective_group_size(k, group_size)
+    pad = (-k) % g
+    wf = w.float()
+    wa = torch.cat([wf.abs(), wf.new_zeros(n, pad)], dim=1) if pad else wf.abs()
+    amax = wa.view(n, -1, g).amax(dim=-1)
+    mv = (amax * ratios.to(w.device)).repeat_interleave(g, dim=1)[:, :k]
+    return torch.maximum(torch.minimum(wf, mv), -mv).to(w.dtype)

@@ -1,0 +1,81 @@
+"""The human-readable summary produced by convert."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GroupReport:
+    """One row of the report: a scale group and what the search found."""
+
+    kind: str
+    producer: str | None
+    consumers: list[str]
+    inspect: str | None
+    alpha: float | None
+    loss_rtn: float | None
+    loss_best: float | None
+    note: str = ""
+
+
+@dataclass
+class ConvertReport:
+    """What convert did, with timings (seconds)."""
+
+    bits: int
+    group_size: int
+    zero_point: bool
+    groups: list[GroupReport] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    unseen: list[str] = field(default_factory=list)
+    clipped: int = 0
+    fallback_multiplies: int = 0
+    times: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    size_before: int = 0
+    size_after: int = 0
+
+    @property
+    def folded(self) -> int:
+        """Number of groups whose scales were folded into a producer."""
+        return sum(1 for g in self.groups if g.kind not in ("fallback", "unscaled") and g.alpha is not None)
+
+    def kind_counts(self) -> dict[str, int]:
+        """Groups by producer kind ("norm", "linear", "fallback", ...)."""
+        return dict(Counter(g.kind for g in self.groups))
+
+    def summary(self, max_rows: int = 12) -> str:
+        """A readable multi-line summary (worst groups by loss first)."""
+        lines = [
+            f"awq_ao: INT{self.bits} g{self.group_size} {'asym' if self.zero_point else 'sym'}: "
+            f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in full precision",
+            f"  groups: {len(self.groups)} ({', '.join(f'{k}: {v}' for k, v in sorted(self.kind_counts().items()))}); "
+            f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}",
+        ]
+        if self.size_before:
+            lines.append(
+                f"  size: {self.size_before / 2**20:.1f} MiB -> {self.size_after / 2**20:.1f} MiB "
+                f"({self.size_before / max(self.size_after, 1):.2f}x smaller)"
+            )
+        if self.times:
+            lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
+        scored = [g for g in self.groups if g.loss_rtn is not None and g.loss_best is not None]
+        if scored:
+            tot_r = sum(g.loss_rtn for g in scored)  # type: ignore[misc]
+            tot_b = sum(g.loss_best for g in scored)  # type: ignore[misc]
+            lines.append(f"  search loss (sum over groups): RTN {tot_r:.4g} -> AWQ {tot_b:.4g}")
+            lines.append("  kind      alpha  loss RTN -> AWQ   consumers")
+            for g in sorted(scored, key=lambda r: -(r.loss_rtn or 0))[:max_rows]:
+                cons = ", ".join(c.rsplit(".", 2)[-2] + "." + c.rsplit(".", 1)[-1] if "." in c else c for c in g.consumers)
+                lines.append(
+                    f"  {g.kind:9s} {g.alpha:5.2f}  {g.loss_rtn:.3e} -> {g.loss_best:.3e}  {cons}"
+                )
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,72 @@
+"""Tiny models of several decoder architectures, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 96
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gpt2", "opt", "neox", "phi3"]
+
+
+def _cfg(arch: str, hidden: int, heads: int, kv_heads: int, inter: int, layers: int):
+    t = transformers
+    head_dim = hidden // heads
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers)
+    if arch == "llama":
+        return t.LlamaForCausalLM, t.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
+    if arch == "qwen2":
+        return t.Qwen2ForCausalLM, t.Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
+    if arch == "mistral":
+        return t.MistralForCausalLM, t.MistralConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    if arch == "gemma":
+        return t.GemmaForCausalLM, t.GemmaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    if arch == "gemma2":
+        return t.Gemma2ForCausalLM, t.Gemma2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    if arch == "gemma3":
+        return t.Gemma3ForCausalLM, t.Gemma3TextConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    if arch == "gpt2":
+        return t.GPT2LMHeadModel, t.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    if arch == "opt":
+        return t.OPTForCausalLM, t.OPTConfig(hidden_size=hidden, ffn_dim=inter, num_attention_heads=heads, word_embed_proj_dim=hidden, pad_token_id=1, bos_token_id=0, eos_token_id=0, **common)
+    if arch == "neox":
+        return t.GPTNeoXForCausalLM, t.GPTNeoXConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, bos_token_id=0, eos_token_id=0, **common)
+    if arch == "phi3":
+        return t.Phi3ForCausalLM, t.Phi3Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    raise KeyError(arch)
+
+
+def tiny_model(
+    arch: str,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """A randomly initialised tiny ``*ForCausalLM`` of ``arch`` in eval mode.
+
+    Norm weights are randomised too (they are ones at init, which would hide fold bugs).
+    """
+    cls, cfg = _cfg(arch, hidden, heads, kv_heads, inter, layers)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if "gemma" in arch and "norm" in name else 1.0) * (1.0 if "weight" in name else 0.0))
+    return model.to(dtype).eval()
+
+
+def token_batches(n: int = 4, batch: int = 2, seq: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic random token batches."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
