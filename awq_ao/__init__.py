@@ -13,9 +13,9 @@ Usage::
 
 from awq_ao.api import quantize
 from awq_ao.config import AWQConfig, awq_config
+from awq_ao.observers.attach import prepare
 from awq_ao.passes.capture import CaptureError
 from awq_ao.passes.convert import CalibrationError, convert
-from awq_ao.observers.attach import prepare
 from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
 

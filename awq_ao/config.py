@@ -123,8 +123,8 @@ def _awq_transform(module: nn.Module, config: AWQConfig) -> nn.Module:
     first call looks up the model passed to ``quantize_`` and runs prepare/convert on all of
     it; later calls return the module that replaced ``module`` (if any).
     """
-    from awq_ao.passes.convert import convert
     from awq_ao.observers.attach import prepare
+    from awq_ao.passes.convert import convert
     from awq_ao.state import get_state
 
     root = _find_quantize_root()

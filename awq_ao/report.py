@@ -41,7 +41,7 @@ class ConvertReport:
     @property
     def folded(self) -> int:
         """Number of groups whose scales were folded into a producer."""
-        return sum(1 for g in self.groups if g.kind not in ("fallback", "unscaled") and g.alpha is not None)
+        return sum(1 for g in self.groups if g.kind != "fallback" and g.alpha is not None)
 
     def kind_counts(self) -> dict[str, int]:
         """Groups by producer kind ("norm", "linear", "fallback", ...)."""
@@ -70,9 +70,8 @@ class ConvertReport:
             lines.append("  kind      alpha  loss RTN -> AWQ   consumers")
             for g in sorted(scored, key=lambda r: -(r.loss_rtn or 0))[:max_rows]:
                 cons = ", ".join(c.rsplit(".", 2)[-2] + "." + c.rsplit(".", 1)[-1] if "." in c else c for c in g.consumers)
-                lines.append(
-                    f"  {g.kind:9s} {g.alpha:5.2f}  {g.loss_rtn:.3e} -> {g.loss_best:.3e}  {cons}"
-                )
+                alpha = f"{g.alpha:5.2f}" if g.alpha is not None else "  rtn"
+                lines.append(f"  {g.kind:9s} {alpha}  {g.loss_rtn:.3e} -> {g.loss_best:.3e}  {cons}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)

@@ -61,8 +61,9 @@ def quant_params(
     wg, _ = _grouped(w.float(), group_size)
     if zero_point:
         max_int = 2**bits - 1
-        wmax = wg.amax(dim=-1)
-        wmin = wg.amin(dim=-1)
+        # the range always contains 0, so groups of one sign stay representable
+        wmax = wg.amax(dim=-1).clamp(min=0)
+        wmin = wg.amin(dim=-1).clamp(max=0)
         scale = ((wmax - wmin).clamp(min=1e-5)) / max_int
         zero = torch.round(-wmin / scale).clamp(0, max_int)
     else:
@@ -124,8 +125,8 @@ def fake_quantize(
     wg, pad = _grouped(w.float(), group_size)
     if zero_point:
         max_int = 2**bits - 1
-        wmax = wg.amax(dim=-1, keepdim=True)
-        wmin = wg.amin(dim=-1, keepdim=True)
+        wmax = wg.amax(dim=-1, keepdim=True).clamp(min=0)
+        wmin = wg.amin(dim=-1, keepdim=True).clamp(max=0)
         scale = (wmax - wmin).clamp(min=1e-5) / max_int
         zero = torch.round(-wmin / scale).clamp(0, max_int)
         q = (torch.round(wg / scale) + zero).clamp(0, max_int)

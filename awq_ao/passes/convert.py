@@ -90,13 +90,6 @@ def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
             "awq_config(...)). For plain round-to-nearest without calibration use "
             "awq_config(scale_search=False, clip=False)."
         )
-    rec = state.recorder
-    if rec is None or not rec.calls or all(o.rows == 0 for o in state.observers.values()):
-        raise CalibrationError(
-            "no calibration data: the model was prepared but no batch was run through it. "
-            "Call model(batch) on some calibration batches (e.g. 16-128 sequences of 512 tokens) "
-            "between prepare and convert."
-        )
     for name, obs in state.observers.items():
         if obs.nonfinite_call is not None:
             raise FloatingPointError(
@@ -104,6 +97,13 @@ def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
                 f"{obs.nonfinite_call}. Check the calibration data and the model's dtype "
                 "(float16 overflow is common: try bfloat16 or float32), then prepare again."
             )
+    rec = state.recorder
+    if rec is None or not rec.calls or all(o.rows == 0 for o in state.observers.values()):
+        raise CalibrationError(
+            "no calibration data: the model was prepared but no batch was run through it. "
+            "Call model(batch) on some calibration batches (e.g. 16-128 sequences of 512 tokens) "
+            "between prepare and convert."
+        )
 
 
 def convert(model: nn.Module, config: AWQConfig, token: object = None) -> ConvertReport:
@@ -182,12 +182,9 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
                             input_scale[c] = res.scales
                         report.fallback_multiplies += len(g.consumers)
                 if g.consumers:
-                    kind = g.kind if (res is not None and res.scales is not None) or not config.scale_search else "unscaled"
-                    if not config.scale_search:
-                        kind = g.kind
                     report.groups.append(
                         GroupReport(
-                            kind, g.producer.module, list(g.consumers), g.inspect,
+                            g.kind, g.producer.module, list(g.consumers), g.inspect,
                             res.alpha if res else None, res.loss_rtn if res else None,
                             res.loss_best if res else None, (res.note if res else "") or g.reason,
                         )

@@ -376,7 +376,7 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
             by_x.setdefault(ctx.linear_input(node), []).append(mod)
 
     groups: list[ScaleGroup] = []
-    for x, tmods in by_x.items():
+    for x in by_x:
         consumers, others = _consumers_of(ctx, x, linear_nodes)
         quantized = [m for m in consumers if m in target_set and m not in shared_calls]
         rescaled = [m for m in consumers if m not in quantized]

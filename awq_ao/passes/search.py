@@ -237,7 +237,8 @@ class ScaleSearch:
                     )
                 quantized(None)
                 loss_rtn = _mse(run(), ref)
-                best = (math.inf, None, None)
+                # s = 1 (plain RTN) is a candidate too: the search never does worse than RTN
+                best: tuple[float, float | None, torch.Tensor | None] = (loss_rtn, None, None)
                 for i in range(cfg.n_grid):
                     alpha = i / cfg.n_grid
                     s = candidate_scales(x_mean, w_mean, alpha, tie)
@@ -248,8 +249,12 @@ class ScaleSearch:
         finally:
             swap.restore()
         loss, alpha, s = best
-        if s is None or not math.isfinite(loss):
-            return GroupResult(None, loss_rtn=loss_rtn, note="search found no finite loss")
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the AWQ search loss of {g.inspect or g.consumers[0]} is not finite"
+            )
+        if s is None:
+            return GroupResult(None, None, loss_rtn, loss_rtn)
         return GroupResult(s.float(), alpha, loss_rtn, loss)
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, GroupResult]:

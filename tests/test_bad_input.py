@@ -1,0 +1,113 @@
+"""Bad input gets a clear error, and a failed convert leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batches
+from torchao.quantization import quantize_
+
+import awq_ao
+from awq_ao import CalibrationError, awq_config, get_state
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    sd, types = snap
+    now = model.state_dict()
+    assert set(now) == set(sd)
+    for k, v in sd.items():
+        assert type(now[k]) is torch.Tensor and torch.equal(now[k], v), k
+    assert [type(m) for m in model.modules()] == types
+
+
+def test_convert_without_prepare():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(CalibrationError, match="step='prepare'"):
+        quantize_(model, awq_config())
+
+
+def test_convert_without_calibration_batches():
+    model = tiny_model("llama", layers=1)
+    quantize_(model, awq_config(step="prepare"))
+    snap = snapshot(model)
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        quantize_(model, awq_config())
+    assert_unchanged(model, snap)
+    # still prepared: calibrate now and convert works
+    with torch.no_grad():
+        model(token_batches(1)[0])
+    quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
+    assert get_state(model).phase == "converted"
+
+
+def test_empty_calibration_iterable():
+    with pytest.raises(CalibrationError, match="empty"):
+        awq_ao.quantize(tiny_model("llama", layers=1), [], verbose=False)
+
+
+def test_nan_activations_name_the_layer():
+    model = tiny_model("llama", layers=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("nan")
+    quantize_(model, awq_config(step="prepare"))
+    with torch.no_grad():
+        model(torch.full((1, 8), 7))
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        quantize_(model, awq_config())
+
+
+def test_unsupported_dtype():
+    model = tiny_model("llama", layers=1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*skip="):
+        quantize_(model, awq_config(step="prepare"))
+
+
+def test_unquantizable_module_requested():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match="cannot be quantized"):
+        quantize_(model, awq_config(step="prepare", include=("model.embed_tokens",)))
+
+
+@pytest.mark.parametrize("kw", [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"n_grid": 0}, {"step": "calibrate"}])
+def test_bad_config(kw):
+    with pytest.raises(ValueError):
+        awq_config(**kw)
+
+
+def test_failure_midway_restores_model(monkeypatch):
+    model = tiny_model("llama", layers=2)
+    quantize_(model, awq_config(step="prepare"))
+    with torch.no_grad():
+        for b in token_batches(2):
+            model(b)
+    snap = snapshot(model)
+    import awq_ao.lowering.swap as swap
+
+    real = swap.quantize_linear_module
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated failure in the middle of convert")
+        return real(*a, **k)
+
+    monkeypatch.setattr(swap, "quantize_linear_module", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
+    assert calls["n"] == 5
+    assert_unchanged(model, snap)
+    assert get_state(model).phase == "prepared"
+    monkeypatch.setattr(swap, "quantize_linear_module", real)
+    quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
+    assert get_state(model).phase == "converted"
+
+
+def test_rtn_needs_no_calibration():
+    model = tiny_model("llama", layers=1)
+    report = awq_ao.quantize(model, None, group_size=32, scale_search=False, clip=False, verbose=False)
+    assert report.quantized and not report.groups

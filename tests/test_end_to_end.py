@@ -1,0 +1,154 @@
+"""End to end through torchao's quantize_ on tiny models of several architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_fold_property import EXPECTED
+from tiny_models import ARCHS, tiny_model, token_batches
+from torchao.quantization import quantize_
+
+import awq_ao
+from awq_ao import awq_config, get_state
+from awq_ao.lowering import Int4WeightTensor
+from awq_ao.lowering.scaled_input import ScaledInputLinear
+
+LAYERS = 2
+
+
+def run_flow(model, data, **opts):
+    quantize_(model, awq_config(step="prepare", **opts))
+    with torch.no_grad():
+        for b in data:
+            model(b)
+    quantize_(model, awq_config(progress=False, verbose=False, **opts))
+    return get_state(model).report
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_flow_every_arch(arch):
+    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=LAYERS)
+    data = token_batches(4, 2, 24)
+    with torch.no_grad():
+        ref = model(data[0]).logits
+    report = run_flow(model, data, group_size=32)
+    # every target linear now holds INT4 weights
+    assert report.quantized
+    for name in report.quantized:
+        mod = model.get_submodule(name)
+        assert isinstance(mod.weight, Int4WeightTensor), name
+    # groups found as expected; zero fallbacks where a fold is legal
+    exp_kinds, exp_fb = EXPECTED[arch]
+    counts = report.kind_counts()
+    assert counts.get("fallback", 0) == exp_fb * LAYERS, counts
+    for k, v in exp_kinds.items():
+        assert counts.get(k, 0) == v * LAYERS, counts
+    assert report.fallback_multiplies <= exp_fb * LAYERS
+    # the search never does worse than RTN on its own objective
+    for g in report.groups:
+        if g.loss_rtn is not None:
+            assert g.loss_best <= g.loss_rtn * (1 + 1e-6)
+    with torch.no_grad():
+        out = model(data[0]).logits
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 0.5
+    assert report.size_after < report.size_before
+
+
+def test_awq_beats_rtn_on_outliers():
+    """With a few large activation channels, AWQ's output error is below RTN's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden=128, heads=4, kv_heads=2, inter=256, layers=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.input_layernorm.weight
+            w[:4] *= 20.0  # outlier input channels, as in real LLMs
+    data = token_batches(6, 4, 32)
+    test = token_batches(2, 4, 32, seed=9)
+    with torch.no_grad():
+        ref = torch.cat([model(b).logits for b in test])
+    rtn = copy.deepcopy(model)
+    awq_ao.quantize(rtn, None, group_size=32, scale_search=False, clip=False, verbose=False, progress=False)
+    awq = copy.deepcopy(model)
+    awq_ao.quantize(awq, data, group_size=32, verbose=False, progress=False)
+    with torch.no_grad():
+        e_rtn = float((torch.cat([rtn(b).logits for b in test]) - ref).pow(2).mean())
+        e_awq = float((torch.cat([awq(b).logits for b in test]) - ref).pow(2).mean())
+    assert e_awq < e_rtn, (e_awq, e_rtn)
+
+
+def test_gpt2_fallback_uses_explicit_multiply():
+    model = tiny_model("gpt2", hidden=64, heads=4, inter=128, layers=1)
+    report = run_flow(model, token_batches(3, 2, 16), group_size=32)
+    mlp_proj = model.transformer.h[0].mlp.c_proj
+    if report.fallback_multiplies:
+        assert isinstance(mlp_proj, ScaledInputLinear)
+    assert isinstance(mlp_proj.weight, Int4WeightTensor)
+    # Conv1D layers became nn.Linear with INT4 weights
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eager_compile_export_agree(arch):
+    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+    run_flow(model, token_batches(3, 2, 16), group_size=32)
+    x = token_batches(1, 1, 16, seed=5)[0]
+    with torch.no_grad():
+        eager = model(x, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True)(x, use_cache=False).logits
+        ep = torch.export.export(model, (x,), {"use_cache": False}, strict=False)
+        exported = ep.module()(x, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_group_every_layer_quantized():
+    # hidden 80 and inter 144 are not multiples of 64: the last group is short
+    model = tiny_model("llama", hidden=80, heads=5, kv_heads=5, inter=144, layers=1)
+    data = token_batches(3, 2, 16)
+    with torch.no_grad():
+        ref = model(data[0]).logits
+    report = run_flow(model, data, group_size=64)
+    assert len(report.quantized) == 7
+    for name in report.quantized:
+        w = model.get_submodule(name).weight
+        assert isinstance(w, Int4WeightTensor)
+        assert w.dequantize().shape == w.shape
+    with torch.no_grad():
+        assert rel_err(model(data[0]).logits, ref) < 0.5
+
+
+@pytest.mark.parametrize("bits,group_size,zero_point", [(3, 64, True), (4, -1, False), (8, 32, True)])
+def test_other_settings(bits, group_size, zero_point):
+    model = tiny_model("qwen2", hidden=64, heads=4, kv_heads=2, inter=96, layers=1)
+    report = run_flow(model, token_batches(2, 2, 16), bits=bits, group_size=group_size, zero_point=zero_point)
+    for name in report.quantized:
+        w = model.get_submodule(name).weight
+        assert w.bits == bits and w.group_size == group_size
+
+
+def test_deterministic():
+    outs = []
+    for _ in range(2):
+        model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+        run_flow(model, token_batches(3, 2, 16), group_size=32)
+        outs.append(model.model.layers[0].mlp.down_proj.weight.dequantize())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_memory_bounded_by_config():
+    model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+    quantize_(model, awq_config(step="prepare", max_search_samples=4))
+    with torch.no_grad():
+        for b in token_batches(20, 2, 16):
+            model(b)
+    st = get_state(model)
+    assert st.recorder.rows <= 4 + 2 and st.recorder.total_calls == 20
+    for obs in st.observers.values():
+        assert obs.abs_sum.numel() == obs.in_features  # one vector, whatever the batch count
