@@ -1,0 +1,216 @@
+"""Quality benchmark: FP vs RTN vs awq_ao vs torchao's AWQ prototype on SmolLM2-135M.
+
+Every method sees the same calibration blocks and the same WikiText-2 windows. Each
+(method, setting) runs in its own subprocess so that wall time and peak memory (ru_maxrss)
+of the quantization step are measured in isolation.
+
+    python benchmarks/quality.py                 # all settings, 40 windows
+    python benchmarks/quality.py --windows 148   # the whole test set
+
+Writes benchmarks/results/quality.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+SETTINGS = [(4, 64), (3, 64), (4, 128)]
+METHODS = ["fp", "rtn", "awq_ao", "torchao_awq"]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
+           calib: str, search_samples: int) -> dict:
+    """Quantize with one method and measure perplexity (runs in a fresh process)."""
+    import torch
+
+    import awq_ao
+    from awq_ao.evaluation import (
+        batches,
+        calibration_blocks,
+        calibration_text,
+        load_smollm2,
+        perplexity,
+        wikitext_test_text,
+    )
+    from awq_ao.lowering.swap import model_size_bytes
+
+    torch.manual_seed(0)
+    model, tok = load_smollm2(torch.float32)
+    ids = tok(wikitext_test_text(), return_tensors="pt").input_ids[0]
+    blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len)
+    rss_loaded = _rss_mib()
+    out: dict = {"method": method, "bits": bits, "group_size": group_size}
+    t0 = time.perf_counter()
+    if method == "rtn":
+        awq_ao.quantize(model, None, bits=bits, group_size=group_size, scale_search=False,
+                        clip=False, verbose=False, progress=False)
+    elif method == "awq_ao":
+        rep = awq_ao.quantize(model, list(batches(blocks, 8)), bits=bits, group_size=group_size,
+                              max_search_samples=search_samples, verbose=False, progress=False)
+        out["report"] = {"groups": rep.kind_counts(), "folded": rep.folded,
+                         "explicit_multiplies": rep.fallback_multiplies,
+                         "quantized_linears": len(rep.quantized), "times": rep.times}
+    elif method == "torchao_awq":
+        quantized = _torchao_awq(model, blocks, bits, group_size)
+        out["torchao_quantized_linears"] = quantized
+    if method != "fp":
+        out["quant_s"] = time.perf_counter() - t0
+        out["peak_rss_mib_during_quant"] = _rss_mib()
+        out["rss_mib_before_quant"] = rss_loaded
+    ppl, n = perplexity(model, ids, 2048, windows)
+    out.update(perplexity=ppl, windows=n, size_mib=model_size_bytes(model) / 2**20)
+    return out
+
+
+def _torchao_awq(model, blocks, bits: int, group_size: int) -> int:
+    """torchao.prototype.awq on CPU: prepare, calibrate, convert. Returns #linears quantized."""
+    import torch
+    from torchao.prototype.awq import AWQConfig
+    from torchao.quantization import quantize_
+
+    if bits == 4:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        base = PrototypeInt4WeightOnlyConfig(group_size=group_size)
+    else:
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+
+        base = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size))
+
+    def keep(m, fqn):
+        return isinstance(m, torch.nn.Linear) and "lm_head" not in fqn
+
+    quantize_(model, AWQConfig(base, step="prepare"), filter_fn=keep)
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], 8):
+            model(blocks[i : i + 8], use_cache=False)
+    quantize_(model, AWQConfig(base, step="convert"), filter_fn=keep)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name and type(m.weight) is not torch.nn.Parameter:
+            n += 1
+    return n
+
+
+def _machine() -> dict:
+    import torch
+    import torchao
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchao": torchao.__version__,
+            "transformers": transformers.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--search-samples", type=int, default=8)
+    ap.add_argument("--calib", default="wiki.valid.tokens")
+    ap.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        method, bits, gs = args.worker.split(":")
+        res = worker(method, int(bits), int(gs), args.windows, args.n_samples, args.seq_len,
+                     args.calib, args.search_samples)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
+    methods = args.methods.split(",")
+    rows: list[dict] = []
+    jobs: list[tuple[str, int, int]] = []
+    if "fp" in methods:
+        jobs.append(("fp", 16, -1))
+    for bits, gs in settings:
+        for m in methods:
+            if m == "fp":
+                continue
+            if m == "torchao_awq" and gs == 128:
+                rows.append({"method": m, "bits": bits, "group_size": gs, "error":
+                             "not run: hidden size 576 is not a multiple of 128, torchao skips those layers"})
+                continue
+            jobs.append((m, bits, gs))
+    for m, bits, gs in jobs:
+        cmd = [sys.executable, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
+               "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
+               "--search-samples", str(args.search_samples), "--calib", args.calib]
+        print(f"running {m} INT{bits} g{gs} ...", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({"method": m, "bits": bits, "group_size": gs, "error": err})
+            print(f"  failed: {err}", flush=True)
+            continue
+        res = json.loads(line[0][len("RESULT "):])
+        res["wall_s"] = time.perf_counter() - t
+        rows.append(res)
+        print(f"  ppl {res['perplexity']:.3f} ({res['windows']} windows)"
+              + (f", quantized in {res['quant_s']:.0f}s, peak RSS {res['peak_rss_mib_during_quant']:.0f} MiB" if "quant_s" in res else ""),
+              flush=True)
+    fp = next((r["perplexity"] for r in rows if r["method"] == "fp" and "perplexity" in r), None)
+    print("\n| setting | method | perplexity | gap closed | quant time (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for bits, gs in settings:
+        rtn = next((r.get("perplexity") for r in rows if r["method"] == "rtn" and r["bits"] == bits and r["group_size"] == gs), None)
+        for r in rows:
+            if r["method"] == "fp" or r["bits"] != bits or r["group_size"] != gs:
+                continue
+            if "perplexity" not in r:
+                print(f"| INT{bits} g{gs} | {r['method']} | — ({r['error']}) | | | |")
+                continue
+            closed = ""
+            if fp is not None and rtn is not None and r["method"] != "rtn" and rtn != fp:
+                closed = f"{100 * (rtn - r['perplexity']) / (rtn - fp):.0f}%"
+            print(f"| INT{bits} g{gs} | {r['method']} | {r['perplexity']:.3f} | {closed} | "
+                  f"{r.get('quant_s', 0):.0f} | {r.get('peak_rss_mib_during_quant', 0):.0f} |")
+    if fp is not None:
+        print(f"| FP32 | fp | {fp:.3f} | | | |")
+    doc = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+        "eval": f"WikiText-2 test, non-overlapping 2048-token windows, first {args.windows}",
+        "calibration": f"{args.n_samples} x {args.seq_len} tokens from {args.calib} (same for all methods)",
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
