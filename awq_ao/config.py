@@ -40,6 +40,12 @@ class AWQConfig(AOBaseConfig):
         fallback: what to do where no fold is legal: ``"multiply"`` inserts an explicit
             per-channel input multiply (counted in the report), ``"skip"`` leaves the group
             unscaled (plain RTN for its linears).
+        sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
+            search, fold, quantize, then the quantized block's outputs feed the next block).
+            Peak activation memory is one block's, independent of depth.
+        device: compute device for sequential mode (e.g. "cuda"): each block is moved there
+            for its step and back afterwards; the cached activations stay on the CPU.
+            None keeps every block where it is.
         seed: seed for every random choice (the search itself is deterministic).
         progress: show progress bars.
         verbose: print the report after convert.
@@ -60,6 +66,8 @@ class AWQConfig(AOBaseConfig):
     skip: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] | None = None
     fallback: Literal["multiply", "skip"] = "multiply"
+    sequential: bool = False
+    device: str | None = None
     seed: int = 0
     progress: bool = True
     verbose: bool = True

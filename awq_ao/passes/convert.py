@@ -106,9 +106,145 @@ def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
         )
 
 
+def search_phase(
+    root: nn.Module,
+    first_call: RecordedCall,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    targets: list[str],
+    observers: dict[str, Any],
+    config: AWQConfig,
+    report: ConvertReport,
+    label: str = "",
+) -> tuple[GraphAnalysis, dict[int, GroupResult], dict[str, torch.Tensor]]:
+    """Capture ``root``, find its groups and run the search on ``(args, kwargs)``.
+
+    Names in ``targets``/``observers`` are relative to ``root``. Nothing is modified.
+    """
+    t0 = time.perf_counter()
+    try:
+        ep = capture(root, first_call)
+    except CaptureError as e:
+        raise CaptureError(
+            f"{e}. awq_ao needs torch.export to see the model; check that the model runs "
+            "with the recorded calibration call, or quantize without calibration "
+            "(awq_config(scale_search=False, clip=False))."
+        ) from e
+    analysis = find_groups(ep, root, targets)
+    del ep
+    _add_time(report, "capture+groups", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    n_groups = sum(1 for g in analysis.groups if g.consumers)
+    bar = _progress(n_groups, f"awq search{label}", config.progress)
+    search = ScaleSearch(root, analysis, observers, config, bar)
+    was_training = root.training
+    root.eval()
+    try:
+        results = search.run(args, kwargs)
+    finally:
+        root.train(was_training)
+        if bar is not None:
+            bar.close()
+    _add_time(report, "search", time.perf_counter() - t0)
+    return analysis, results, search.clip_inputs
+
+
+def _add_time(report: ConvertReport, key: str, dt: float) -> None:
+    report.times[key] = report.times.get(key, 0.0) + dt
+
+
+def apply_phase(
+    root: nn.Module,
+    analysis: GraphAnalysis | None,
+    results: dict[int, GroupResult],
+    clip_inputs: dict[str, torch.Tensor],
+    targets: list[str],
+    config: AWQConfig,
+    txn: Transaction,
+    report: ConvertReport,
+    replacements: dict[int, nn.Module],
+    prefix: str = "",
+) -> None:
+    """Fold the found scales, clip and swap ``targets`` (names relative to ``root``) to INT4.
+
+    Every edit goes through ``txn``; report rows use ``prefix`` + name.
+    """
+    from awq_ao.lowering import swap
+
+    t0 = time.perf_counter()
+    input_scale: dict[str, torch.Tensor] = {}
+    if analysis is not None:
+        for gi, g in enumerate(analysis.groups):
+            res = results.get(gi)
+            if g.consumers and res is None and config.scale_search:
+                res = GroupResult(None, note="its enclosing module never ran during the search")
+            if res is not None and res.scales is not None:
+                if g.foldable:
+                    fold_group(root, g, res.scales, txn)
+                else:
+                    for c in g.consumers:
+                        mod = root.get_submodule(c)
+                        scale_consumer(mod, g.consumer_is_conv1d.get(c, False), res.scales, txn)
+                        input_scale[c] = res.scales
+                    report.fallback_multiplies += len(g.consumers)
+            if g.consumers:
+                report.groups.append(
+                    GroupReport(
+                        g.kind,
+                        prefix + g.producer.module if g.producer.module else None,
+                        [prefix + c for c in g.consumers],
+                        prefix + g.inspect if g.inspect else None,
+                        res.alpha if res else None,
+                        res.loss_rtn if res else None,
+                        res.loss_best if res else None,
+                        (res.note if res else "") or g.reason,
+                    )
+                )
+                if res is not None and res.note and config.scale_search:
+                    report.warnings.append(f"{prefix}{', '.join(g.consumers)}: {res.note}")
+        for name in analysis.shared_calls:
+            report.warnings.append(f"{prefix}{name} is called more than once per forward: not scaled")
+        report.unseen += [prefix + u for u in analysis.unseen]
+    scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
+    qk = analysis.qk_linears if analysis is not None else set()
+    bar = _progress(len(targets), "awq quantize", config.progress and not prefix)
+    for name in targets:
+        mod = root.get_submodule(name)
+        conv = type(mod).__name__ == "Conv1D"
+        if config.clip and name in clip_inputs and name not in qk:
+            w = weight_2d(mod, conv)
+            x = clip_inputs[name].to(w.device, torch.float32)
+            s = scale_of.get(name)
+            if s is not None:
+                x = x / s.to(x.device)
+            ratios = clip_ratios(
+                w.detach(), x, config.bits, config.group_size, config.zero_point,
+                config.clip_grid, config.max_shrink,
+            )
+            clipped = apply_clip(w.detach(), ratios, config.group_size)
+            txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
+            report.clipped += 1
+        # quantize_linear_module may assign the weight in place; record it first
+        txn._save(mod, "weight")
+        if getattr(mod, "bias", None) is not None:
+            txn._save(mod, "bias")
+        new = swap.quantize_linear_module(mod, config.bits, config.group_size, config.zero_point)
+        if name in input_scale:
+            new = ScaledInputLinear(new, 1.0 / input_scale[name])
+        if new is not mod:
+            txn.set_module(root, name, new)
+            replacements[id(mod)] = new
+        report.quantized.append(prefix + name)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    _add_time(report, "fold+clip+quantize", time.perf_counter() - t0)
+
+
 def convert(model: nn.Module, config: AWQConfig, token: object = None) -> ConvertReport:
     """Quantize ``model`` in place with AWQ; return a :class:`ConvertReport`."""
-    from awq_ao.lowering.swap import model_size_bytes, quantize_linear_module
+    from awq_ao.lowering.swap import model_size_bytes
 
     t_start = time.perf_counter()
     state = get_state(model)
@@ -130,105 +266,24 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     if state is not None and state.recorder is not None:
         state.recorder.enabled = False
     txn = Transaction()
+    replacements: dict[int, nn.Module] = {}
     try:
-        results: dict[int, GroupResult] = {}
-        analysis: GraphAnalysis | None = None
-        clip_inputs: dict[str, torch.Tensor] = {}
-        if config.needs_calibration:
+        if not config.needs_calibration:
+            apply_phase(model, None, {}, {}, targets, config, txn, report, replacements)
+        elif config.sequential:
+            from awq_ao.passes.sequential import convert_sequential
+
+            assert state is not None and state.recorder is not None
+            convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
+        else:
             assert state is not None and state.recorder is not None
             calls = state.recorder.calls
-            t0 = time.perf_counter()
-            try:
-                ep = capture(model, calls[0])
-            except CaptureError as e:
-                raise CaptureError(
-                    f"{e}. awq_ao needs torch.export to see the model; check that the model runs "
-                    "with the recorded calibration call, or quantize without calibration "
-                    "(awq_config(scale_search=False, clip=False))."
-                ) from e
-            analysis = find_groups(ep, model, targets)
-            del ep
-            report.times["capture+groups"] = time.perf_counter() - t0
-            report.unseen = list(analysis.unseen)
-            t0 = time.perf_counter()
-            args, kwargs, rows = stack_calls(calls)
+            args, kwargs, _rows = stack_calls(calls)
             kwargs = call_kwargs(model, kwargs)
-            n_groups = sum(1 for g in analysis.groups if g.consumers)
-            bar = _progress(n_groups, "awq search", config.progress)
-            search = ScaleSearch(model, analysis, observers, config, bar)
-            was_training = model.training
-            model.eval()
-            try:
-                results = search.run(args, kwargs)
-            finally:
-                model.train(was_training)
-                if bar is not None:
-                    bar.close()
-            clip_inputs = search.clip_inputs
-            report.times["search"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        input_scale: dict[str, torch.Tensor] = {}
-        if analysis is not None:
-            for gi, g in enumerate(analysis.groups):
-                res = results.get(gi)
-                if g.consumers and res is None and config.scale_search:
-                    res = GroupResult(None, note="its enclosing module never ran during the search")
-                if res is not None and res.scales is not None:
-                    if g.foldable:
-                        fold_group(model, g, res.scales, txn)
-                    else:
-                        for c in g.consumers:
-                            scale_consumer(model.get_submodule(c), g.consumer_is_conv1d.get(c, False), res.scales, txn)
-                            input_scale[c] = res.scales
-                        report.fallback_multiplies += len(g.consumers)
-                if g.consumers:
-                    report.groups.append(
-                        GroupReport(
-                            g.kind, g.producer.module, list(g.consumers), g.inspect,
-                            res.alpha if res else None, res.loss_rtn if res else None,
-                            res.loss_best if res else None, (res.note if res else "") or g.reason,
-                        )
-                    )
-                    if res is not None and res.note and config.scale_search:
-                        report.warnings.append(f"{', '.join(g.consumers)}: {res.note}")
-            for name in analysis.shared_calls:
-                report.warnings.append(f"{name} is called more than once per forward: not scaled")
-        scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
-        qk = analysis.qk_linears if analysis is not None else set()
-        bar = _progress(len(targets), "awq quantize", config.progress)
-        for name in targets:
-            mod = model.get_submodule(name)
-            conv = type(mod).__name__ == "Conv1D"
-            if config.clip and name in clip_inputs and name not in qk:
-                w = weight_2d(mod, conv)
-                x = clip_inputs[name].to(w.device, torch.float32)
-                s = scale_of.get(name)
-                if s is not None:
-                    x = x / s.to(x.device)
-                ratios = clip_ratios(
-                    w.detach(), x, config.bits, config.group_size, config.zero_point,
-                    config.clip_grid, config.max_shrink,
-                )
-                clipped = apply_clip(w.detach(), ratios, config.group_size)
-                txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
-                report.clipped += 1
-            # quantize_linear_module may assign the weight in place; record it first
-            txn._save(mod, "weight")
-            if getattr(mod, "bias", None) is not None:
-                txn._save(mod, "bias")
-            new = quantize_linear_module(mod, config.bits, config.group_size, config.zero_point)
-            if name in input_scale:
-                new = ScaledInputLinear(new, 1.0 / input_scale[name])
-            if new is not mod:
-                txn.set_module(model, name, new)
-                if state is not None:
-                    state.replacements[id(mod)] = new
-            report.quantized.append(name)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        report.times["fold+clip+quantize"] = time.perf_counter() - t0
+            analysis, results, clip_inputs = search_phase(
+                model, calls[0], args, kwargs, targets, observers, config, report
+            )
+            apply_phase(model, analysis, results, clip_inputs, targets, config, txn, report, replacements)
     except BaseException:
         txn.rollback()
         for o in observers.values():
@@ -238,6 +293,7 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
         raise
     if state is None:
         state = AWQState()
+    state.replacements.update(replacements)
     state.remove_hooks()
     state.observers = {}
     state.recorder = None
