@@ -30,6 +30,8 @@ class AWQConfig(AOBaseConfig):
         scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
+        clip_mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
+            quantization); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
             every calibration batch.
@@ -40,6 +42,9 @@ class AWQConfig(AOBaseConfig):
         fallback: what to do where no fold is legal: ``"multiply"`` inserts an explicit
             per-channel input multiply (counted in the report), ``"skip"`` leaves the group
             unscaled (plain RTN for its linears).
+        on_capture_error: if torch.export cannot capture the model: ``"raise"`` a
+            CaptureError naming the failing op, or ``"hook_only"``: continue with groups found
+            by hooks (norm -> consumers folds, each checked numerically; others multiply).
         sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
             search, fold, quantize, then the quantized block's outputs feed the next block).
             Peak activation memory is one block's, independent of depth.
@@ -60,12 +65,14 @@ class AWQConfig(AOBaseConfig):
     scale_search: bool = True
     clip: bool = True
     clip_grid: int = 20
+    clip_mode: Literal["range", "symmetric"] = "range"
     max_shrink: float = 0.5
     max_search_samples: int = 16
     clip_tokens: int = 512
     skip: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] | None = None
     fallback: Literal["multiply", "skip"] = "multiply"
+    on_capture_error: Literal["raise", "hook_only"] = "raise"
     sequential: bool = False
     device: str | None = None
     seed: int = 0
@@ -85,6 +92,10 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("max_shrink must be in [0, 1).")
         if self.max_search_samples < 1 or self.clip_tokens < 1:
             raise ValueError("max_search_samples and clip_tokens must be >= 1.")
+        if self.on_capture_error not in ("raise", "hook_only"):
+            raise ValueError("on_capture_error must be 'raise' or 'hook_only'.")
+        if self.clip_mode not in ("range", "symmetric"):
+            raise ValueError("clip_mode must be 'range' or 'symmetric'.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
         self.skip = tuple(self.skip)

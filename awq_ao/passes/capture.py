@@ -28,7 +28,7 @@ def call_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _slice_batch(call: RecordedCall, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def slice_batch(call: RecordedCall, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Keep the first ``rows`` rows of every tensor whose leading dim is the batch."""
 
     def f(t: Any) -> Any:
@@ -41,7 +41,7 @@ def _slice_batch(call: RecordedCall, rows: int) -> tuple[tuple[Any, ...], dict[s
 
 def capture(model: nn.Module, call: RecordedCall) -> torch.export.ExportedProgram:
     """Export ``model`` on (one row of) a recorded call; raise :class:`CaptureError` on failure."""
-    args, kwargs = _slice_batch(call, 1) if call.rows > 1 else (call.args, call.kwargs)
+    args, kwargs = slice_batch(call, 1) if call.rows > 1 else (call.args, call.kwargs)
     kwargs = call_kwargs(model, kwargs)
     was_training = model.training
     model.eval()

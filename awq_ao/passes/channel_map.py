@@ -19,13 +19,22 @@ from torch.utils._pytree import tree_map
 
 from awq_ao.passes.graph_utils import (
     IDENTITY_OPS,
+    LIKE_OPS,
     MATMUL_OPS,
     MUL_OPS,
     SDPA_OPS,
     SHAPE_OPS,
     is_op,
     meta_shape,
+    scalar_operand,
 )
+
+aten = torch.ops.aten
+# identity ops whose result is a fresh contiguous tensor
+COPYING_OPS = {aten.contiguous.default, aten.clone.default}
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default}
+TYPE_AS_OPS = {aten.type_as.default}
+EXPAND_AS_OPS = {aten.expand_as.default}
 
 Index = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -84,6 +93,18 @@ def replay(node: fx.Node, tracked: fx.Node, idx: Index, on_path: bool) -> Index 
             return _sdpa_value(node, idx)
         return None
     if is_op(node, IDENTITY_OPS):
+        return idx.contiguous() if is_op(node, COPYING_OPS) else idx
+    if is_op(node, LIKE_OPS) and node.args[0] is tracked and tracked not in node.args[1:]:
+        out = meta_shape(node)  # x.view_as(other) / x.expand_as(other): other gives the shape
+        if out is None:
+            raise ChannelMapError(f"{node.target} without static shape")
+        if node.target in TYPE_AS_OPS:
+            return idx
+        try:
+            return idx.reshape(out) if node.target not in EXPAND_AS_OPS else idx.expand(out)
+        except RuntimeError as e:
+            raise ChannelMapError(f"replaying {node.target}: {e}") from e
+    if on_path and scalar_operand(node) is not None and scalar_operand(node)[0] is tracked:  # type: ignore[index]
         return idx
     if on_path and is_op(node, MUL_OPS):
         out = meta_shape(node)
@@ -104,8 +125,13 @@ def replay(node: fx.Node, tracked: fx.Node, idx: Index, on_path: bool) -> Index 
 
         args = tree_map(sub, node.args)
         kwargs = tree_map(sub, dict(node.kwargs))
+        target = node.target
+        if target in VIEW_OPS:
+            # the index tensor's strides differ from the real tensor's: reshape gives the
+            # same values wherever the graph's view was legal
+            target = torch.ops.aten.reshape.default
         try:
-            return node.target(*args, **kwargs)  # type: ignore[operator]
+            return target(*args, **kwargs)  # type: ignore[operator]
         except Exception as e:  # noqa: BLE001
             raise ChannelMapError(f"replaying {node.target}: {e}") from e
     return None

@@ -125,13 +125,23 @@ def search_phase(
     try:
         ep = capture(root, first_call)
     except CaptureError as e:
-        raise CaptureError(
-            f"{e}. awq_ao needs torch.export to see the model; check that the model runs "
-            "with the recorded calibration call, or quantize without calibration "
-            "(awq_config(scale_search=False, clip=False))."
-        ) from e
-    analysis = find_groups(ep, root, targets)
-    del ep
+        if config.on_capture_error != "hook_only":
+            raise CaptureError(
+                f"{e}. awq_ao needs torch.export to see the model's structure. Pass "
+                "awq_config(on_capture_error='hook_only') to continue with groups found by "
+                "hooks (norm -> consumers, verified numerically), or quantize without "
+                "calibration (awq_config(scale_search=False, clip=False))."
+            ) from e
+        from awq_ao.passes.capture import call_kwargs as _ck
+        from awq_ao.passes.capture import slice_batch
+        from awq_ao.passes.hook_groups import hook_groups
+
+        report.warnings.append(f"{e}; continuing with hook-only groups")
+        a1, kw1 = slice_batch(first_call, 1)
+        analysis = hook_groups(root, targets, tuple(a1), _ck(root, kw1))
+    else:
+        analysis = find_groups(ep, root, targets)
+        del ep
     _add_time(report, "capture+groups", time.perf_counter() - t0)
     t0 = time.perf_counter()
     n_groups = sum(1 for g in analysis.groups if g.consumers)
@@ -219,9 +229,9 @@ def apply_phase(
                 x = x / s.to(x.device)
             ratios = clip_ratios(
                 w.detach(), x, config.bits, config.group_size, config.zero_point,
-                config.clip_grid, config.max_shrink,
+                config.clip_grid, config.max_shrink, mode=config.clip_mode,
             )
-            clipped = apply_clip(w.detach(), ratios, config.group_size)
+            clipped = apply_clip(w.detach(), ratios, config.group_size, config.clip_mode)
             txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
             report.clipped += 1
         # quantize_linear_module may assign the weight in place; record it first

@@ -69,12 +69,38 @@ RSUB_OPS = _overloads(aten.rsub)
 LINEAR_OPS = {aten.linear.default}
 ADDMM_OPS = {aten.addmm.default}
 LAYER_NORM_OPS = {aten.layer_norm.default}
+# torch.nn.RMSNorm / F.rms_norm: rms_norm(x, normalized_shape, weight, eps)
+RMS_NORM_OPS = _overloads(aten.rms_norm)
 SDPA_OPS = _overloads(aten.scaled_dot_product_attention)
 # attention written out: probs @ V mixes positions but keeps V's channels
 MATMUL_OPS = _overloads(aten.matmul, aten.bmm)
 
 # Scalar-affine ops allowed between a per-channel parameter and the norm multiply.
 AFFINE_SCALAR_OPS = MUL_OPS | ADD_OPS | SUB_OPS | RSUB_OPS
+
+
+# Ops that read only the metadata (shape, dtype, device) of their tensor arguments.
+META_ONLY_OPS = _overloads(
+    aten.new_empty,
+    aten.new_zeros,
+    aten.new_ones,
+    aten.new_full,
+    aten.empty_like,
+    aten.zeros_like,
+    aten.ones_like,
+    aten.full_like,
+    aten.sym_size,
+    aten.sym_stride,
+    aten.sym_numel,
+    aten.sym_storage_offset,
+)
+
+# Ops whose second tensor argument only gives a shape or dtype (``x.view_as(other)``).
+LIKE_OPS = _overloads(aten.view_as, aten.expand_as, aten.reshape_as, aten.type_as)
+
+DIV_OPS = _overloads(aten.div)
+# Multiplying or dividing by a constant commutes with per-channel scaling.
+SCALAR_SCALE_OPS = MUL_OPS | DIV_OPS
 
 
 def is_op(node: fx.Node, ops: Iterable[object]) -> bool:
@@ -102,6 +128,36 @@ def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def is_metadata_use(user: fx.Node, node: fx.Node) -> bool:
+    """True if ``user`` reads only the shape, dtype or device of ``node`` (not its values).
+
+    E.g. ``node.new_empty(...)``, ``torch.zeros_like(node)``, ``x.view_as(node)``.
+    """
+    if user.op != "call_function":
+        return False
+    if user.target in ASSERT_OPS or user.target in META_ONLY_OPS:
+        return True
+    if user.target in LIKE_OPS:
+        return len(user.args) > 1 and user.args[1] is node and user.args[0] is not node
+    return False
+
+
+def scalar_operand(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """``(x, c)`` if ``node`` is ``x * c`` or ``x / c`` with a constant number ``c != 0``.
+
+    For a division ``c`` is the reciprocal, so the result is always ``x * c``.
+    """
+    if not is_op(node, SCALAR_SCALE_OPS) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    div = node.target in DIV_OPS
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0:
+        return a, (1.0 / b if div else float(b))
+    if not div and isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool) and a != 0:
+        return b, float(a)
+    return None
+
+
 def real_users(node: fx.Node) -> list[fx.Node]:
-    """Users of ``node`` except shape/metadata assertions."""
-    return [u for u in node.users if not is_op(u, ASSERT_OPS)]
+    """Users of ``node`` that read its values (not assertions or metadata-only uses)."""
+    return [u for u in node.users if not is_metadata_use(u, node)]

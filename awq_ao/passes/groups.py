@@ -21,11 +21,14 @@ from awq_ao.passes.graph_utils import (
     ADD_OPS,
     ADDMM_OPS,
     AFFINE_SCALAR_OPS,
+    DIV_OPS,
     IDENTITY_OPS,
     LAYER_NORM_OPS,
+    LIKE_OPS,
     LINEAR_OPS,
     MATMUL_OPS,
     MUL_OPS,
+    RMS_NORM_OPS,
     RSUB_OPS,
     SDPA_OPS,
     SHAPE_OPS,
@@ -34,6 +37,7 @@ from awq_ao.passes.graph_utils import (
     meta_shape,
     owner_module,
     real_users,
+    scalar_operand,
 )
 
 # Ops through which a consumer's input is still "the same tensor" (views keeping channels).
@@ -154,18 +158,38 @@ class _Ctx:
         return mod
 
     def linear_input(self, node: fx.Node) -> fx.Node:
+        """The tensor X a linear reads, looking through channel-keeping views and casts and
+        through multiplications by constants (they commute with per-channel scaling)."""
         x = node.args[0] if is_op(node, LINEAR_OPS) else node.args[1]
         assert isinstance(x, fx.Node)
-        c = x.meta.get("val")
-        last = c.shape[-1] if isinstance(c, torch.Tensor) else None
-        while (
-            x.op == "call_function"
-            and x.target in _INPUT_ALIAS_OPS
-            and isinstance(x.args[0], fx.Node)
-            and (meta_shape(x.args[0]) or (None,))[-1] == last
-        ):
-            x = x.args[0]
-        return x
+        while True:
+            src = _alias_source(x)
+            if src is None:
+                return x
+            x = src
+
+
+def _alias_source(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` re-expresses channel for channel (same last dim), or ``None``.
+
+    Views/casts keep every value; ``x * c`` and ``x / c`` with a constant ``c`` scale all
+    channels alike, so AWQ's per-channel scales pass through them unchanged.
+    """
+    if node.op != "call_function":
+        return None
+    src: object = None
+    if node.target in _INPUT_ALIAS_OPS:
+        src = node.args[0]
+    else:
+        sc = scalar_operand(node)
+        if sc is not None:
+            src = sc[0]
+    if not isinstance(src, fx.Node):
+        return None
+    last = (meta_shape(node) or (None,))[-1]
+    if last is None or (meta_shape(src) or (None,))[-1] != last:
+        return None
+    return src
 
 
 def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tuple[str, float]]] | None:
@@ -217,13 +241,39 @@ def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tup
     return None
 
 
+def _norm_producer(ctx: _Ctx, node: fx.Node, w_arg: int, b_arg: int | None) -> Producer | None:
+    """A ``layer_norm``/``rms_norm`` call with its own 1-D weight (and bias) as a producer."""
+    def arg(i: int | None, kw: str) -> object:
+        if i is not None and len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(kw)
+
+    w_node, b_node = arg(w_arg, "weight"), arg(b_arg, "bias")
+    w = ctx.param_name(w_node)
+    b = ctx.param_name(b_node)
+    if w is None or not ctx.unshared(w) or (b is not None and not ctx.unshared(b)):
+        return None
+    if b_node is not None and b is None:  # a computed bias cannot be rescaled
+        return None
+    p = ctx.params.get(w)
+    if p is None or p.dim() != 1 or len(real_users(w_node)) != 1:  # type: ignore[arg-type]
+        return None
+    params = [ParamFold(w)] + ([ParamFold(b)] if b else [])
+    return Producer("norm", w.rsplit(".", 1)[0], params, int(p.shape[0]))
+
+
 def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | None:
-    """Walk back from X through channel-preserving ops to a foldable producer."""
-    channels = (meta_shape(x) or (0,))[-1]
+    """Walk back from X through channel-preserving ops to a foldable producer.
+
+    Norm parameters may have fewer channels than X (a per-head norm whose weight is shared
+    by every head, followed by a reshape): the channel count is the producer node's own last
+    dimension, and the channel map replayed later ties the X channels that share a weight.
+    """
 
     def walk(node: fx.Node, path: list[fx.Node], depth: int) -> tuple[Producer, list[fx.Node]] | None:
         if depth > 48 or not isinstance(node, fx.Node) or node.op != "call_function":
             return None
+        channels = (meta_shape(node) or (0,))[-1] if node.meta.get("val") is not None else 0
         mod = ctx.linear_module(node)
         if mod is not None:
             m = ctx.modules[mod]
@@ -235,19 +285,11 @@ def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | No
                 return None
             out_ch = int(m.weight.shape[1] if is_c1d else m.weight.shape[0])
             return Producer("linear", mod, params, out_ch), [node, *path]
-        if is_op(node, LAYER_NORM_OPS):
-            if path and depth == 0:
+        if is_op(node, LAYER_NORM_OPS) or is_op(node, RMS_NORM_OPS):
+            prod = _norm_producer(ctx, node, 2, 3 if is_op(node, LAYER_NORM_OPS) else None)
+            if prod is None or prod.out_channels != channels:
                 return None
-            w = ctx.param_name(node.args[2]) if len(node.args) > 2 else None
-            b = ctx.param_name(node.args[3]) if len(node.args) > 3 else None
-            if w is None or not ctx.unshared(w) or (b is not None and not ctx.unshared(b)):
-                return None
-            if (len(node.args) > 3 and node.args[3] is not None and b is None) or len(
-                real_users(node.args[2])
-            ) != 1:
-                return None
-            params = [ParamFold(w)] + ([ParamFold(b)] if b else [])
-            return Producer("norm", w.rsplit(".", 1)[0], params, channels), [node, *path]
+            return prod, [node, *path]
         if is_op(node, MUL_OPS) and len(node.args) == 2:
             for i in (0, 1):
                 chain = _affine_chain(ctx, node.args[i], channels)
@@ -265,6 +307,9 @@ def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | No
                     if r is not None:
                         return r
             return None
+        if is_op(node, DIV_OPS):
+            sc = scalar_operand(node)  # x / c: scaling x by 1/s scales the quotient by 1/s
+            return walk(sc[0], [node, *path], depth + 1) if sc is not None else None
         if is_op(node, ADD_OPS) and len(node.args) == 2 and not node.kwargs:
             # y = a * w + b with per-channel parameters w and b (a hand-written LayerNorm)
             for i in (0, 1):
@@ -284,7 +329,7 @@ def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | No
         if is_op(node, SDPA_OPS):
             v = node.args[2]
             return walk(v, [node, *path], depth + 1) if isinstance(v, fx.Node) else None
-        if is_op(node, SHAPE_OPS) or is_op(node, IDENTITY_OPS):
+        if is_op(node, SHAPE_OPS) or is_op(node, IDENTITY_OPS) or is_op(node, LIKE_OPS):
             a = node.args[0]
             return walk(a, [node, *path], depth + 1) if isinstance(a, fx.Node) else None
         return None
@@ -306,7 +351,7 @@ def _consumers_of(ctx: _Ctx, x: fx.Node, linear_nodes: dict[fx.Node, str]) -> tu
             seen.add(u)
             if u in linear_nodes and ctx.linear_input(u) is x:
                 mods.append(linear_nodes[u])
-            elif u.target in _INPUT_ALIAS_OPS:
+            elif _alias_source(u) is n:
                 stack.append(u)
             else:
                 others.append(u)

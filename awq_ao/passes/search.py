@@ -277,6 +277,22 @@ class ScaleSearch:
         return self.results
 
 
+def _clip_bounds(wg: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping bounds at ratio 1 for grouped weights ``[n, G, g]``.
+
+    ``"symmetric"`` (AutoAWQ): ±max|w|. ``"range"``: [min(w, 0), max(w, 0)], so shrinking
+    moves both ends of an asymmetric group's range toward 0 in proportion.
+    """
+    if mode == "symmetric":
+        amax = wg.abs().amax(dim=-1)
+        return -amax, amax
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def _expand(v: torch.Tensor, g: int, k: int) -> torch.Tensor:
+    return v.repeat_interleave(g, dim=1)[:, :k]
+
+
 def clip_ratios(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -286,8 +302,9 @@ def clip_ratios(
     grid: int = 20,
     max_shrink: float = 0.5,
     rows_per_chunk: int = 256,
+    mode: str = "range",
 ) -> torch.Tensor:
-    """Best per-(row, group) clipping ratio r: clamp |w| to r * max|w| of the group.
+    """Best per-(row, group) clipping ratio r for the bounds of :func:`_clip_bounds`.
 
     Minimises the squared error of each group's partial output x_g · w_g over the sample
     ``x [T, K]``. Returns ``[N, G]`` float32 ratios in (1 - max_shrink, 1].
@@ -308,13 +325,13 @@ def clip_ratios(
         nc = wc.shape[0]
         wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
         ref = torch.bmm(xg, wp.view(nc, groups, g).permute(1, 2, 0))  # [G, T, n]
-        amax = wp.abs().view(nc, groups, g).amax(dim=-1)  # [n, G]
+        lo, hi = _clip_bounds(wp.view(nc, groups, g), mode)  # [n, G]
         best_err = torch.full((nc, groups), math.inf, device=w.device)
         best_r = torch.ones(nc, groups, device=w.device)
         for i in range(steps):
             r = 1.0 - i / grid
-            mv = (amax * r).repeat_interleave(g, dim=1)[:, :k]
-            q = fake_quantize(torch.maximum(torch.minimum(wc, mv), -mv), bits, group_size, zero_point)
+            clamped = torch.minimum(torch.maximum(wc, _expand(lo * r, g, k)), _expand(hi * r, g, k))
+            q = fake_quantize(clamped, bits, group_size, zero_point)
             qp = torch.cat([q, q.new_zeros(nc, pad)], dim=1) if pad else q
             out = torch.bmm(xg, qp.view(nc, groups, g).permute(1, 2, 0))
             err = (out - ref).pow(2).mean(dim=1).t()  # [n, G]
@@ -325,13 +342,13 @@ def clip_ratios(
     return ratios
 
 
-def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Clamp ``w [N, K]`` to ±ratio·max|w| per group (returns a new tensor, same dtype)."""
+def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str = "range") -> torch.Tensor:
+    """Clamp ``w [N, K]`` to ratio × the group's bounds (returns a new tensor, same dtype)."""
     n, k = w.shape
     g = effective_group_size(k, group_size)
     pad = (-k) % g
     wf = w.float()
-    wa = torch.cat([wf.abs(), wf.new_zeros(n, pad)], dim=1) if pad else wf.abs()
-    amax = wa.view(n, -1, g).amax(dim=-1)
-    mv = (amax * ratios.to(w.device)).repeat_interleave(g, dim=1)[:, :k]
-    return torch.maximum(torch.minimum(wf, mv), -mv).to(w.dtype)
+    wp = torch.cat([wf, wf.new_zeros(n, pad)], dim=1) if pad else wf
+    lo, hi = _clip_bounds(wp.view(n, -1, g), mode)
+    r = ratios.to(w.device)
+    return torch.minimum(torch.maximum(wf, _expand(lo * r, g, k)), _expand(hi * r, g, k)).to(w.dtype)

@@ -1,0 +1,441 @@
+"""``load_quantized``: rebuild a quantized ``*ForCausalLM`` from a saved directory.
+
+The model is built from ``config.json`` with its parameters on the meta device (buffers that
+are not saved, such as rotary ``inv_freq``, are computed normally); quantized linears are
+swapped for ``nn.Linear`` modules holding :class:`~awq_ao.lowering.Int4WeightTensor` weights
+(:class:`~awq_ao.lowering.scaled_input.ScaledInputLinear` where recorded); every tensor is then
+read once from the memory-mapped safetensors shards. No full-precision copy of a quantized
+weight is ever made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_ao.checkpoint import autoawq, compressed_tensors
+from awq_ao.checkpoint.formats import (
+    FORMAT_AUTOAWQ,
+    FORMAT_AWQ_AO,
+    FORMAT_VERSION,
+    CheckpointError,
+    LayerPlan,
+    LoadPlan,
+    ShardSet,
+    detect_format,
+)
+from awq_ao.lowering import packing
+from awq_ao.lowering.int4_tensor import Int4WeightTensor
+from awq_ao.lowering.quant_math import num_groups
+from awq_ao.lowering.scaled_input import ScaledInputLinear
+
+__all__ = ["load_quantized", "build_empty_model", "checkpoint_summary"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _as_dtype(x: Any) -> torch.dtype | None:
+    if isinstance(x, torch.dtype):
+        return x
+    if isinstance(x, str):
+        d = getattr(torch, x.removeprefix("torch."), None)
+        if isinstance(d, torch.dtype):
+            return d
+    return None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every new ``nn.Parameter`` on the meta device; buffers stay real.
+
+    Like accelerate's ``init_empty_weights(include_buffers=False)``: non-persistent buffers
+    computed in ``__init__`` (rotary frequencies) keep their values, parameters cost nothing.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_empty_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The ``*ForCausalLM`` described by ``path/config.json``, parameters on the meta device."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises several types for unknown model types
+        raise CheckpointError(f"{path}: cannot build a transformers config from config.json ({e}).") from e
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        delattr(config, "quantization_config")
+    if dtype is None:
+        dtype = _as_dtype(getattr(config, "dtype", None)) or _as_dtype(getattr(config, "torch_dtype", None))
+    dtype = dtype or torch.float32
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    with _parameters_on_meta(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if cls is not None and hasattr(cls, "_from_config"):
+                model = cls._from_config(config, dtype=dtype)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot build the model {arch or config.model_type!r} from config.json ({e}).") from e
+    if qc is not None:
+        model.config.quantization_config = qc
+    return model
+
+
+def _linear_shape(name: str, mod: nn.Module) -> tuple[int, int]:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    if type(mod).__name__ == "Conv1D":
+        k, n = mod.weight.shape
+        return int(n), int(k)
+    raise CheckpointError(f"{name}: listed as quantized, but the model built from config.json has a {type(mod).__name__} there.")
+
+
+def _check_version(qc: dict[str, Any]) -> None:
+    version = qc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"quantization_config.format_version is {version!r}; expected an integer >= 1.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"unsupported awq_ao checkpoint format version {version}: this awq_ao reads versions "
+            f"up to {FORMAT_VERSION}; upgrade awq_ao."
+        )
+
+
+def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> LoadPlan:
+    _check_version(qc)
+    try:
+        bits, gs = int(qc["bits"]), int(qc["group_size"])
+        qmods = list(qc["quantized_modules"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"quantization_config is incomplete: {e!r} missing or invalid.") from e
+    scaled = set(qc.get("scaled_input_modules") or [])
+    if scaled - set(qmods):
+        raise CheckpointError(f"scaled_input_modules not in quantized_modules: {sorted(scaled - set(qmods))}")
+    overrides = qc.get("module_overrides") or {}
+    plan = LoadPlan(strict_dtypes=True, tied=dict(qc.get("tied_weights") or {}))
+    for name in qmods:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"config lists quantized module {name!r}, but the model built from config.json has none.") from e
+        n, k = _linear_shape(name, mod)
+        b = int(overrides.get(name, {}).get("bits", bits))
+        g = int(overrides.get(name, {}).get("group_size", gs))
+        ng = num_groups(k, g)
+        pk = f"{name}.weight_packed"
+        shards.expect(pk, (n, (k + 1) // 2) if b <= 4 else (n, k), (torch.uint8,))
+        shards.expect(f"{name}.weight_scale", (n, ng), _FLOAT_DTYPES)
+        shards.expect(f"{name}.weight_zero", (n, ng), (torch.uint8,))
+
+        def read(name: str = name) -> tuple:
+            return (
+                shards.get(f"{name}.weight_packed"),
+                shards.get(f"{name}.weight_scale"),
+                shards.get(f"{name}.weight_zero"),
+            )
+
+        plan.layers[name] = LayerPlan(name, b, g, n, k, read, nibble_packed=b <= 4, scaled_input=name in scaled)
+        plan.consumed |= {pk, f"{name}.weight_scale", f"{name}.weight_zero"}
+    return plan
+
+
+def _make_weight(
+    lp: LayerPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> Int4WeightTensor:
+    n, k = lp.out_features, lp.in_features
+    scale = scale.to(device=device, dtype=dtype).contiguous()
+    zero = zero.to(device=device, dtype=dtype).contiguous()
+    if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) > 2**lp.bits - 1):
+        raise CheckpointError(f"{lp.name}: zero points outside [0, {2**lp.bits - 1}].")
+    layout = packing.choose_layout(device, lp.bits, n, k, lp.group_size)
+    try:
+        if lp.nibble_packed:
+            if layout == packing.LAYOUT_NIBBLE and lp.bits == 4:
+                return Int4WeightTensor(
+                    data.to(device).contiguous(), scale, zero, lp.bits, lp.group_size,
+                    packing.LAYOUT_NIBBLE, "", torch.Size([n, k]),
+                )
+            codes = packing.unpack(data, lp.bits, packing.LAYOUT_NIBBLE, n, k)
+        else:
+            codes = data
+        return Int4WeightTensor.from_codes(
+            codes.to(device), scale, zero, lp.bits, lp.group_size, dtype, layout=layout
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{lp.name}: invalid quantized weight ({e}).") from e
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        if isinstance(value, nn.Parameter):
+            mod._parameters[attr] = value
+        else:
+            req = bool(old.requires_grad) if old is not None and value.is_floating_point() else False
+            mod._parameters[attr] = nn.Parameter(value, requires_grad=req)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise CheckpointError(f"{key}: not a parameter or buffer of the model.")
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        return mod._parameters[attr]
+    return mod._buffers[attr]
+
+
+def _non_persistent_buffer_names(model: nn.Module) -> set[str]:
+    out = set()
+    for mname, mod in model.named_modules():
+        for b in mod._non_persistent_buffers_set:
+            out.add(f"{mname}.{b}" if mname else b)
+    return out
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Load a quantized model saved by :func:`save_quantized` (or an AutoAWQ GEMM /
+    compressed-tensors ``pack-quantized`` checkpoint) as a ready ``*ForCausalLM``.
+
+    Args:
+        path: the checkpoint directory.
+        device: where the model should live (``"cpu"``, ``"cuda"``, ...). Quantized weights
+            are packed in the layout that device's kernels read.
+        dtype: optional float dtype for activations, scales and float weights (default: the
+            dtype recorded in ``config.json``).
+        progress: show a progress bar.
+
+    Returns:
+        The model in eval mode; ``model.config.quantization_config`` describes the checkpoint.
+        It runs ``forward`` / ``generate`` like the original, and ``torch.compile`` works.
+
+    Raises:
+        CheckpointError: unknown format or version, missing or truncated shard, tensors that
+            do not match the configuration (shape, dtype, missing or unknown keys). The message
+            names the problem.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    fmt, qc = detect_format(path)
+    shards = ShardSet(path)
+    if fmt == FORMAT_AWQ_AO:
+        _check_version(qc)  # fail before building the model
+    model = build_empty_model(path)
+    if fmt == FORMAT_AWQ_AO:
+        plan = _plan_awq_ao(qc, shards, model)
+    elif fmt == FORMAT_AUTOAWQ:
+        plan = autoawq.plan_load(qc, shards, model)
+    else:
+        plan = compressed_tensors.plan_load(qc, shards, model)
+
+    # ---- validate every key before reading any data --------------------------------------------
+    qweights = {f"{n}.weight" for n in plan.layers}
+    expected: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key not in qweights and t is not None:
+            expected[key] = t  # includes biases of quantized layers
+    for name, lp in plan.layers.items():
+        if lp.scaled_input:
+            expected[f"{name}.input_scale"] = torch.empty(lp.in_features, device="meta")
+    file_keys = set(shards.keys()) - plan.consumed
+    hf_tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    ties: dict[str, str] = {}
+    missing = []
+    for key, t in expected.items():
+        if key in file_keys:
+            shape = shards.shape(key)
+            if tuple(shape) != tuple(t.shape):
+                raise CheckpointError(
+                    f"tensor {key!r} has shape {list(shape)} in the checkpoint; the model built "
+                    f"from config.json expects {list(t.shape)}."
+                )
+            if plan.strict_dtypes and t.is_floating_point() and shards.dtype(key) != t.dtype and not key.endswith(".input_scale"):
+                raise CheckpointError(
+                    f"tensor {key!r} is {str(shards.dtype(key)).removeprefix('torch.')} in the "
+                    f"checkpoint; config.json says {str(t.dtype).removeprefix('torch.')}."
+                )
+        elif key in plan.tied and (plan.tied[key] in file_keys or plan.tied[key] in qweights):
+            ties[key] = plan.tied[key]
+        elif key in hf_tied and hf_tied[key] in file_keys:
+            ties[key] = hf_tied[key]
+        else:
+            missing.append(key)
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:6])}"
+            + (" ..." if len(missing) > 6 else "")
+        )
+    non_persistent = _non_persistent_buffer_names(model)
+    unknown = sorted(k for k in file_keys - set(expected) if k not in non_persistent)
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} unknown tensor(s) in the checkpoint (not in the model built from "
+            f"config.json): {', '.join(unknown[:6])}" + (" ..." if len(unknown) > 6 else "")
+        )
+
+    # ---- quantized layers ----------------------------------------------------------------------
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.layers) + len(expected), desc="loading", leave=False)
+    for name, lp in plan.layers.items():
+        old = model.get_submodule(name)
+        has_bias = getattr(old, "bias", None) is not None
+        data, scale, zero = lp.read()
+        if dtype is not None:
+            wdtype = dtype
+        elif plan.strict_dtypes:
+            wdtype = scale.dtype
+        else:
+            wdtype = old.weight.dtype
+        w = _make_weight(lp, data, scale, zero, device, wdtype)
+        lin = nn.Linear(lp.in_features, lp.out_features, bias=has_bias, device="meta", dtype=wdtype)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        new: nn.Module = lin
+        if lp.scaled_input:
+            new = ScaledInputLinear(lin, torch.empty(lp.in_features, device="meta", dtype=wdtype))
+        new.train(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        if bar is not None:
+            bar.update(1)
+
+    # ---- everything else -----------------------------------------------------------------------
+    for key, t in expected.items():
+        if key in ties:
+            continue
+        value = shards.get(key)
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        elif not plan.strict_dtypes and value.is_floating_point() and value.dtype != t.dtype:
+            value = value.to(t.dtype)
+        if key.endswith(".input_scale") and key.rpartition(".")[0] in plan.layers:
+            value = value.to(_get_tensor(model, key.rpartition(".")[0] + ".weight").dtype)
+        if value.device != device:
+            value = value.to(device)
+        _set_tensor(model, key, value)
+        if bar is not None:
+            bar.update(1)
+    for key, src in ties.items():
+        _set_tensor(model, key, _get_tensor(model, src))
+    if bar is not None:
+        bar.close()
+    shards.close()
+
+    # ---- final checks ------------------------------------------------------------------------
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"tensors not filled from the checkpoint: {', '.join(left[:6])}")
+    for mod in model.modules():
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and b.device != device:
+                mod._buffers[bname] = b.to(device)
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.quantization_config = qc
+    gen = path / "generation_config.json"
+    if gen.is_file() and hasattr(model, "generation_config"):
+        try:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+        except Exception as e:  # a bad generation config must not block loading the weights
+            warnings.warn(f"ignoring {gen}: {e}", stacklevel=2)
+    model.eval()
+    return model
+
+
+def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint holds, from ``config.json`` and the shard headers (no weights read).
+
+    Keys: ``format``, ``architecture``, ``bits``, ``group_size``, ``zero_point``,
+    ``quantized_layers`` (names), ``scaled_input_layers``, ``float_linears`` (if recorded),
+    ``size_bytes`` (all files), ``tensor_bytes``, ``shards``, ``dtype``.
+    """
+    from awq_ao.checkpoint.formats import read_config
+
+    path = Path(path)
+    fmt, qc = detect_format(path)
+    cfg = read_config(path)
+    shards = ShardSet(path)
+    out: dict[str, Any] = {
+        "path": str(path),
+        "format": fmt,
+        "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        "shards": list(shards.files),
+        "size_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+        "tensor_bytes": shards.total_bytes(),
+    }
+    if fmt == FORMAT_AWQ_AO:
+        out.update(
+            format_version=qc.get("format_version"),
+            bits=qc.get("bits"),
+            group_size=qc.get("group_size"),
+            zero_point=qc.get("zero_point"),
+            quantized_layers=list(qc.get("quantized_modules") or []),
+            scaled_input_layers=list(qc.get("scaled_input_modules") or []),
+            float_linears=list(qc.get("modules_to_not_convert") or []),
+            module_overrides=qc.get("module_overrides") or {},
+        )
+    elif fmt == FORMAT_AUTOAWQ:
+        out.update(
+            bits=qc.get("bits", qc.get("w_bit")),
+            group_size=qc.get("group_size", qc.get("q_group_size")),
+            zero_point=qc.get("zero_point"),
+            version=qc.get("version"),
+            quantized_layers=sorted(k[: -len(".qweight")] for k in shards.keys() if k.endswith(".qweight")),
+            scaled_input_layers=[],
+            float_linears=list(qc.get("modules_to_not_convert") or []),
+        )
+    else:
+        groups = qc.get("config_groups") or {}
+        w = next(iter(groups.values()), {}).get("weights", {}) if groups else {}
+        out.update(
+            bits=w.get("num_bits"),
+            group_size=w.get("group_size") if w.get("strategy") == "group" else -1,
+            zero_point=not w.get("symmetric", True),
+            quantized_layers=sorted(
+                k[: -len(".weight_packed")] for k in shards.keys() if k.endswith(".weight_packed")
+            ),
+            scaled_input_layers=[],
+            float_linears=list(qc.get("ignore") or []),
+        )
+    out["num_quantized_layers"] = len(out["quantized_layers"])
+    out["num_tensors"] = len(shards.keys())
+    out["num_stored_elements"] = sum(math.prod(shards.shape(k)) for k in shards.keys())
+    return out
