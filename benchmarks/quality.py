@@ -165,7 +165,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                "--search-samples", str(args.search_samples), "--calib", args.calib]
-        print(f"running {m} INT{bits} g{gs} ...", flush=True)
+        print(f"running {m}" + ("" if m == "fp" else f" INT{bits} g{gs}") + " ...", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -168,12 +168,13 @@ def _make_weight(
     n, k = lp.out_features, lp.in_features
     scale = scale.to(device=device, dtype=dtype).contiguous()
     zero = zero.to(device=device, dtype=dtype).contiguous()
-    if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) > 2**lp.bits - 1):
-        raise CheckpointError(f"{lp.name}: zero points outside [0, {2**lp.bits - 1}].")
     layout = packing.choose_layout(device, lp.bits, n, k, lp.group_size)
     try:
         if lp.nibble_packed:
             if layout == packing.LAYOUT_NIBBLE and lp.bits == 4:
+                # no repacking: build directly (from_codes would validate the zero points)
+                if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) > 2**lp.bits - 1):
+                    raise CheckpointError(f"{lp.name}: zero points outside [0, {2**lp.bits - 1}].")
                 return Int4WeightTensor(
                     data.to(device).contiguous(), scale, zero, lp.bits, lp.group_size,
                     packing.LAYOUT_NIBBLE, "", torch.Size([n, k]),

@@ -69,6 +69,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -110,9 +116,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a saved model should look like any dir
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved model should look like any dir
     try:
         yield tmp
         _fsync_path(tmp)
@@ -152,6 +156,7 @@ def _write_shards(
         tensors = dict(chunk)
         path = tmp / fname
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600
         _fsync_path(path)
         for k, t in chunk:
             weight_map[k] = fname

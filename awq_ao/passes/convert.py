@@ -142,6 +142,7 @@ def search_phase(
     else:
         analysis = find_groups(ep, root, targets)
         del ep
+    _restrict_groups(root, analysis, report)
     _add_time(report, "capture+groups", time.perf_counter() - t0)
     t0 = time.perf_counter()
     n_groups = sum(1 for g in analysis.groups if g.consumers)
@@ -157,6 +158,42 @@ def search_phase(
             bar.close()
     _add_time(report, "search", time.perf_counter() - t0)
     return analysis, results, search.clip_inputs
+
+
+def _restrict_groups(root: nn.Module, analysis: GraphAnalysis, report: ConvertReport) -> None:
+    """Drop what cannot be scaled safely before the search.
+
+    * Layers whose weight the model also reads directly (e.g. ``x @ W.T``) stay in full
+      precision and unscaled; a group that would rescale them cannot fold.
+    * Where a group needs the explicit multiply, linears with their own ``forward`` (e.g. MoE
+      routers returning tuples) are left out of the scaling (plain RTN), since the
+      ``ScaledInputLinear`` wrapper cannot stand in for them.
+    """
+    direct = set(getattr(analysis, "direct_weight_use", {}) or {})
+    for name in sorted(direct):
+        report.warnings.append(
+            f"{name}: its weight is also read directly ({analysis.direct_weight_use[name]}); kept in full precision"
+        )
+    for g in analysis.groups:
+        hit = direct & set(g.consumers + g.rescaled)
+        if hit:
+            g.consumers = [c for c in g.consumers if c not in direct]
+            if g.foldable:
+                g.foldable = False
+                g.reason = f"{sorted(hit)[0]} reads X and its weight is used directly"
+        if not g.foldable:
+            custom = [c for c in g.consumers if _custom_forward(root.get_submodule(c))]
+            if custom:
+                g.consumers = [c for c in g.consumers if c not in custom]
+                report.warnings.append(f"{', '.join(custom)}: custom forward, quantized without scaling")
+    analysis.unseen = [u for u in analysis.unseen if u not in direct]
+    analysis.excluded = direct  # type: ignore[attr-defined]
+
+
+def _custom_forward(mod: nn.Module) -> bool:
+    if type(mod).__name__ == "Conv1D":
+        return False
+    return isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward
 
 
 def _add_time(report: ConvertReport, key: str, dt: float) -> None:
@@ -217,8 +254,11 @@ def apply_phase(
         report.unseen += [prefix + u for u in analysis.unseen]
     scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None else set()
+    excluded = set(getattr(analysis, "excluded", set()) or set())
     bar = _progress(len(targets), "awq quantize", config.progress and not prefix)
     for name in targets:
+        if name in excluded:
+            continue
         mod = root.get_submodule(name)
         conv = type(mod).__name__ == "Conv1D"
         if config.clip and name in clip_inputs and name not in qk:
@@ -277,6 +317,11 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
         state.recorder.enabled = False
     txn = Transaction()
     replacements: dict[int, nn.Module] = {}
+    # replays must not grow a KV cache, also where use_cache only arrives through **kwargs
+    hf_config = getattr(model, "config", None)
+    saved_use_cache = getattr(hf_config, "use_cache", None)
+    if saved_use_cache:
+        hf_config.use_cache = False
     try:
         if not config.needs_calibration:
             apply_phase(model, None, {}, {}, targets, config, txn, report, replacements)
@@ -295,12 +340,16 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
             )
             apply_phase(model, analysis, results, clip_inputs, targets, config, txn, report, replacements)
     except BaseException:
+        if saved_use_cache:
+            hf_config.use_cache = saved_use_cache
         txn.rollback()
         for o in observers.values():
             o.enabled = True
         if state is not None and state.recorder is not None:
             state.recorder.enabled = True
         raise
+    if saved_use_cache:
+        hf_config.use_cache = saved_use_cache
     if state is None:
         state = AWQState()
     state.replacements.update(replacements)
@@ -311,7 +360,8 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     state.convert_token = token
     state.report = report
     set_state(model, state)
-    report.kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(targets)]
+    done = set(report.quantized)
+    report.kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
     report.size_after = model_size_bytes(model)
     report.times["total"] = time.perf_counter() - t_start
     if report.unseen:

@@ -62,7 +62,7 @@ HOMOGENEOUS_OPS = _overloads(aten.relu)
 
 ASSERT_OPS = _overloads(aten._assert_tensor_metadata) | {torch.ops.aten.sym_constrain_range_for_size.default}
 
-MUL_OPS = _overloads(aten.mul)
+MUL_OPS = _overloads(aten.mul, aten.multiply)
 ADD_OPS = _overloads(aten.add)
 SUB_OPS = _overloads(aten.sub)
 RSUB_OPS = _overloads(aten.rsub)
@@ -98,7 +98,7 @@ META_ONLY_OPS = _overloads(
 # Ops whose second tensor argument only gives a shape or dtype (``x.view_as(other)``).
 LIKE_OPS = _overloads(aten.view_as, aten.expand_as, aten.reshape_as, aten.type_as)
 
-DIV_OPS = _overloads(aten.div)
+DIV_OPS = _overloads(aten.div, aten.divide)
 # Multiplying or dividing by a constant commutes with per-channel scaling.
 SCALAR_SCALE_OPS = MUL_OPS | DIV_OPS
 
@@ -121,10 +121,10 @@ def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
     """Static shape of a node's value (None for non-tensors or symbolic shapes)."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(s) for s in val.shape)
-        except (TypeError, ValueError):
-            return None
+        # symbolic (e.g. data-dependent) sizes are SymInts: never guard on them here
+        if all(isinstance(s, int) for s in val.shape):
+            return tuple(val.shape)
+        return None
     return None
 
 

@@ -115,6 +115,10 @@ class GraphAnalysis:
     unseen: list[str]  # targets that never appear as a linear in the graph
     qk_linears: set[str]  # linears feeding attention queries/keys (clipping is skipped)
     shared_calls: list[str]  # targets called more than once (scaling skipped)
+    # targets whose weight the model also reads directly (``x @ lin.weight.T``,
+    # ``lin.weight.view(...)``): the op that does, per target. A quantized weight tensor
+    # must support those ops, or such layers must stay in full precision.
+    direct_weight_use: dict[str, str] = field(default_factory=dict)
 
 
 class _Ctx:
@@ -241,25 +245,32 @@ def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tup
     return None
 
 
-def _norm_producer(ctx: _Ctx, node: fx.Node, w_arg: int, b_arg: int | None) -> Producer | None:
-    """A ``layer_norm``/``rms_norm`` call with its own 1-D weight (and bias) as a producer."""
+def _norm_producer(
+    ctx: _Ctx, node: fx.Node, w_arg: int, b_arg: int | None, channels: int
+) -> Producer | None:
+    """A ``layer_norm``/``rms_norm`` call whose weight is its own 1-D parameter, possibly
+    through scalar-affine ops (``F.layer_norm(x, shape, 1 + self.weight, self.bias)``),
+    and whose bias (if any) is its own parameter."""
+
     def arg(i: int | None, kw: str) -> object:
         if i is not None and len(node.args) > i:
             return node.args[i]
         return node.kwargs.get(kw)
 
     w_node, b_node = arg(w_arg, "weight"), arg(b_arg, "bias")
-    w = ctx.param_name(w_node)
+    chain = _affine_chain(ctx, w_node, channels) if isinstance(w_node, fx.Node) else None
+    if chain is None:
+        return None
+    w, affine = chain
     b = ctx.param_name(b_node)
-    if w is None or not ctx.unshared(w) or (b is not None and not ctx.unshared(b)):
-        return None
-    if b_node is not None and b is None:  # a computed bias cannot be rescaled
-        return None
-    p = ctx.params.get(w)
-    if p is None or p.dim() != 1 or len(real_users(w_node)) != 1:  # type: ignore[arg-type]
-        return None
-    params = [ParamFold(w)] + ([ParamFold(b)] if b else [])
-    return Producer("norm", w.rsplit(".", 1)[0], params, int(p.shape[0]))
+    if b_node is not None:  # a computed or shared bias cannot be rescaled
+        if b is None or not ctx.unshared(b) or len(real_users(b_node)) != 1:  # type: ignore[arg-type]
+            return None
+        pb = ctx.params.get(b)
+        if pb is None or pb.dim() != 1 or pb.shape[0] != channels:
+            return None
+    params = [ParamFold(w, 0, affine)] + ([ParamFold(b)] if b else [])
+    return Producer("norm", w.rsplit(".", 1)[0], params, channels)
 
 
 def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | None:
@@ -286,10 +297,8 @@ def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | No
             out_ch = int(m.weight.shape[1] if is_c1d else m.weight.shape[0])
             return Producer("linear", mod, params, out_ch), [node, *path]
         if is_op(node, LAYER_NORM_OPS) or is_op(node, RMS_NORM_OPS):
-            prod = _norm_producer(ctx, node, 2, 3 if is_op(node, LAYER_NORM_OPS) else None)
-            if prod is None or prod.out_channels != channels:
-                return None
-            return prod, [node, *path]
+            prod = _norm_producer(ctx, node, 2, 3 if is_op(node, LAYER_NORM_OPS) else None, channels)
+            return (prod, [node, *path]) if prod is not None else None
         if is_op(node, MUL_OPS) and len(node.args) == 2:
             for i in (0, 1):
                 chain = _affine_chain(ctx, node.args[i], channels)
@@ -433,7 +442,27 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
         g.inspect = _enclosing_module(ctx.modules, consumers)
         _classify(ctx, g, x, others, rescaled)
         groups.append(g)
-    return GraphAnalysis(groups, unseen, _qk_linears(ctx, linear_nodes), shared_calls)
+    return GraphAnalysis(
+        groups, unseen, _qk_linears(ctx, linear_nodes), shared_calls, _direct_weight_use(ctx, targets)
+    )
+
+
+def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
+    """Targets whose weight placeholder is read by something other than a linear call of it."""
+    by_param = {f"{t}.weight": t for t in targets}
+    out: dict[str, str] = {}
+    for node in ctx.graph.nodes:
+        pname = ctx.param_name(node)
+        if pname is None or pname not in by_param:
+            continue
+        for u in real_users(node):
+            if ctx.linear_module(u) is not None and (
+                (is_op(u, LINEAR_OPS) and u.args[1] is node) or (is_op(u, ADDMM_OPS) and u.args[2] is node)
+            ):
+                continue
+            out[by_param[pname]] = str(u.target)
+            break
+    return out
 
 
 def _classify(ctx: _Ctx, g: ScaleGroup, x: fx.Node, others: list[fx.Node], rescaled: list[str]) -> None:

@@ -84,6 +84,8 @@ class _Dims:
     i0: int | None
     keep: list[int]
     kinds: list[str] | None = None  # the kept layers' kinds, when the config lists them
+    # hidden sizes of every config in the tree (sub-configs refer to each other's sizes)
+    all_h0: frozenset[int] = frozenset()
     nh: int = HEADS
     nkv: int = HEADS
     hd: int = HEAD_DIM
@@ -135,7 +137,10 @@ def _layer_selection(d: dict[str, Any], l0: int | None) -> tuple[list[int], list
     return list(range(min(2, l0))), None
 
 
-def _dims(d: dict[str, Any]) -> _Dims:
+def _dims(d: dict[str, Any], parent: _Dims | None = None) -> _Dims:
+    if parent is not None and _first_int(d, _HIDDEN_KEYS)[1] is None:
+        # a dict of overrides for some layers: sizes it does not set are the parent's
+        return parent
     _, h0 = _first_int(d, _HIDDEN_KEYS)
     _, l0 = _first_int(d, _LAYER_KEYS)
     _, nh0 = _first_int(d, _HEAD_KEYS)
@@ -217,7 +222,7 @@ def _shrink_int(k: str, v: int, dims: _Dims) -> int:
         if dims.i0:
             return _round_to(v * INTER / dims.i0, 16, 16)
         return min(v, INTER)
-    if kl in _HIDDEN_KEYS or (dims.h0 and v == dims.h0 and _SIZE_LIKE.search(kl)):
+    if kl in _HIDDEN_KEYS or (v in dims.all_h0 and _SIZE_LIKE.search(kl)):
         return HIDDEN
     if re.search(r"state_size|d_state|ssm_state", kl):
         return min(v, 16)
@@ -245,6 +250,18 @@ def _shrink_rope(r: dict[str, Any], dims: _Dims, prf: float) -> dict[str, Any]:
     return out
 
 
+def _all_hidden(d: dict[str, Any]) -> set[int]:
+    """Hidden sizes of a config dict and of every config dict nested in it."""
+    out: set[int] = set()
+    h = _first_int(d, _HIDDEN_KEYS)[1]
+    if h:
+        out.add(h)
+    for v in d.values():
+        if isinstance(v, dict):
+            out |= _all_hidden(v)
+    return out
+
+
 def _looks_like_config(d: dict[str, Any]) -> bool:
     """A dict of config attributes (has integer sizes such as ``head_dim`` or ``hidden_size``)."""
     return "model_type" in d or any(
@@ -252,9 +269,15 @@ def _looks_like_config(d: dict[str, Any]) -> bool:
     )
 
 
-def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
-    """Shrink one config dict (as from ``to_dict()``); sub-config dicts are shrunk recursively."""
-    dims = _dims(d)
+def shrink_dict(d: dict[str, Any], parent: _Dims | None = None) -> dict[str, Any]:
+    """Shrink one config dict (as from ``to_dict()``); sub-config dicts are shrunk recursively.
+
+    ``parent``: the enclosing config's sizes, used for dicts of per-layer overrides that do
+    not state a hidden size of their own.
+    """
+    dims = _dims(d, parent)
+    if parent is None or dims is not parent:
+        dims.all_h0 = parent.all_h0 if parent is not None else frozenset(_all_hidden(d))
     out: dict[str, Any] = {}
     prf = d.get("partial_rotary_factor", 1.0)
     for k, v in d.items():
@@ -262,15 +285,17 @@ def shrink_dict(d: dict[str, Any]) -> dict[str, Any]:
             str(x).isdigit() for x in v
         ):  # {layer index: settings}
             out[k] = {
-                (type(i)(dims.keep.index(int(i)))): val for i, val in v.items() if int(i) in dims.keep
+                type(i)(dims.keep.index(int(i))): shrink_dict(val, dims) if isinstance(val, dict) else val
+                for i, val in v.items()
+                if int(i) in dims.keep
             }
             continue
         if isinstance(v, dict) and ("model_type" in v or k.endswith("_config")):
             # a sub-config, or a dict of per-layer-kind settings ({"sliding_attention": {...}})
             out[k] = {
-                kk: shrink_dict(vv) if isinstance(vv, dict) and _looks_like_config(vv) else vv
+                kk: shrink_dict(vv, dims) if isinstance(vv, dict) and _looks_like_config(vv) else vv
                 for kk, vv in v.items()
-            } if not _looks_like_config(v) else shrink_dict(v)
+            } if not _looks_like_config(v) else shrink_dict(v, dims)
             continue
         if isinstance(v, dict) and k.startswith("rope"):
             out[k] = _shrink_rope(v, dims, prf if isinstance(prf, (int, float)) else 1.0)

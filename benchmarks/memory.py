@@ -1,0 +1,160 @@
+"""Memory and time of quantization: awq_ao sequential vs awq_ao in-memory vs torchao's AWQ.
+
+Each (method, model, depth) runs in a fresh subprocess; peak RSS is ru_maxrss of that
+process, reported both in total and as the increase over the loaded model ("overhead").
+Random weights are fine here: only memory and time are measured. All methods get the same
+calibration batches and the same scale grid size.
+
+    python benchmarks/memory.py                       # default sweep (Llama-1B width, 4/8/16 layers)
+    python benchmarks/memory.py --models smollm2      # the real 135M model
+
+Writes benchmarks/results/memory.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ["awq_ao_sequential", "awq_ao_in_memory", "torchao_awq"]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _build(model_name: str, layers: int):
+    import torch
+
+    if model_name == "smollm2":
+        from awq_ao.evaluation import load_smollm2
+
+        model, _ = load_smollm2(torch.float32)
+        if layers and layers < len(model.model.layers):
+            model.model.layers = model.model.layers[:layers]
+            model.config.num_hidden_layers = layers
+        return model, model.config.vocab_size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Llama-3.2-1B widths
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                      num_key_value_heads=8, num_hidden_layers=layers, vocab_size=32000,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).eval()
+    return model, cfg.vocab_size
+
+
+def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: int, n_grid: int) -> dict:
+    """Quantize with one method and report peak memory and time (runs in a fresh process)."""
+    import torch
+
+    model, vocab = _build(model_name, layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, vocab, (2, seq_len), generator=g) for _ in range(max(1, n_samples // 2))]
+    loaded = _current_rss_mib()
+    t0 = time.perf_counter()
+    if method.startswith("awq_ao"):
+        import awq_ao
+
+        awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
+                        n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
+                        sequential=method == "awq_ao_sequential")
+    else:
+        from torchao.prototype.awq import AWQConfig
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        base = PrototypeInt4WeightOnlyConfig(group_size=128 if model_name != "smollm2" else 64)
+
+        def keep(m, fqn):
+            return isinstance(m, torch.nn.Linear) and "lm_head" not in fqn
+
+        quantize_(model, AWQConfig(base, step="prepare", scale_search_space_size=n_grid), filter_fn=keep)
+        with torch.no_grad():
+            for b in data:
+                model(b, use_cache=False)
+        quantize_(model, AWQConfig(base, step="convert", scale_search_space_size=n_grid), filter_fn=keep)
+    wall = time.perf_counter() - t0
+    peak = _rss_mib()
+    return {"method": method, "model": model_name, "layers": layers, "params": n_params,
+            "rss_loaded_mib": loaded, "peak_rss_mib": peak, "overhead_mib": peak - loaded,
+            "quant_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama1b")
+    ap.add_argument("--layers", default="4,8,16")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--n-grid", type=int, default=5)
+    ap.add_argument("--out", default=str(RESULTS / "memory.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        method, model_name, layers = args.worker.split(":")
+        print("RESULT " + json.dumps(worker(method, model_name, int(layers), args.n_samples,
+                                            args.seq_len, args.n_grid)), flush=True)
+        return
+    rows = []
+    for model_name in args.models.split(","):
+        for layers in [int(x) for x in args.layers.split(",")]:
+            for m in args.methods.split(","):
+                cmd = [sys.executable, __file__, "--worker", f"{m}:{model_name}:{layers}",
+                       "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
+                       "--n-grid", str(args.n_grid)]
+                print(f"running {m} {model_name} x{layers} layers ...", flush=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not line:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append({"method": m, "model": model_name, "layers": layers, "error": err})
+                    print(f"  failed: {err}", flush=True)
+                    continue
+                r = json.loads(line[0][len("RESULT "):])
+                rows.append(r)
+                print(f"  peak {r['peak_rss_mib']:.0f} MiB (overhead {r['overhead_mib']:.0f} MiB), {r['quant_s']:.0f}s", flush=True)
+    print("\n| model | layers | method | peak RSS (MiB) | over loaded model (MiB) | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['layers']} | {r['method']} | failed: {r['error']} | | |")
+        else:
+            print(f"| {r['model']} | {r['layers']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
+                  f"{r['overhead_mib']:.0f} | {r['quant_s']:.0f} |")
+    import platform
+
+    import torch
+    import torchao
+
+    doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "torchao": torchao.__version__},
+           "calibration": f"{args.n_samples} x {args.seq_len} random tokens, n_grid {args.n_grid}",
+           "rows": rows}
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
