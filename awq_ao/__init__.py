@@ -11,13 +11,20 @@ Usage::
     quantize_(model, awq_config(bits=4, group_size=128))
 """
 
-from awq_ao.api import quantize
-from awq_ao.config import AWQConfig, awq_config
-from awq_ao.observers.attach import prepare
-from awq_ao.passes.capture import CaptureError
-from awq_ao.passes.convert import CalibrationError, convert
-from awq_ao.report import ConvertReport
-from awq_ao.state import get_state
+import logging as _logging
+
+# torchao logs failed loads of optional CUDA extensions at import; they are irrelevant here
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+
+from awq_ao.api import quantize  # noqa: E402
+from awq_ao.checkpoint import load_quantized, save_quantized  # noqa: E402
+from awq_ao.config import AWQConfig, awq_config  # noqa: E402
+from awq_ao.observers.attach import prepare  # noqa: E402
+from awq_ao.passes.capture import CaptureError  # noqa: E402
+from awq_ao.passes.convert import CalibrationError, convert  # noqa: E402
+from awq_ao.report import ConvertReport  # noqa: E402
+from awq_ao.state import get_state  # noqa: E402
 
 __all__ = [
     "AWQConfig",
@@ -27,8 +34,10 @@ __all__ = [
     "awq_config",
     "convert",
     "get_state",
+    "load_quantized",
     "prepare",
     "quantize",
+    "save_quantized",
 ]
 
 __version__ = "0.1.0"

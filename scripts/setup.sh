@@ -12,6 +12,6 @@ STAMP=.venv/.awq_ao-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,gguf]"
+  .venv/bin/python -m pip install -q -e ".[test,gguf,interop]"
   touch "$STAMP"
 fi

@@ -23,6 +23,7 @@ exported with ``zero = 8``, which is the same arithmetic.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -61,6 +62,10 @@ def _pack_rows(v: torch.Tensor) -> torch.Tensor:
     r, c = v.shape
     if c % 8:
         raise CheckpointError(f"AutoAWQ packing needs a multiple of 8 columns, got {c}.")
+    if sys.byteorder == "little":
+        # nibble i of a word = byte i // 2 (low nibble first) on little-endian machines
+        x = v.to(torch.uint8).reshape(r, c // 8, 8)[..., list(AWQ_ORDER)]
+        return (x[..., 0::2] | (x[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(r, c // 8)
     x = v.to(torch.int64).reshape(r, c // 8, 8)[..., list(AWQ_ORDER)]
     words = (x << _SHIFTS.to(torch.int64)).sum(-1)  # < 2**32, exact in int64
     words = torch.where(words >= 2**31, words - 2**32, words)
@@ -70,8 +75,12 @@ def _pack_rows(v: torch.Tensor) -> torch.Tensor:
 def _unpack_rows(words: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_rows`: ``int32 [R, W]`` -> ``uint8 [R, 8W]``."""
     r, w = words.shape
-    nib = (words.to(torch.int32).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 15  # [R, W, 8]
-    return nib[..., list(AWQ_REVERSE_ORDER)].reshape(r, 8 * w).to(torch.uint8)
+    if sys.byteorder == "little":
+        b = words.contiguous().view(torch.uint8).reshape(r, w, 4)
+        nib = torch.stack([b & 15, b >> 4], dim=-1).reshape(r, w, 8)  # nibble order
+    else:
+        nib = ((words.to(torch.int32).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 15).to(torch.uint8)
+    return nib[..., list(AWQ_REVERSE_ORDER)].reshape(r, 8 * w).contiguous()
 
 
 def pack_gemm(

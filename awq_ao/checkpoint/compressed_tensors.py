@@ -49,6 +49,18 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     (compressed-tensors' bit order: element ``c`` at stream bits ``c*bits ..``)."""
     r, c = values.shape
     words = math.ceil(c * bits / 32)
+    if 8 % bits == 0 and sys.byteorder == "little":
+        # whole values per byte: pack bytes (low bits first), then read them as int32 words
+        per = 8 // bits
+        v8 = values.to(torch.uint8)
+        pad = words * 32 // bits - c
+        if pad:
+            v8 = torch.nn.functional.pad(v8, (0, pad))
+        v8 = v8.reshape(r, -1, per)
+        byte = v8[..., 0].clone()
+        for i in range(1, per):
+            byte |= v8[..., i] << (i * bits)
+        return byte.contiguous().view(torch.int32)
     v = values.to(torch.int64)
     out = torch.zeros(r, words + 1, dtype=torch.int64)
     pos = torch.arange(c, dtype=torch.int64) * bits
