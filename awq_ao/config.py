@@ -51,6 +51,9 @@ class AWQConfig(AOBaseConfig):
         device: compute device for sequential mode (e.g. "cuda"): each block is moved there
             for its step and back afterwards; the cached activations stay on the CPU.
             None keeps every block where it is.
+        experts: also quantize the 3-D expert weights of transformers MoE blocks (modules
+            using ``use_experts_implementation``): per-expert AWQ scales searched on the tokens
+            each expert receives, the block input scale folded into the norm and the router.
         seed: seed for every random choice (the search itself is deterministic).
         progress: show progress bars.
         verbose: print the report after convert.
@@ -75,6 +78,7 @@ class AWQConfig(AOBaseConfig):
     on_capture_error: Literal["raise", "hook_only"] = "raise"
     sequential: bool = False
     device: str | None = None
+    experts: bool = True
     seed: int = 0
     progress: bool = True
     verbose: bool = True

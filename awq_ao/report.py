@@ -37,6 +37,8 @@ class ConvertReport:
     warnings: list[str] = field(default_factory=list)
     size_before: int = 0
     size_after: int = 0
+    experts_quantized: list[str] = field(default_factory=list)  # 3-D MoE expert weights
+    experts_no_tokens: int = 0  # experts that received no calibration tokens
 
     @property
     def folded(self) -> int:
@@ -55,6 +57,11 @@ class ConvertReport:
             f"  groups: {len(self.groups)} ({', '.join(f'{k}: {v}' for k, v in sorted(self.kind_counts().items()))}); "
             f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}",
         ]
+        if self.experts_quantized:
+            lines.append(
+                f"  MoE experts: {len(self.experts_quantized)} 3-D expert weights quantized; "
+                f"{self.experts_no_tokens} experts received no calibration tokens (plain RTN)"
+            )
         if self.size_before:
             lines.append(
                 f"  size: {self.size_before / 2**20:.1f} MiB -> {self.size_after / 2**20:.1f} MiB "

@@ -45,8 +45,8 @@ def test_sweep_fast_families():
     assert by["LlamaForCausalLM"].fallback_multiplies == 0
     # GPT-2's GELU-tanh (written out with pow) before c_proj cannot fold
     assert by["GPT2LMHeadModel"].groups.get("fallback") == 2
-    # MoE experts are 3-D parameters: left in full precision and counted
-    assert by["Qwen3MoeForCausalLM"].expert_params_unquantized > 0
+    # MoE experts are 3-D parameters following transformers' experts protocol: quantized
+    assert by["Qwen3MoeForCausalLM"].expert_params_unquantized == 0
     ok, n = summary_counts(results)
     assert (ok, n) == (len(FAST), len(FAST))
     meta = {"command": "pytest", "date": "-", "transformers": "-", "torch": "-", "machine": "-"}

@@ -20,6 +20,7 @@ from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.observers.activation import RecordedCall
 from awq_ao.observers.attach import select_targets
 from awq_ao.passes.capture import CaptureError, call_kwargs, capture
+from awq_ao.passes.experts import plan_experts, quantize_experts, search_experts
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis, find_groups
 from awq_ao.passes.search import GroupResult, ScaleSearch, apply_clip, clip_ratios, weight_2d
@@ -139,8 +140,10 @@ def search_phase(
         report.warnings.append(f"{e}; continuing with hook-only groups")
         a1, kw1 = slice_batch(first_call, 1)
         analysis = hook_groups(root, targets, tuple(a1), _ck(root, kw1))
+        plan_experts(None, root, analysis, targets, config)
     else:
         analysis = find_groups(ep, root, targets)
+        plan_experts(ep, root, analysis, targets, config)
         del ep
     _restrict_groups(root, analysis, report)
     _add_time(report, "capture+groups", time.perf_counter() - t0)
@@ -152,6 +155,7 @@ def search_phase(
     root.eval()
     try:
         results = search.run(args, kwargs)
+        search_experts(root, analysis, results, search.clip_inputs, args, kwargs, config)
     finally:
         root.train(was_training)
         if bar is not None:
@@ -252,6 +256,7 @@ def apply_phase(
         for name in analysis.shared_calls:
             report.warnings.append(f"{prefix}{name} is called more than once per forward: not scaled")
         report.unseen += [prefix + u for u in analysis.unseen]
+    quantize_experts(root, analysis, config, txn, report, prefix)
     scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None else set()
     excluded = set(getattr(analysis, "excluded", set()) or set())

@@ -330,6 +330,7 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
 
     import awq_ao
     from awq_ao.lowering import Int4WeightTensor
+    from awq_ao.lowering.int4_experts import Int4ExpertsTensor
     from awq_ao.observers.attach import accepts_kwarg, is_quantizable
     from awq_ao.tools.tiny_configs import TinyConfigError
 
@@ -395,7 +396,7 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
             res.unseen = len(report.unseen)
             res.expert_params_unquantized = sum(
                 1 for n, p in model.named_parameters()
-                if p.dim() >= 3 and "expert" in n and not isinstance(p, Int4WeightTensor)
+                if p.dim() >= 3 and "expert" in n and not isinstance(p, (Int4WeightTensor, Int4ExpertsTensor))
             )
             stage = "eager"
             out = _forward(model, test_ids)
@@ -598,7 +599,8 @@ def render_markdown(results: list[ArchResult], meta: dict[str, Any]) -> str:
         "Columns: *groups* are AWQ scale groups by producer kind (norm / linear / fallback); "
         "*folded* groups had their scales folded into a producer; *mult* counts explicit "
         "per-channel input multiplies left where no fold is legal; *experts* counts 3-D expert "
-        "weights left in full precision (grouped-mm MoE experts are not quantized yet); "
+        "weights left in full precision (experts following transformers' experts protocol are "
+        "quantized to INT4; see README, MoE experts); "
         "*fold err* is the fold-only check (float64 unless the model only runs in float32; "
         "a wrong fold gives errors of order 0.1-1 since the random scales lie in [0.25, 4], "
         f"float rounding far less; pass threshold {FOLD_TOL:.0e}; largest here: {max_fold:.1e}); "

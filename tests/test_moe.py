@@ -1,0 +1,302 @@
+"""MoE experts (transformers' ``use_experts_implementation`` modules) quantized to INT4."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import awq_ao
+from awq_ao import awq_config
+from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
+from awq_ao.lowering.int4_tensor import Int4WeightTensor
+from awq_ao.lowering.swap import model_size_bytes
+from awq_ao.observers.activation import RecordedCall
+from awq_ao.passes.capture import capture
+from awq_ao.passes.experts import (
+    ExpertsResult,
+    as_scale_group,
+    is_experts_module,
+    plan_experts,
+    quantize_experts,
+)
+from awq_ao.passes.fold import Transaction, fold_group
+from awq_ao.passes.groups import find_groups
+from awq_ao.passes.search import GroupResult
+from awq_ao.report import ConvertReport
+from awq_ao.state import get_state
+from awq_ao.tools.tiny_configs import tiny_config
+
+# gpt_oss: is_transposed, has_bias, interleaved gate/up with a custom (non-linear) gate
+FAMILIES = [
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+    "GptOssForCausalLM",
+]
+VOCAB = 200
+
+
+def tiny_moe(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of a transformers MoE family (no downloads), routers randomised."""
+    cls = getattr(transformers, name)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(tiny_config(cls))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if n.endswith("weight") else 0.0))
+            elif p.dim() == 2 and n.endswith("bias"):
+                p.normal_(0, 0.05)
+            elif p.dim() == 2 and p.abs().max() == 0:  # zero-initialised routers
+                p.normal_(0, 0.5)
+    model = model.to(dtype).eval()
+    if dtype == torch.float64:  # grouped_mm has no float64 CPU kernel
+        model.set_experts_implementation("eager")
+    return model
+
+
+def batches(n: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (2, 16), generator=g), "use_cache": False} for _ in range(n)]
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if is_experts_module(m)]
+
+
+def tol64(name: str) -> float:
+    """Relative tolerance of float64 comparisons (NemotronH's mamba mixer computes parts in float32)."""
+    return 1e-6 if "Nemotron" in name else 1e-11
+
+
+TEST_IDS = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
+
+
+# --- (i) the grouped INT4 path ----------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    e=st.integers(1, 5),
+    n=st.sampled_from([16, 32, 48]),
+    k=st.sampled_from([24, 32, 64, 80]),
+    gs=st.sampled_from([16, 32, -1]),
+    transposed=st.booleans(),
+    rows=st.integers(0, 12),
+    seed=st.integers(0, 1000),
+)
+def test_grouped_int4_roundtrip_and_linear(e, n, k, gs, transposed, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, n, k, generator=g, dtype=torch.float64)
+    logical = w.transpose(1, 2).contiguous() if transposed else w
+    q = Int4ExpertsTensor.from_float(logical, 4, gs, True, transposed=transposed)
+    assert q.shape == logical.shape
+    deq = q.dequantize()
+    for i in range(e):  # same codes/scales as the 2-D tensor, one slab per expert
+        ref = Int4WeightTensor.from_float(w[i], 4, gs, True).dequantize()
+        slab = deq[i].t() if transposed else deq[i]
+        torch.testing.assert_close(slab, ref, rtol=0, atol=0)
+    x = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    ids = torch.randint(-1, e + 1, (rows,), generator=g)  # -1 and e: sentinels -> zeros
+    y = q.grouped_linear(x, ids)
+    w_rows = deq.transpose(1, 2) if transposed else deq
+    for r in range(rows):
+        want = x[r] @ w_rows[ids[r]].t() if 0 <= ids[r] < e else torch.zeros(n, dtype=torch.float64)
+        torch.testing.assert_close(y[r], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["NemotronHForCausalLM"])
+def test_int4_experts_forward_matches_dequantized_reference(name):
+    """The INT4 experts implementation equals the model's own (eager) experts forward run on
+    the dequantized weights, in float64."""
+    model = tiny_moe(name, torch.float64)  # RTN experts (float64 linears are not quantizable)
+    cfg = awq_config(scale_search=False, clip=False, group_size=32)
+    quantize_experts(model, None, cfg, Transaction(), ConvertReport(4, 32, True))
+    mods = experts_modules(model)
+    assert mods and all(m.config._experts_implementation == IMPLEMENTATION for m in mods)
+    out = logits(model, TEST_IDS)
+    for m in mods:  # back to float weights with the model's eager implementation
+        for attr in ("gate_up_proj", "up_proj", "down_proj"):
+            p = getattr(m, attr, None)
+            if isinstance(p, Int4ExpertsTensor):
+                setattr(m, attr, torch.nn.Parameter(p.dequantize(), requires_grad=False))
+        m.config._experts_implementation_internal = "eager"  # the module's own config copy
+    ref = logits(model, TEST_IDS)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < tol64(name), err
+
+
+def test_int4_experts_compile_fullgraph():
+    model = tiny_moe("MixtralForCausalLM")
+    awq_ao.quantize(model, batches(2), group_size=32, n_grid=4, progress=False, verbose=False)
+    eager = logits(model, TEST_IDS)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(TEST_IDS, use_cache=False).logits
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+# --- (ii) folding the scales alone is exact ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["NemotronHForCausalLM"])
+def test_fold_random_scales_is_exact(name):
+    # the graph is captured in float32 (the eager float64 experts loop does not export)
+    model = tiny_moe(name)
+    cfg = awq_config(group_size=32, progress=False, verbose=False)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    ep = capture(model, RecordedCall((batches(1)[0]["input_ids"][:1],), {"use_cache": False}, 1))
+    analysis = find_groups(ep, model, targets)
+    plan = plan_experts(ep, model, analysis, targets, cfg)
+    model = model.double()
+    model.set_experts_implementation("eager")
+    ref = logits(model, TEST_IDS)
+    assert plan is not None and len(plan.groups) == len(plan.experts)  # every MoE block input folds
+    gen = torch.Generator().manual_seed(1)
+    txn = Transaction()
+    for g in plan.groups:
+        s = torch.rand(g.hidden, generator=gen, dtype=torch.float64) + 0.5
+        g.result = GroupResult(s, 0.5)
+        fold_group(model, as_scale_group(g), s, txn)
+    for name_, info in plan.experts.items():
+        e = info.num_experts
+        s_down = [torch.rand(info.inter, generator=gen, dtype=torch.float64) + 0.5 for _ in range(e)]
+        plan.results[name_] = ExpertsResult([1] * e, s_down, [None] * e, [None] * e)
+    quantize_experts(model, analysis, cfg, txn, ConvertReport(4, 32, True), quantize=False)
+    out = logits(model, TEST_IDS)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < tol64(name), err
+    txn.rollback()
+    torch.testing.assert_close(logits(model, TEST_IDS), ref, rtol=0, atol=0)
+
+
+# --- (iii) convert: INT4 experts, smaller model, output close to FP ----------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_convert_quantizes_experts(name):
+    model = tiny_moe(name)
+    ref = logits(model, TEST_IDS)
+    n_expert_params = sum(p.numel() for m in experts_modules(model) for n, p in m.named_parameters() if p.dim() == 3)
+    quantize_(model, batches())
+    report = get_state(model).report
+    mods = experts_modules(model)
+    for m in mods:
+        for attr in ("gate_up_proj", "down_proj"):
+            assert isinstance(getattr(m, attr), Int4ExpertsTensor)
+    assert len(report.experts_quantized) == 2 * len(mods)
+    # 4-bit codes + per-group fp32 scale/zero: at least 4x smaller than fp32 expert weights
+    saved = report.size_before - report.size_after
+    assert saved > n_expert_params * 4 * (1 - 1 / 4)
+    assert model_size_bytes(model) == report.size_after
+    out = logits(model, TEST_IDS)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert torch.isfinite(out).all() and err < 0.3, err
+    assert "MoE experts" in report.summary()
+
+
+def quantize_(model: torch.nn.Module, calib: list[dict], **kw) -> None:
+    from torchao.quantization import quantize_ as tq
+
+    opts = dict(group_size=32, n_grid=5, progress=False, verbose=False, **kw)
+    tq(model, awq_config(step="prepare", **opts))
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    tq(model, awq_config(**opts))
+
+
+def test_awq_experts_beat_rtn_experts():
+    """Search + clipping of the experts lowers the output error against RTN experts."""
+    errs = {}
+    for scale_search in (False, True):
+        model = tiny_moe("Qwen3MoeForCausalLM")
+        ref = logits(model, TEST_IDS)
+        quantize_(model, batches(), include=("*experts*", "*o_proj"), scale_search=scale_search, clip=scale_search)
+        errs[scale_search] = float((logits(model, TEST_IDS) - ref).pow(2).mean())
+    assert errs[True] < errs[False], errs
+
+
+def test_sequential_mode_and_experts_off():
+    model = tiny_moe("Qwen2MoeForCausalLM")
+    ref = logits(model, TEST_IDS)
+    quantize_(model, batches(), sequential=True)
+    assert all(isinstance(m.down_proj, Int4ExpertsTensor) for m in experts_modules(model))
+    err = float((logits(model, TEST_IDS) - ref).abs().max() / ref.abs().max())
+    assert err < 0.3, err
+    model = tiny_moe("MixtralForCausalLM")
+    quantize_(model, batches(1), experts=False)
+    assert get_state(model).report.experts_quantized == []
+    assert all(not isinstance(m.down_proj, Int4ExpertsTensor) for m in experts_modules(model))
+
+
+# --- (iv) experts without calibration tokens ----------------------------------------------------
+
+
+def test_expert_without_tokens_is_reported():
+    model = tiny_moe("GptOssForCausalLM")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("router.bias"):
+                p[3] = -1e4  # expert 3 is never routed to
+    ref = logits(model, TEST_IDS)
+    with pytest.warns(UserWarning, match="received no calibration tokens"):
+        quantize_(model, batches())
+    report = get_state(model).report
+    n_layers = len(experts_modules(model))
+    assert report.experts_no_tokens >= n_layers
+    assert f"{report.experts_no_tokens} experts received no calibration tokens" in report.summary()
+    out = logits(model, TEST_IDS)
+    assert torch.isfinite(out).all()
+    assert float((out - ref).abs().max() / ref.abs().max()) < 0.3
+
+
+# --- (v) a failing convert leaves the model exactly as it was -----------------------------------
+
+
+def test_convert_failure_restores_model(monkeypatch):
+    model = tiny_moe("Qwen2MoeForCausalLM")
+    ref = logits(model, TEST_IDS)
+    opts = dict(group_size=32, n_grid=3, progress=False, verbose=False)
+    from torchao.quantization import quantize_ as tq
+
+    tq(model, awq_config(step="prepare", **opts))
+    with torch.no_grad():
+        for b in batches(2):
+            model(**b)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    configs = [m.config for m in experts_modules(model)]
+    calls = {"n": 0}
+    real = Int4ExpertsTensor.from_float.__func__
+
+    def flaky(cls, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second experts module, after the first was quantized
+            raise RuntimeError("boom")
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(Int4ExpertsTensor, "from_float", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="boom"):
+        tq(model, awq_config(**opts))
+    assert calls["n"] == 3
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    for n, p in before.items():
+        assert type(after[n].data) is torch.Tensor and torch.equal(after[n], p), n
+    assert [m.config for m in experts_modules(model)] == configs
+    assert get_state(model).phase == "prepared"
+    monkeypatch.undo()
+    torch.testing.assert_close(logits(model, TEST_IDS), ref, rtol=0, atol=0)
