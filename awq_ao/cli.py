@@ -169,6 +169,14 @@ def _precheck_format(model: Any, fmt: str, bits: int, group_size: int) -> None:
     """Fail before the (long) quantization when the target format cannot hold the result."""
     if fmt == "awq_ao":
         return
+    from awq_ao.passes.experts import is_experts_module
+
+    moe = [name for name, mod in model.named_modules() if is_experts_module(mod)]
+    if moe:
+        raise CLIError(
+            f"--format {fmt} cannot hold INT4 MoE experts ({', '.join(moe[:3])}{' ...' if len(moe) > 3 else ''}); "
+            "use --format awq_ao."
+        )
     if fmt == "autoawq" and bits != 4:
         raise CLIError(f"--format autoawq stores 4-bit weights only (got --bits {bits}).")
     if group_size == -1:
@@ -293,6 +301,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"zero point:     {'asymmetric' if s.get('zero_point') else 'symmetric'}")
     print(f"quantized:      {s['num_quantized_layers']} layers"
           + (f", {len(s['scaled_input_layers'])} with an input scale (ScaledInputLinear)" if s.get("scaled_input_layers") else ""))
+    if s.get("quantized_experts"):
+        print(f"MoE experts:    {s['num_quantized_experts']} INT4 expert weights (3-D, one slab per expert)")
     if s.get("float_linears"):
         print(f"full precision: {', '.join(s['float_linears'][:8])}" + (" ..." if len(s["float_linears"]) > 8 else ""))
     if s.get("module_overrides"):
@@ -302,6 +312,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         scaled = set(s.get("scaled_input_layers") or [])
         for n in s["quantized_layers"]:
             print(f"  {n}" + ("  [input_scale]" if n in scaled else ""))
+        for n in s.get("quantized_experts") or []:
+            print(f"  {n}  [experts]")
     return 0
 
 

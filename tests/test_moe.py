@@ -300,3 +300,97 @@ def test_convert_failure_restores_model(monkeypatch):
     assert get_state(model).phase == "prepared"
     monkeypatch.undo()
     torch.testing.assert_close(logits(model, TEST_IDS), ref, rtol=0, atol=0)
+
+
+# --- (vi) checkpoints: INT4 experts survive save_quantized -> load_quantized ---------------------
+
+
+def _expert_params(model: torch.nn.Module) -> dict[str, Int4ExpertsTensor]:
+    return {n: p for n, p in model.named_parameters() if isinstance(p, Int4ExpertsTensor)}
+
+
+@pytest.mark.parametrize("name", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_checkpoint_roundtrip_int4_experts(name, tmp_path, capsys):
+    import json
+
+    from awq_ao.checkpoint import checkpoint_summary, load_quantized, save_quantized
+    from awq_ao.cli import main
+
+    model = tiny_moe(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experts without calibration tokens (gpt-oss)
+        awq_ao.quantize(model, batches(2), group_size=32, n_grid=3, progress=False, verbose=False)
+    before = _expert_params(model)
+    assert before
+    out = save_quantized(model, tmp_path / "ckpt")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 2
+    assert sorted(qc["quantized_experts"]) == sorted(before)
+    assert all(v["transposed"] == (name == "GptOssForCausalLM") for v in qc["quantized_experts"].values())
+
+    loaded = load_quantized(out)
+    after = _expert_params(loaded)
+    assert after.keys() == before.keys()
+    for n, w in before.items():
+        v = after[n]
+        assert (v.shape, v.dtype, v.bits, v.group_size, v.transposed) == (w.shape, w.dtype, w.bits, w.group_size, w.transposed), n
+        assert torch.equal(v.dequantize(), w.dequantize()), n
+    mods = experts_modules(loaded)
+    assert mods and all(m.config._experts_implementation == IMPLEMENTATION for m in mods)
+    assert loaded.config._experts_implementation != IMPLEMENTATION  # only the experts' config copies
+    assert {type(p) for p in loaded.parameters()} == {type(p) for p in model.parameters()}
+    torch.testing.assert_close(logits(loaded, TEST_IDS), logits(model, TEST_IDS), rtol=0, atol=0)
+
+    s = checkpoint_summary(out)
+    assert s["num_quantized_experts"] == len(before) and s["quantized_experts"] == sorted(before)
+    assert main(["info", str(out), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert f"MoE experts:    {len(before)} INT4" in text and f"{next(iter(before))}  [experts]" in text
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_quantized_experts"] == len(before)
+
+
+def test_checkpoint_int4_experts_dtype_override_and_bad_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from awq_ao.checkpoint import CheckpointError, load_quantized, save_quantized
+
+    model = tiny_moe("Qwen3MoeForCausalLM")
+    awq_ao.quantize(model, None, group_size=32, scale_search=False, clip=False, progress=False, verbose=False)
+    out = save_quantized(model, tmp_path / "ckpt")
+    bf = load_quantized(out, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in _expert_params(bf).values())
+    torch.testing.assert_close(logits(bf, TEST_IDS).float(), logits(model, TEST_IDS), atol=0.3, rtol=0.1)
+
+    key = sorted(_expert_params(model))[0]
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    tensors[f"{key}_scale"] = tensors[f"{key}_scale"][:, :-1].contiguous()
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key}_scale.* has shape"):
+        load_quantized(out)
+    del tensors[f"{key}_scale"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key}_scale.* is missing"):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize("fmt", ["autoawq", "compressed-tensors"])
+def test_export_formats_refuse_int4_experts(fmt, tmp_path):
+    from awq_ao.checkpoint import CheckpointError, save_quantized
+
+    model = tiny_moe("MixtralForCausalLM")
+    awq_ao.quantize(model, None, group_size=32, scale_search=False, clip=False, progress=False, verbose=False)
+    with pytest.raises(CheckpointError, match=rf"the {fmt} format cannot hold INT4 MoE experts.*model\.layers\.0\.mlp\.experts\.down_proj.*format='awq_ao'"):
+        save_quantized(model, tmp_path / "ckpt", format=fmt)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_refuses_export_formats_for_moe_before_quantizing():
+    from awq_ao.cli import CLIError, _precheck_format
+
+    model = tiny_moe("MixtralForCausalLM")
+    for fmt in ("autoawq", "compressed-tensors"):
+        with pytest.raises(CLIError, match=rf"--format {fmt} cannot hold INT4 MoE experts \(model\.layers\.0\.mlp\.experts.*use --format awq_ao"):
+            _precheck_format(model, fmt, 4, 32)
+    _precheck_format(model, "awq_ao", 4, 32)

@@ -12,6 +12,14 @@ a ``quantization_config`` entry, safetensors shards, optional tokenizer files):
     stored as they are. ``quantization_config`` lists the quantized and the
     ScaledInputLinear modules and the tied weights.
 
+    INT4 MoE experts (a 3-D parameter ``p`` of a transformers experts module held as an
+    :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor`) are stored per parameter as
+    ``p_packed`` (uint8 ``[E, N, ceil(K/2)]``, each expert's ``[out, in]`` slab in the same
+    canonical layout as a linear; ``[E, N, K]`` above 4 bits), ``p_scale`` ``[E, N, G]`` and
+    ``p_zero`` (uint8 ``[E, N, G]``); ``quantization_config.quantized_experts`` maps ``p`` to its
+    ``bits``, ``group_size`` and ``transposed`` flag. Checkpoints with experts are format
+    version 2 (version 1 otherwise), so an older awq_ao refuses them with a clear message.
+
 ``"autoawq"``
     AutoAWQ's GEMM format (``qweight`` / ``qzeros`` / ``scales``), see
     :mod:`awq_ao.checkpoint.autoawq`.
@@ -35,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from awq_ao.lowering.int4_experts import Int4ExpertsTensor
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
@@ -47,13 +56,17 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "QuantLayer",
+    "QuantExperts",
     "LayerPlan",
+    "ExpertsPlan",
     "LoadPlan",
     "ShardSet",
     "detect_format",
     "read_config",
     "read_safetensors_header",
     "find_quantized_layers",
+    "find_quantized_experts",
+    "experts_format_error",
     "tensor_aliases",
     "uniform_setting",
     "float_linear_names",
@@ -64,8 +77,11 @@ FORMAT_AUTOAWQ = "autoawq"
 FORMAT_COMPRESSED_TENSORS = "compressed-tensors"
 FORMATS = (FORMAT_AWQ_AO, FORMAT_AUTOAWQ, FORMAT_COMPRESSED_TENSORS)
 
-#: Version of the awq_ao on-disk format written by this code (and the newest it reads).
-FORMAT_VERSION = 1
+#: Newest version of the awq_ao on-disk format this code reads (and writes for models with
+#: INT4 MoE experts; models without them are written as version 1).
+FORMAT_VERSION = 2
+#: Version written for checkpoints without INT4 MoE experts.
+FORMAT_VERSION_LINEAR = 1
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -377,6 +393,49 @@ def find_quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return out
 
 
+@dataclass
+class QuantExperts:
+    """A quantized 3-D experts parameter (``key`` = ``module.attr``) of a model being saved."""
+
+    key: str
+    module: nn.Module
+    weight: Int4ExpertsTensor
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.out_features
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.in_features)
+
+
+def find_quantized_experts(model: nn.Module) -> dict[str, QuantExperts]:
+    """Every parameter held as an :class:`Int4ExpertsTensor`, by its full name."""
+    out: dict[str, QuantExperts] = {}
+    for mname, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            if isinstance(p, Int4ExpertsTensor):
+                key = f"{mname}.{attr}" if mname else attr
+                out[key] = QuantExperts(key, mod, p)
+    return out
+
+
+def experts_format_error(keys: list[str], fmt: str) -> CheckpointError:
+    """The error for INT4 MoE experts that format ``fmt`` cannot hold (names the parameters)."""
+    shown = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+    return CheckpointError(
+        f"the {fmt} format cannot hold INT4 MoE experts (3-D expert weights quantized by awq_ao: "
+        f"{shown}); awq_ao does not write their 3-D layout in that format. Save with "
+        "format='awq_ao' (CLI: --format awq_ao), or quantize with experts=False to keep the "
+        "experts in full precision."
+    )
+
+
 def tensor_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, aliases)``: persistent parameters/buffers by name, each object once.
 
@@ -445,10 +504,31 @@ class LayerPlan:
 
 
 @dataclass
+class ExpertsPlan:
+    """One quantized 3-D experts parameter (``key`` = ``module.attr``) to build on load.
+
+    ``read()`` returns ``(data, scale, zero)``: ``data`` uint8 ``[E, N, ceil(K/2)]`` (canonical
+    nibble layout, ``nibble_packed``) or ``[E, N, K]`` codes; ``scale`` / ``zero`` ``[E, N, G]``.
+    Slabs are ``[out, in]``; ``transposed`` means the parameter's shape is ``[E, in, out]``.
+    """
+
+    key: str
+    bits: int
+    group_size: int
+    num_experts: int
+    out_features: int
+    in_features: int
+    transposed: bool
+    read: Any
+    nibble_packed: bool = True
+
+
+@dataclass
 class LoadPlan:
     """What a format reader found: quantized layers, keys they use, and key handling rules."""
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
+    experts: dict[str, ExpertsPlan] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)
     tied: dict[str, str] = field(default_factory=dict)
     strict_dtypes: bool = True

@@ -11,6 +11,7 @@ weight is ever made.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import warnings
@@ -27,12 +28,14 @@ from awq_ao.checkpoint.formats import (
     FORMAT_AWQ_AO,
     FORMAT_VERSION,
     CheckpointError,
+    ExpertsPlan,
     LayerPlan,
     LoadPlan,
     ShardSet,
     detect_format,
 )
 from awq_ao.lowering import packing
+from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
@@ -159,7 +162,65 @@ def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> Load
 
         plan.layers[name] = LayerPlan(name, b, g, n, k, read, nibble_packed=b <= 4, scaled_input=name in scaled)
         plan.consumed |= {pk, f"{name}.weight_scale", f"{name}.weight_zero"}
+    _plan_awq_ao_experts(qc, shards, model, plan)
     return plan
+
+
+def _plan_awq_ao_experts(qc: dict[str, Any], shards: ShardSet, model: nn.Module, plan: LoadPlan) -> None:
+    """Add the INT4 MoE experts parameters listed in ``quantized_experts`` to ``plan``."""
+    entries = qc.get("quantized_experts") or {}
+    if not isinstance(entries, dict):
+        raise CheckpointError("quantization_config.quantized_experts must map parameter names to settings.")
+    for key, opts in entries.items():
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError as e:
+            raise CheckpointError(f"config lists quantized experts {key!r}, but the model built from config.json has no {mod_name!r}.") from e
+        p = mod._parameters.get(attr)
+        if p is None or p.dim() != 3:
+            raise CheckpointError(f"config lists quantized experts {key!r}, but the model built from config.json has no 3-D parameter there.")
+        try:
+            b, g, transposed = int(opts["bits"]), int(opts["group_size"]), bool(opts["transposed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"quantized_experts[{key!r}] is incomplete: {e!r} missing or invalid.") from e
+        if transposed != bool(getattr(mod, "is_transposed", transposed)):
+            raise CheckpointError(f"{key}: stored transposed={transposed}, but the model's experts module has is_transposed={mod.is_transposed}.")
+        e, a, c = (int(d) for d in p.shape)
+        n, k = (c, a) if transposed else (a, c)
+        ng = num_groups(k, g)
+        shards.expect(f"{key}_packed", (e, n, (k + 1) // 2) if b <= 4 else (e, n, k), (torch.uint8,))
+        shards.expect(f"{key}_scale", (e, n, ng), _FLOAT_DTYPES)
+        shards.expect(f"{key}_zero", (e, n, ng), (torch.uint8,))
+
+        def read(key: str = key) -> tuple:
+            return shards.get(f"{key}_packed"), shards.get(f"{key}_scale"), shards.get(f"{key}_zero")
+
+        plan.experts[key] = ExpertsPlan(key, b, g, e, n, k, transposed, read, nibble_packed=b <= 4)
+        plan.consumed |= {f"{key}_packed", f"{key}_scale", f"{key}_zero"}
+
+
+def _make_experts(
+    ep: ExpertsPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> Int4ExpertsTensor:
+    """The :class:`Int4ExpertsTensor` of ``ep`` from its stored tensors, one slab per expert
+    (each built like a quantized linear's weight, in the layout ``device`` reads)."""
+    slabs = []
+    for e in range(ep.num_experts):
+        lp = LayerPlan(f"{ep.key}[{e}]", ep.bits, ep.group_size, ep.out_features, ep.in_features, None, ep.nibble_packed)
+        slabs.append(_make_weight(lp, data[e], scale[e], zero[e], device, dtype))
+    return Int4ExpertsTensor.from_slabs(slabs, ep.transposed)
+
+
+def _use_int4_experts_implementation(mod: nn.Module) -> None:
+    """Switch one experts module to the ``"awq_ao_int4"`` implementation through a copy of
+    its config (the model's shared config, and every other module, keep theirs)."""
+    cfg = getattr(mod, "config", None)
+    if cfg is None:
+        raise CheckpointError(f"{type(mod).__name__}: experts module without a config; cannot select the INT4 experts implementation.")
+    cfg = copy.copy(cfg)
+    cfg._experts_implementation_internal = IMPLEMENTATION
+    mod.config = cfg
 
 
 def _make_weight(
@@ -262,7 +323,7 @@ def load_quantized(
         plan = compressed_tensors.plan_load(qc, shards, model)
 
     # ---- validate every key before reading any data --------------------------------------------
-    qweights = {f"{n}.weight" for n in plan.layers}
+    qweights = {f"{n}.weight" for n in plan.layers} | set(plan.experts)
     expected: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         if key not in qweights and t is not None:
@@ -311,7 +372,7 @@ def load_quantized(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan.layers) + len(expected), desc="loading", leave=False)
+        bar = tqdm(total=len(plan.layers) + len(plan.experts) + len(expected), desc="loading", leave=False)
     for name, lp in plan.layers.items():
         old = model.get_submodule(name)
         has_bias = getattr(old, "bias", None) is not None
@@ -333,6 +394,19 @@ def load_quantized(
         setattr(model.get_submodule(parent_name), child, new)
         if bar is not None:
             bar.update(1)
+
+    switched: dict[int, nn.Module] = {}
+    for key, ep in plan.experts.items():
+        mod_name, _, attr = key.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        data, scale, zero = ep.read()
+        w = _make_experts(ep, data, scale, zero, device, dtype if dtype is not None else scale.dtype)
+        mod._parameters[attr] = nn.Parameter(w, requires_grad=False)
+        switched[id(mod)] = mod
+        if bar is not None:
+            bar.update(1)
+    for mod in switched.values():
+        _use_int4_experts_implementation(mod)
 
     # ---- everything else -----------------------------------------------------------------------
     for key, t in expected.items():
@@ -384,7 +458,8 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint holds, from ``config.json`` and the shard headers (no weights read).
 
     Keys: ``format``, ``architecture``, ``bits``, ``group_size``, ``zero_point``,
-    ``quantized_layers`` (names), ``scaled_input_layers``, ``float_linears`` (if recorded),
+    ``quantized_layers`` (names), ``quantized_experts`` (3-D INT4 MoE expert parameters,
+    awq_ao format), ``scaled_input_layers``, ``float_linears`` (if recorded),
     ``size_bytes`` (all files), ``tensor_bytes``, ``shards``, ``dtype``.
     """
     from awq_ao.checkpoint.formats import read_config
@@ -412,6 +487,7 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
             scaled_input_layers=list(qc.get("scaled_input_modules") or []),
             float_linears=list(qc.get("modules_to_not_convert") or []),
             module_overrides=qc.get("module_overrides") or {},
+            quantized_experts=sorted(qc.get("quantized_experts") or {}),
         )
     elif fmt == FORMAT_AUTOAWQ:
         out.update(
@@ -436,7 +512,9 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
             scaled_input_layers=[],
             float_linears=list(qc.get("ignore") or []),
         )
+    out.setdefault("quantized_experts", [])
     out["num_quantized_layers"] = len(out["quantized_layers"])
+    out["num_quantized_experts"] = len(out["quantized_experts"])
     out["num_tensors"] = len(shards.keys())
     out["num_stored_elements"] = sum(math.prod(shards.shape(k)) for k in shards.keys())
     return out

@@ -24,11 +24,15 @@ from awq_ao.checkpoint.formats import (
     FORMAT_AUTOAWQ,
     FORMAT_AWQ_AO,
     FORMAT_VERSION,
+    FORMAT_VERSION_LINEAR,
     FORMATS,
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
+    QuantExperts,
     QuantLayer,
+    experts_format_error,
+    find_quantized_experts,
     find_quantized_layers,
     float_linear_names,
     iter_chunks,
@@ -36,6 +40,7 @@ from awq_ao.checkpoint.formats import (
     zero_is_symmetric,
 )
 from awq_ao.lowering import packing
+from awq_ao.lowering.int4_tensor import Int4WeightTensor
 
 __all__ = ["save_quantized", "parse_size"]
 
@@ -179,15 +184,18 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _awq_ao_weight_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
-    w = layer.weight
+def _canonical_packed(w: Int4WeightTensor) -> torch.Tensor:
+    """The codes of ``w`` in the on-disk layout: nibbles for bits <= 4, one byte above."""
     if w.bits <= 4:
         if w.pack_layout == packing.LAYOUT_NIBBLE:
-            packed = w.packed
-        else:
-            packed = packing.pack(w.codes(), w.bits, packing.LAYOUT_NIBBLE)
-    else:
-        packed = w.packed if w.pack_layout == packing.LAYOUT_BYTE else w.codes()
+            return w.packed
+        return packing.pack(w.codes(), w.bits, packing.LAYOUT_NIBBLE)
+    return w.packed if w.pack_layout == packing.LAYOUT_BYTE else w.codes()
+
+
+def _awq_ao_weight_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
+    w = layer.weight
+    packed = _canonical_packed(w)
     return {
         f"{layer.name}.weight_packed": _cpu(packed),
         f"{layer.name}.weight_scale": _cpu(w.scale),
@@ -195,8 +203,18 @@ def _awq_ao_weight_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
     }
 
 
+def _awq_ao_experts_tensors(qe: QuantExperts) -> dict[str, torch.Tensor]:
+    w = qe.weight
+    slabs = [w.slab(e) for e in range(qe.num_experts)]
+    return {
+        f"{qe.key}_packed": _cpu(torch.stack([_canonical_packed(s) for s in slabs])),
+        f"{qe.key}_scale": _cpu(w.scale),
+        f"{qe.key}_zero": _cpu(w.zero.round().to(torch.uint8)),
+    }
+
+
 def _float_tensors(
-    model: nn.Module, layers: dict[str, QuantLayer], keep_aliases: bool
+    model: nn.Module, layers: dict[str, QuantLayer], keep_aliases: bool, experts: dict[str, QuantExperts] | None = None
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """Plain tensors to write (quantized weights excluded) and the alias map of tied tensors.
 
@@ -204,7 +222,7 @@ def _float_tensors(
     config are dropped and any other alias is written as its own copy.
     """
     tensors, aliases = tensor_aliases(model)
-    qweights = {f"{n}.weight" for n in layers}
+    qweights = {f"{n}.weight" for n in layers} | set(experts or {})
     for a, src in aliases.items():
         if a in qweights or src in qweights:
             raise CheckpointError(f"{a} is tied to {src}, a quantized weight; tied quantized weights are not supported.")
@@ -253,15 +271,17 @@ def _config_dict(model: nn.Module, qc: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _awq_ao_config(model: nn.Module, layers: dict[str, QuantLayer], aliases: dict[str, str]) -> dict[str, Any]:
+def _awq_ao_config(
+    model: nn.Module, layers: dict[str, QuantLayer], aliases: dict[str, str], experts: dict[str, QuantExperts]
+) -> dict[str, Any]:
     from awq_ao import __version__
     from awq_ao.state import get_state
 
     bits_count: dict[int, int] = {}
     gs_count: dict[int, int] = {}
-    for layer in layers.values():
-        bits_count[layer.weight.bits] = bits_count.get(layer.weight.bits, 0) + 1
-        gs_count[layer.weight.group_size] = gs_count.get(layer.weight.group_size, 0) + 1
+    for w in [layer.weight for layer in layers.values()] + [qe.weight for qe in experts.values()]:
+        bits_count[w.bits] = bits_count.get(w.bits, 0) + 1
+        gs_count[w.group_size] = gs_count.get(w.group_size, 0) + 1
     bits = max(bits_count, key=lambda b: bits_count[b]) if bits_count else 4
     gs = max(gs_count, key=lambda g: gs_count[g]) if gs_count else 128
     state = get_state(model)
@@ -269,16 +289,18 @@ def _awq_ao_config(model: nn.Module, layers: dict[str, QuantLayer], aliases: dic
     if report is not None and hasattr(report, "zero_point"):
         zero_point = bool(report.zero_point)
     else:
-        zero_point = not all(zero_is_symmetric(layer.weight) for layer in layers.values())
+        zero_point = not all(zero_is_symmetric(layer.weight) for layer in layers.values()) or any(
+            not bool((qe.weight.zero == 2 ** (qe.weight.bits - 1)).all()) for qe in experts.values()
+        )
     overrides = {
         n: {"bits": layer.weight.bits, "group_size": layer.weight.group_size}
         for n, layer in layers.items()
         if (layer.weight.bits, layer.weight.group_size) != (bits, gs)
     }
-    return {
+    qc: dict[str, Any] = {
         "quant_method": "awq_ao",
         "format": FORMAT_AWQ_AO,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if experts else FORMAT_VERSION_LINEAR,
         "awq_ao_version": __version__,
         "bits": bits,
         "group_size": gs,
@@ -290,6 +312,12 @@ def _awq_ao_config(model: nn.Module, layers: dict[str, QuantLayer], aliases: dic
         "tied_weights": dict(sorted(aliases.items())),
         "modules_to_not_convert": float_linear_names(model, layers),
     }
+    if experts:
+        qc["quantized_experts"] = {
+            k: {"bits": qe.weight.bits, "group_size": qe.weight.group_size, "transposed": bool(qe.weight.transposed)}
+            for k, qe in sorted(experts.items())
+        }
+    return qc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,13 +339,15 @@ def save_quantized(
     Args:
         model: a transformers ``PreTrainedModel`` whose linears hold
             :class:`~awq_ao.lowering.Int4WeightTensor` weights (after ``awq_ao.quantize`` or
-            the ``quantize_`` flow, or :func:`load_quantized`).
+            the ``quantize_`` flow, or :func:`load_quantized`); MoE experts may hold
+            :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor` weights.
         out_dir: target directory. Written atomically: files go to a hidden temporary
             directory beside it, are fsynced, and the directory is renamed into place.
         tokenizer: optional tokenizer (anything with ``save_pretrained``) saved alongside.
-        format: ``"awq_ao"`` (default; every awq_ao model), ``"autoawq"`` (AutoAWQ GEMM:
-            4-bit, whole groups, no ScaledInputLinear) or ``"compressed-tensors"``
-            (``pack-quantized``; whole groups, no ScaledInputLinear).
+        format: ``"awq_ao"`` (default; every awq_ao model, INT4 MoE experts included),
+            ``"autoawq"`` (AutoAWQ GEMM: 4-bit, whole groups, no ScaledInputLinear, no INT4
+            MoE experts) or ``"compressed-tensors"`` (``pack-quantized``; whole groups, no
+            ScaledInputLinear, no INT4 MoE experts).
         overwrite: replace an existing ``out_dir`` (only if empty or a model directory).
         max_shard_size: largest shard (bytes or e.g. ``"2GB"``); more shards get an index file.
         progress: show a progress bar while writing several shards.
@@ -336,15 +366,20 @@ def save_quantized(
     max_bytes = parse_size(max_shard_size)
     check_output_dir(out_dir, overwrite)
     layers = find_quantized_layers(model)
-    if not layers:
+    experts = find_quantized_experts(model)
+    if not layers and not experts:
         raise CheckpointError("the model has no quantized (Int4WeightTensor) layers; quantize it first.")
+    if experts and format != FORMAT_AWQ_AO:
+        raise experts_format_error(sorted(experts), format)
     float_linears = float_linear_names(model, layers)
     extra_json: dict[str, Any] = {}
     if format == FORMAT_AWQ_AO:
-        items, aliases = _float_tensors(model, layers, keep_aliases=True)
+        items, aliases = _float_tensors(model, layers, keep_aliases=True, experts=experts)
         for layer in layers.values():
             items.extend(_awq_ao_weight_tensors(layer).items())
-        qc = _awq_ao_config(model, layers, aliases)
+        for qe in experts.values():
+            items.extend(_awq_ao_experts_tensors(qe).items())
+        qc = _awq_ao_config(model, layers, aliases, experts)
     elif format == FORMAT_AUTOAWQ:
         qc, extra_json["quant_config.json"] = autoawq.export_config(layers, float_linears)
         items, _ = _float_tensors(model, layers, keep_aliases=False)
@@ -359,7 +394,7 @@ def save_quantized(
     items.sort(key=lambda kv: kv[0])
     metadata = {"format": "pt", "quant_format": format}
     if format == FORMAT_AWQ_AO:
-        metadata["awq_ao_format_version"] = str(FORMAT_VERSION)
+        metadata["awq_ao_format_version"] = str(qc["format_version"])
     try:
         with atomic_directory(out_dir, overwrite) as tmp:
             _write_shards(tmp, items, max_bytes, metadata, progress)
