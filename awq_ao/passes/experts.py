@@ -43,6 +43,7 @@ from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
 from awq_ao.lowering.quant_math import fake_quantize
 from awq_ao.observers.activation import first_tensor
 from awq_ao.passes.fold import Transaction, _scale_along
+from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.search import (
     GroupResult,
     apply_clip,
@@ -397,7 +398,7 @@ class _ExpertsSearch:
     def pre_inspect(self, gi: int):
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self.active and gi not in self.inspect_inputs:
-                self.inspect_inputs[gi] = (args, kwargs)
+                self.inspect_inputs[gi] = snapshot_call(args, kwargs)  # caches copied before the call mutates them
 
         return hook
 
@@ -409,7 +410,8 @@ class _ExpertsSearch:
             a, kw = self.inspect_inputs.pop(gi)
             self.active = False
             try:
-                g.result = self._search_group(g, lambda: first_tensor(mod(*a, **kw)))
+                call = replay_call(mod, a, kw)
+                g.result = self._search_group(g, lambda: first_tensor(call()))
                 s = g.result.scales
                 if g.experts not in self.plan.results:
                     self._per_expert(g.experts, s)

@@ -24,6 +24,7 @@ from awq_ao.config import AWQConfig
 from awq_ao.lowering.quant_math import effective_group_size, fake_quantize
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
+from awq_ao.passes.replay import replay_call, snapshot_call
 
 
 @dataclass
@@ -136,7 +137,7 @@ class ScaleSearch:
     def _pre_inspect(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self.active and name not in self._inputs:
-                self._inputs[name] = (args, kwargs)
+                self._inputs[name] = snapshot_call(args, kwargs)  # caches copied before the call mutates them
 
         return hook
 
@@ -147,7 +148,7 @@ class ScaleSearch:
             a, kw = self._inputs[name]
             for gi in self._by_inspect.get(name, []):
                 if gi not in self.results:
-                    self._run_group(gi, lambda a=a, kw=kw, m=module: m(*a, **kw))
+                    self._run_group(gi, replay_call(module, a, kw))
             self._inputs[name] = ((), {})  # free the activations; keep the "seen" marker
 
         return hook
