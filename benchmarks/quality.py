@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [(4, 64), (3, 64), (4, 128)]
-METHODS = ["fp", "rtn", "awq_ao", "torchao_awq"]
+METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "torchao_awq"]
 
 
 def _rss_mib() -> float:
@@ -59,9 +59,10 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     if method == "rtn":
         awq_ao.quantize(model, None, bits=bits, group_size=group_size, scale_search=False,
                         clip=False, verbose=False, progress=False)
-    elif method == "awq_ao":
+    elif method in ("awq_ao", "awq_ao_sequential"):
         rep = awq_ao.quantize(model, list(batches(blocks, 8)), bits=bits, group_size=group_size,
-                              max_search_samples=search_samples, verbose=False, progress=False)
+                              max_search_samples=search_samples, verbose=False, progress=False,
+                              sequential=method == "awq_ao_sequential")
         out["report"] = {"groups": rep.kind_counts(), "folded": rep.folded,
                          "explicit_multiplies": rep.fallback_multiplies,
                          "quantized_linears": len(rep.quantized), "times": rep.times}
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep rows already in --out (same eval/calibration) and run only missing jobs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -149,6 +152,34 @@ def main() -> None:
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
     methods = args.methods.split(",")
     rows: list[dict] = []
+    out_path = Path(args.out)
+    eval_desc = f"WikiText-2 test, non-overlapping 2048-token windows, first {args.windows}"
+    calib_desc = f"{args.n_samples} x {args.seq_len} tokens from {args.calib} (same for all methods)"
+    if args.resume and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("eval") == eval_desc and old.get("calibration") == calib_desc:
+            rows = [r for r in old["rows"] if "perplexity" in r]
+            print(f"resuming: {len(rows)} rows kept from {out_path}", flush=True)
+
+    def done(m: str, bits: int, gs: int) -> bool:
+        return any(r["method"] == m and (m == "fp" or (r["bits"], r["group_size"]) == (bits, gs)) for r in rows)
+
+    def write() -> None:
+        doc = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": _machine(),
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+            "eval": eval_desc,
+            "calibration": calib_desc,
+            "awq_ao_search_samples": args.search_samples,
+            "rows": rows,
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(out_path)
+
     jobs: list[tuple[str, int, int]] = []
     if "fp" in methods:
         jobs.append(("fp", 16, -1))
@@ -162,6 +193,8 @@ def main() -> None:
                 continue
             jobs.append((m, bits, gs))
     for m, bits, gs in jobs:
+        if done(m, bits, gs):
+            continue
         cmd = [sys.executable, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                "--search-samples", str(args.search_samples), "--calib", args.calib]
@@ -177,6 +210,7 @@ def main() -> None:
         res = json.loads(line[0][len("RESULT "):])
         res["wall_s"] = time.perf_counter() - t
         rows.append(res)
+        write()
         print(f"  ppl {res['perplexity']:.3f} ({res['windows']} windows)"
               + (f", quantized in {res['quant_s']:.0f}s, peak RSS {res['peak_rss_mib_during_quant']:.0f} MiB" if "quant_s" in res else ""),
               flush=True)
@@ -198,17 +232,7 @@ def main() -> None:
                   f"{r.get('quant_s', 0):.0f} | {r.get('peak_rss_mib_during_quant', 0):.0f} |")
     if fp is not None:
         print(f"| FP32 | fp | {fp:.3f} | | | |")
-    doc = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
-        "eval": f"WikiText-2 test, non-overlapping 2048-token windows, first {args.windows}",
-        "calibration": f"{args.n_samples} x {args.seq_len} tokens from {args.calib} (same for all methods)",
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2))
+    write()
     print(f"\nwrote {args.out}")
 
 
