@@ -31,7 +31,8 @@ class AWQConfig(AOBaseConfig):
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
         clip_mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
-            quantization); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
+            quantization); ``"asymmetric"`` also refines the lower and upper ends separately
+            (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
             every calibration batch.
@@ -68,7 +69,7 @@ class AWQConfig(AOBaseConfig):
     scale_search: bool = True
     clip: bool = True
     clip_grid: int = 20
-    clip_mode: Literal["range", "symmetric"] = "range"
+    clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
     max_search_samples: int = 16
     clip_tokens: int = 512
@@ -98,8 +99,8 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("max_search_samples and clip_tokens must be >= 1.")
         if self.on_capture_error not in ("raise", "hook_only"):
             raise ValueError("on_capture_error must be 'raise' or 'hook_only'.")
-        if self.clip_mode not in ("range", "symmetric"):
-            raise ValueError("clip_mode must be 'range' or 'symmetric'.")
+        if self.clip_mode not in ("range", "asymmetric", "symmetric"):
+            raise ValueError("clip_mode must be 'range', 'asymmetric' or 'symmetric'.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
         self.skip = tuple(self.skip)

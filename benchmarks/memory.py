@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--n-grid", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "memory.json"))
+    ap.add_argument("--resume", action="store_true", help="keep finished rows of --out, run the rest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -115,10 +117,34 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(method, model_name, int(layers), args.n_samples,
                                             args.seq_len, args.n_grid)), flush=True)
         return
-    rows = []
+    import platform
+
+    import torch
+    import torchao
+
+    out_path = Path(args.out)
+    calib_desc = f"{args.n_samples} x {args.seq_len} random tokens, n_grid {args.n_grid}"
+    rows: list[dict] = []
+    if args.resume and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("calibration") == calib_desc:
+            rows = [r for r in old["rows"] if "error" not in r]
+
+    def write() -> None:
+        doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch": torch.__version__, "torchao": torchao.__version__},
+               "calibration": calib_desc,
+               "rows": rows}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(doc, indent=2))
+
     for model_name in args.models.split(","):
         for layers in [int(x) for x in args.layers.split(",")]:
             for m in args.methods.split(","):
+                if any(r["method"] == m and r["model"] == model_name and r["layers"] == layers for r in rows):
+                    continue
                 cmd = [sys.executable, __file__, "--worker", f"{m}:{model_name}:{layers}",
                        "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                        "--n-grid", str(args.n_grid)]
@@ -132,6 +158,7 @@ def main() -> None:
                     continue
                 r = json.loads(line[0][len("RESULT "):])
                 rows.append(r)
+                write()
                 print(f"  peak {r['peak_rss_mib']:.0f} MiB (overhead {r['overhead_mib']:.0f} MiB), {r['quant_s']:.0f}s", flush=True)
     print("\n| model | layers | method | peak RSS (MiB) | over loaded model (MiB) | time (s) |")
     print("|---|---|---|---|---|---|")
@@ -141,18 +168,7 @@ def main() -> None:
         else:
             print(f"| {r['model']} | {r['layers']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
                   f"{r['overhead_mib']:.0f} | {r['quant_s']:.0f} |")
-    import platform
-
-    import torch
-    import torchao
-
-    doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "torchao": torchao.__version__},
-           "calibration": f"{args.n_samples} x {args.seq_len} random tokens, n_grid {args.n_grid}",
-           "rows": rows}
-    Path(args.out).write_text(json.dumps(doc, indent=2))
+    write()
     print(f"\nwrote {args.out}")
 
 

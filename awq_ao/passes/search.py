@@ -281,8 +281,8 @@ class ScaleSearch:
 def _clip_bounds(wg: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group clipping bounds at ratio 1 for grouped weights ``[n, G, g]``.
 
-    ``"symmetric"`` (AutoAWQ): ±max|w|. ``"range"``: [min(w, 0), max(w, 0)], so shrinking
-    moves both ends of an asymmetric group's range toward 0 in proportion.
+    ``"symmetric"`` (AutoAWQ): ±max|w|. ``"range"`` and ``"asymmetric"``: [min(w, 0),
+    max(w, 0)], so shrinking moves the ends of an asymmetric group's range toward 0.
     """
     if mode == "symmetric":
         amax = wg.abs().amax(dim=-1)
@@ -305,10 +305,13 @@ def clip_ratios(
     rows_per_chunk: int = 256,
     mode: str = "range",
 ) -> torch.Tensor:
-    """Best per-(row, group) clipping ratio r for the bounds of :func:`_clip_bounds`.
+    """Best per-(row, group) clipping ratios for the bounds of :func:`_clip_bounds`.
 
     Minimises the squared error of each group's partial output x_g · w_g over the sample
-    ``x [T, K]``. Returns ``[N, G]`` float32 ratios in (1 - max_shrink, 1].
+    ``x [T, K]``. Ratios lie in (1 - max_shrink, 1]. Returns ``[N, G, 2]`` float32 ratios
+    for the (lower, upper) bound: equal for ``"range"``/``"symmetric"`` (one ratio searched);
+    for ``"asymmetric"`` the common ratio is refined by a search of the lower bound's ratio
+    (upper fixed), then the upper bound's (lower fixed), which can only lower the error.
     """
     n, k = w.shape
     g = effective_group_size(k, group_size)
@@ -320,31 +323,44 @@ def clip_ratios(
         xf = torch.cat([xf, xf.new_zeros(xf.shape[0], pad)], dim=1)
     xg = xf.view(-1, groups, g).permute(1, 0, 2)  # [G, T, g]
     steps = max(1, int(max_shrink * grid))
-    ratios = torch.ones(n, groups, device=w.device)
+    cand = [1.0 - i / grid for i in range(steps)]
+    ratios = torch.ones(n, groups, 2, device=w.device)
     for r0 in range(0, n, rows_per_chunk):
         wc = wf[r0 : r0 + rows_per_chunk]
         nc = wc.shape[0]
         wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
         ref = torch.bmm(xg, wp.view(nc, groups, g).permute(1, 2, 0))  # [G, T, n]
         lo, hi = _clip_bounds(wp.view(nc, groups, g), mode)  # [n, G]
+
         best_err = torch.full((nc, groups), math.inf, device=w.device)
-        best_r = torch.ones(nc, groups, device=w.device)
-        for i in range(steps):
-            r = 1.0 - i / grid
-            clamped = torch.minimum(torch.maximum(wc, _expand(lo * r, g, k)), _expand(hi * r, g, k))
-            q = fake_quantize(clamped, bits, group_size, zero_point)
-            qp = torch.cat([q, q.new_zeros(nc, pad)], dim=1) if pad else q
-            out = torch.bmm(xg, qp.view(nc, groups, g).permute(1, 2, 0))
-            err = (out - ref).pow(2).mean(dim=1).t()  # [n, G]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        ratios[r0 : r0 + nc] = best_r
+        best_lo = torch.ones(nc, groups, device=w.device)
+        best_hi = torch.ones(nc, groups, device=w.device)
+        passes = ("both", "lo", "hi") if mode == "asymmetric" else ("both",)
+        for which in passes:
+            base_lo, base_hi = best_lo.clone(), best_hi.clone()
+            for r in cand:
+                full = torch.full_like(best_lo, r)
+                r_lo = base_lo if which == "hi" else full
+                r_hi = base_hi if which == "lo" else full
+                clamped = torch.minimum(torch.maximum(wc, _expand(lo * r_lo, g, k)), _expand(hi * r_hi, g, k))
+                q = fake_quantize(clamped, bits, group_size, zero_point)
+                qp = torch.cat([q, q.new_zeros(nc, pad)], dim=1) if pad else q
+                out = torch.bmm(xg, qp.view(nc, groups, g).permute(1, 2, 0))
+                err = (out - ref).pow(2).mean(dim=1).t()  # [n, G]
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_lo = torch.where(better, r_lo, best_lo)
+                best_hi = torch.where(better, r_hi, best_hi)
+        ratios[r0 : r0 + nc, :, 0] = best_lo
+        ratios[r0 : r0 + nc, :, 1] = best_hi
     return ratios
 
 
 def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str = "range") -> torch.Tensor:
-    """Clamp ``w [N, K]`` to ratio × the group's bounds (returns a new tensor, same dtype)."""
+    """Clamp ``w [N, K]`` to ratio × the group's bounds (returns a new tensor, same dtype).
+
+    ``ratios`` is ``[N, G]`` (one ratio for both bounds) or ``[N, G, 2]`` (lower, upper).
+    """
     n, k = w.shape
     g = effective_group_size(k, group_size)
     pad = (-k) % g
@@ -352,4 +368,5 @@ def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str
     wp = torch.cat([wf, wf.new_zeros(n, pad)], dim=1) if pad else wf
     lo, hi = _clip_bounds(wp.view(n, -1, g), mode)
     r = ratios.to(w.device)
-    return torch.minimum(torch.maximum(wf, _expand(lo * r, g, k)), _expand(hi * r, g, k)).to(w.dtype)
+    r_lo, r_hi = (r[..., 0], r[..., 1]) if r.dim() == 3 else (r, r)
+    return torch.minimum(torch.maximum(wf, _expand(lo * r_lo, g, k)), _expand(hi * r_hi, g, k)).to(w.dtype)

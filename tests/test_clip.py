@@ -1,0 +1,73 @@
+"""Weight-clipping search: bounds, monotone improvement over RTN, asymmetric refinement."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from awq_ao.lowering.quant_math import fake_quantize
+from awq_ao.passes.search import apply_clip, clip_ratios
+
+
+def group_errors(w: torch.Tensor, wq: torch.Tensor, x: torch.Tensor, g: int) -> torch.Tensor:
+    """Squared error of every (row, group) partial output, in float64 (reference loop)."""
+    n, k = w.shape
+    groups = math.ceil(k / g)
+    err = torch.zeros(n, groups, dtype=torch.float64)
+    for j in range(groups):
+        sl = slice(j * g, min(k, (j + 1) * g))
+        d = x[:, sl].double() @ (wq[:, sl].double() - w[:, sl].double()).t()  # [T, n]
+        err[:, j] = d.pow(2).mean(dim=0)
+    return err
+
+
+shapes = st.tuples(
+    st.integers(1, 24),  # out features
+    st.sampled_from([16, 24, 40, 64]),  # in features (24/40 ragged for g=16)
+    st.sampled_from([8, 16, -1]),  # group size
+    st.integers(4, 40),  # tokens
+    st.sampled_from([3, 4]),  # bits
+    st.booleans(),  # zero point
+    st.integers(0, 2**16),  # seed
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_clipping_never_worse_than_rtn_and_asymmetric_refines_range(case):
+    n, k, gs, t, bits, zp, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(1, k, generator=gen).add(0.1)
+    x = torch.randn(t, k, generator=gen) * torch.rand(1, k, generator=gen).mul(4).add(0.1)
+    g = k if gs == -1 else gs
+    rtn = group_errors(w, fake_quantize(w, bits, gs, zp), x, g)
+    errs = {}
+    for mode in ("symmetric", "range", "asymmetric"):
+        r = clip_ratios(w, x, bits, gs, zp, grid=10, max_shrink=0.5, mode=mode)
+        assert r.shape == (n, math.ceil(k / g), 2)
+        assert bool(((r > 0.5 - 1e-6) & (r <= 1.0)).all())
+        if mode != "asymmetric":
+            assert torch.equal(r[..., 0], r[..., 1])
+        wc = apply_clip(w, r, gs, mode)
+        errs[mode] = group_errors(w, fake_quantize(wc, bits, gs, zp), x, g)
+        # ratio 1 is a candidate: clipping never raises a group's error above RTN's
+        assert bool((errs[mode] <= rtn * (1 + 1e-4) + 1e-9).all()), mode
+    # the asymmetric search starts from the range search's answer and only accepts improvements
+    assert bool((errs["asymmetric"] <= errs["range"] * (1 + 1e-4) + 1e-9).all())
+
+
+def test_apply_clip_accepts_one_or_two_ratios():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, generator=gen)
+    r = torch.rand(6, 3, generator=gen) * 0.5 + 0.5
+    one = apply_clip(w, r, 16, "range")
+    two = apply_clip(w, torch.stack([r, r], dim=-1), 16, "range")
+    assert torch.equal(one, two)
+    lo_only = apply_clip(w, torch.stack([r, torch.ones_like(r)], dim=-1), 16, "range")
+    # only negative weights move when the upper ratio is 1
+    moved = lo_only != w
+    assert bool((w[moved] < 0).all())
+    assert bool((lo_only >= w.clamp(max=0).view(6, -1)[:, :40].min()).all())
