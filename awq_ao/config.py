@@ -68,11 +68,11 @@ class AWQConfig(AOBaseConfig):
     duo_scaling: bool = True
     scale_search: bool = True
     clip: bool = True
-    clip_grid: int = 20
+    clip_grid: int = 40
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
     max_search_samples: int = 16
-    clip_tokens: int = 512
+    clip_tokens: int = 1024
     skip: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] | None = None
     fallback: Literal["multiply", "skip"] = "multiply"

@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--search-samples", type=int, default=8)
+    ap.add_argument("--search-samples", type=int, default=16)
     ap.add_argument("--calib", default="wiki.valid.tokens")
     ap.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))

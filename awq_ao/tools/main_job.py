@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--windows", type=int, default=40, help="2048-token WikiText-2 windows")
     ap.add_argument("--n-samples", type=int, default=64, help="calibration sequences")
     ap.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
-    ap.add_argument("--search-samples", type=int, default=8, help="sequences used by the search")
+    ap.add_argument("--search-samples", type=int, default=16, help="sequences used by the search")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="search on the whole model at once instead of layer by layer (sequential)")
     ap.add_argument("--calib", default="wiki.valid.tokens", help="calibration text file")
     ap.add_argument("--json", default=None, help="also write results to this JSON file")
     args = ap.parse_args(argv)
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     del rtn
     awq = copy.deepcopy(model)
     t = time.perf_counter()
-    report = quantize(awq, list(batches(calib, 8)), max_search_samples=args.search_samples, **opts)
+    report = quantize(awq, list(batches(calib, 8)), max_search_samples=args.search_samples,
+                      sequential=not args.in_memory, **opts)
     qtime = time.perf_counter() - t
     print(report.summary(max_rows=5))
     evaluate("AWQ", awq, qtime)
