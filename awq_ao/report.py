@@ -60,7 +60,7 @@ class ConvertReport:
         if self.experts_quantized:
             lines.append(
                 f"  MoE experts: {len(self.experts_quantized)} 3-D expert weights quantized; "
-                f"{self.experts_no_tokens} experts received no calibration tokens (plain RTN)"
+                f"{self.experts_no_tokens} experts received no calibration tokens (searched on the whole block's tokens)"
             )
         if self.size_before:
             lines.append(

@@ -20,7 +20,9 @@ Three steps, hooked into the normal convert flow (passes/convert.py):
    scale of its up -> down pair (fold 1/s into expert e's up rows, s into down_proj[e]'s
    input columns: exact because ``_apply_gate`` is linear in the up half, which is checked
    numerically per module) with the loss on expert e's down output, and per-group clipping
-   of both of e's weights. Experts that receive no calibration tokens keep plain RTN.
+   of both of e's weights. Experts that receive no calibration tokens fall back to the
+   statistics of the whole block: their search and clipping run on all of the block's
+   tokens (as if every token were routed to them); the report counts and names them.
 3. **apply** (:func:`quantize_experts`): fold, clip and store each 3-D weight as an
    :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor`; the module's forward switches
    to the ``"awq_ao_int4"`` experts implementation through a per-module config copy. Every
@@ -507,9 +509,8 @@ class _ExpertsSearch:
             for e in range(e_n):
                 tok = (idx == e).any(dim=-1).nonzero().squeeze(1)
                 res.tokens[e] = int(tok.numel())
-                if tok.numel() == 0:
-                    continue
-                xe = hs[tok].float()
+                # no routed token: fall back to the whole block's tokens (reported)
+                xe = hs[tok].float() if tok.numel() else hs.float()
                 z = xe @ w_up[e].t()
                 if b_up is not None:
                     z = z + b_up[e].float()
@@ -715,9 +716,12 @@ def quantize_experts(
             if empty:
                 report.warnings.append(
                     f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens; "
-                    "their weights were quantized without per-expert scaling or clipping (plain RTN)"
+                    "their scale search and clipping fell back to the statistics of the whole block "
+                    "(all of the block's calibration tokens); calibrate with more or more varied data "
+                    "to cover them"
                 )
-            note = f"per-expert up->down: {res.scaled} scaled, {info.num_experts - empty - res.scaled} RTN, {empty} without tokens"
+            note = (f"per-expert up->down: {res.scaled} scaled, {info.num_experts - res.scaled} unscaled; "
+                    f"{empty} without tokens (whole-block statistics)")
             if info.fold_note:
                 note = info.fold_note
             report.groups.append(GroupReport(
