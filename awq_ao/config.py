@@ -36,7 +36,9 @@ class AWQConfig(AOBaseConfig):
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
             every calibration batch.
-        clip_tokens: tokens per layer kept for the clipping search.
+        clip_tokens: tokens of the search sample used by each layer's clipping search
+            (None: all of them). Only their per-group Gram ``[K/g, g, g]`` is kept, so
+            this bounds time, not memory.
         skip: fnmatch patterns of module names kept in full precision. The output head
             (a linear feeding the logits or sharing the embedding weight) is always skipped.
         include: if given, only modules matching one of these patterns are quantized.
@@ -72,7 +74,7 @@ class AWQConfig(AOBaseConfig):
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
     max_search_samples: int = 16
-    clip_tokens: int = 1024
+    clip_tokens: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] | None = None
     fallback: Literal["multiply", "skip"] = "multiply"
@@ -95,8 +97,8 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("n_grid and clip_grid must be >= 1.")
         if not 0.0 <= self.max_shrink < 1.0:
             raise ValueError("max_shrink must be in [0, 1).")
-        if self.max_search_samples < 1 or self.clip_tokens < 1:
-            raise ValueError("max_search_samples and clip_tokens must be >= 1.")
+        if self.max_search_samples < 1 or (self.clip_tokens is not None and self.clip_tokens < 1):
+            raise ValueError("max_search_samples and clip_tokens must be >= 1 (clip_tokens None: all).")
         if self.on_capture_error not in ("raise", "hook_only"):
             raise ValueError("on_capture_error must be 'raise' or 'hook_only'.")
         if self.clip_mode not in ("range", "asymmetric", "symmetric"):

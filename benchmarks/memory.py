@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["awq_ao_sequential", "awq_ao_in_memory", "torchao_awq"]
-# a cheaper clipping search than the library default (which costs as much as the scale search
-# at 1B width on a 2-core CPU); torchao's AWQ does no clipping at all
-CLIP_GRID = 20
-CLIP_TOKENS = 256
+# a cheaper clipping search than the library default (time only: the clipping search keeps a
+# [K/g, g, g] Gram per layer whatever its grid); torchao's AWQ does no clipping at all
+CLIP_GRID = 10
+CLIP_TOKENS = None
 
 
 def _rss_mib() -> float:
@@ -43,13 +43,13 @@ def _current_rss_mib() -> float:
     return float("nan")
 
 
-def _build(model_name: str, layers: int):
+def _build(model_name: str, layers: int, dtype):
     import torch
 
     if model_name == "smollm2":
         from awq_ao.evaluation import load_smollm2
 
-        model, _ = load_smollm2(torch.float32)
+        model, _ = load_smollm2(dtype)
         if layers and layers < len(model.model.layers):
             model.model.layers = model.model.layers[:layers]
             model.config.num_hidden_layers = layers
@@ -62,23 +62,29 @@ def _build(model_name: str, layers: int):
                       tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).eval()
+        model = LlamaForCausalLM(cfg).eval().to(dtype)
     return model, cfg.vocab_size
 
 
-def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: int, n_grid: int) -> dict:
+def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: int, n_grid: int,
+           dtype_name: str) -> dict:
     """Quantize with one method and report peak memory and time (runs in a fresh process)."""
     import torch
 
-    model, vocab = _build(model_name, layers)
+    # import both libraries before the baseline: their import cost is not quantization memory
+    import torchao.prototype.awq  # noqa: F401
+
+    import awq_ao
+    from awq_ao.lowering.swap import model_size_bytes
+
+    dtype = getattr(torch, dtype_name)
+    model, vocab = _build(model_name, layers, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (2, seq_len), generator=g) for _ in range(max(1, n_samples // 2))]
     loaded = _current_rss_mib()
     t0 = time.perf_counter()
     if method.startswith("awq_ao"):
-        import awq_ao
-
         awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
                         n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
                         clip_grid=CLIP_GRID, clip_tokens=CLIP_TOKENS,
@@ -100,9 +106,10 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
         quantize_(model, AWQConfig(base, step="convert", scale_search_space_size=n_grid), filter_fn=keep)
     wall = time.perf_counter() - t0
     peak = _rss_mib()
+    qsize = model_size_bytes(model) / 2**20
     return {"method": method, "model": model_name, "layers": layers, "params": n_params,
-            "rss_loaded_mib": loaded, "peak_rss_mib": peak, "overhead_mib": peak - loaded,
-            "quant_s": wall}
+            "dtype": dtype_name, "rss_loaded_mib": loaded, "peak_rss_mib": peak,
+            "overhead_mib": peak - loaded, "quantized_model_mib": qsize, "quant_s": wall}
 
 
 def main() -> None:
@@ -113,6 +120,8 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--n-grid", type=int, default=5)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="model dtype (torchao's CPU INT4 linear is ~100x slower in float32)")
     ap.add_argument("--out", default=str(RESULTS / "memory.json"))
     ap.add_argument("--resume", action="store_true", help="keep finished rows of --out, run the rest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -120,7 +129,7 @@ def main() -> None:
     if args.worker:
         method, model_name, layers = args.worker.split(":")
         print("RESULT " + json.dumps(worker(method, model_name, int(layers), args.n_samples,
-                                            args.seq_len, args.n_grid)), flush=True)
+                                            args.seq_len, args.n_grid, args.dtype)), flush=True)
         return
     import platform
 
@@ -128,8 +137,8 @@ def main() -> None:
     import torchao
 
     out_path = Path(args.out)
-    calib_desc = (f"{args.n_samples} x {args.seq_len} random tokens, n_grid {args.n_grid}; awq_ao "
-                  f"clipping: clip_grid {CLIP_GRID}, clip_tokens {CLIP_TOKENS}")
+    calib_desc = (f"{args.n_samples} x {args.seq_len} random tokens, {args.dtype}, n_grid {args.n_grid}; "
+                  f"awq_ao clipping: clip_grid {CLIP_GRID}, clip_tokens {CLIP_TOKENS or 'all'}")
     rows: list[dict] = []
     if args.resume and out_path.exists():
         old = json.loads(out_path.read_text())
@@ -153,7 +162,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", f"{m}:{model_name}:{layers}",
                        "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
-                       "--n-grid", str(args.n_grid)]
+                       "--n-grid", str(args.n_grid), "--dtype", args.dtype]
                 print(f"running {m} {model_name} x{layers} layers ...", flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -71,3 +71,29 @@ def test_apply_clip_accepts_one_or_two_ratios():
     moved = lo_only != w
     assert bool((w[moved] < 0).all())
     assert bool((lo_only >= w.clamp(max=0).view(6, -1)[:, :40].min()).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes)
+def test_gram_error_matches_token_error(case):
+    """d^T H d over the group Gram equals the token-averaged squared partial output error."""
+    from awq_ao.passes.search import group_gram, scale_gram
+
+    n, k, gs, t, bits, zp, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    x = torch.randn(t, k, generator=gen, dtype=torch.float64)
+    s = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+    g = k if gs == -1 else gs
+    wq = fake_quantize(w, bits, gs, zp)
+    ref = group_errors(w, wq, x / s, g)
+    h = scale_gram(group_gram(x, gs).double(), s).double()
+    groups = h.shape[0]
+    pad = groups * g - k
+    d = torch.cat([wq - w, torch.zeros(n, pad, dtype=torch.float64)], dim=1).view(n, groups, g)
+    got = torch.einsum("ngi,gij,ngj->ng", d, h, d)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+    # the search accepts tokens or their Gram and gives the same ratios
+    r_tok = clip_ratios(w.float(), x.float(), bits, gs, zp, grid=10, mode="asymmetric")
+    r_gram = clip_ratios(w.float(), group_gram(x.float(), gs), bits, gs, zp, grid=10, mode="asymmetric")
+    assert torch.equal(r_tok, r_gram)

@@ -23,7 +23,14 @@ from awq_ao.passes.capture import CaptureError, call_kwargs, capture
 from awq_ao.passes.experts import plan_experts, quantize_experts, search_experts
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis, find_groups
-from awq_ao.passes.search import GroupResult, ScaleSearch, apply_clip, clip_ratios, weight_2d
+from awq_ao.passes.search import (
+    GroupResult,
+    ScaleSearch,
+    apply_clip,
+    clip_ratios,
+    scale_gram,
+    weight_2d,
+)
 from awq_ao.report import ConvertReport, GroupReport
 from awq_ao.state import AWQState, get_state, set_state
 
@@ -268,10 +275,10 @@ def apply_phase(
         conv = type(mod).__name__ == "Conv1D"
         if config.clip and name in clip_inputs and name not in qk:
             w = weight_2d(mod, conv)
-            x = clip_inputs[name].to(w.device, torch.float32)
+            x = clip_inputs[name].to(w.device, torch.float32)  # group Gram of the inputs
             s = scale_of.get(name)
             if s is not None:
-                x = x / s.to(x.device)
+                x = scale_gram(x, s)
             ratios = clip_ratios(
                 w.detach(), x, config.bits, config.group_size, config.zero_point,
                 config.clip_grid, config.max_shrink, mode=config.clip_mode,

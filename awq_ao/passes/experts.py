@@ -51,6 +51,7 @@ from awq_ao.passes.search import (
     apply_clip,
     candidate_scales,
     clip_ratios,
+    group_gram,
     tie_mean,
     weight_2d,
     weight_mean,
@@ -348,14 +349,6 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
 
-def _subsample(x: torch.Tensor, t: int) -> torch.Tensor:
-    x2 = x.detach().reshape(-1, x.shape[-1])
-    if x2.shape[0] > t:
-        idx = torch.linspace(0, x2.shape[0] - 1, t, device=x2.device).round().long()
-        x2 = x2[idx]
-    return x2
-
-
 def _experts_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
     names_h = ("hidden_states",)
     names_i = ("top_k_index", "router_indices", "selected_experts")
@@ -425,7 +418,7 @@ class _ExpertsSearch:
     def pre_consumer(self, name: str):
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if self.active and name not in self.clip_inputs and args and isinstance(args[0], torch.Tensor):
-                self.clip_inputs[name] = _subsample(args[0], self.config.clip_tokens).to("cpu", copy=True)
+                self.clip_inputs[name] = group_gram(args[0], self.config.group_size, self.config.clip_tokens).cpu()
 
         return hook
 
@@ -548,8 +541,8 @@ class _ExpertsSearch:
 
     def _clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        x = _subsample(x, cfg.clip_tokens)
-        return clip_ratios(w, x, cfg.bits, cfg.group_size, cfg.zero_point, cfg.clip_grid, cfg.max_shrink, mode=cfg.clip_mode)
+        h = group_gram(x, cfg.group_size, cfg.clip_tokens)
+        return clip_ratios(w, h, cfg.bits, cfg.group_size, cfg.zero_point, cfg.clip_grid, cfg.max_shrink, mode=cfg.clip_mode)
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         handles = []

@@ -119,7 +119,7 @@ class ScaleSearch:
         self.config = config
         self.modules = dict(model.named_modules())
         self.results: dict[int, GroupResult] = {}
-        self.clip_inputs: dict[str, torch.Tensor] = {}
+        self.clip_inputs: dict[str, torch.Tensor] = {}  # consumer -> group Gram [G, g, g]
         self.active = True
         self.progress = progress
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -159,21 +159,12 @@ class ScaleSearch:
                 return
             x = args[0]
             if name not in self.clip_inputs and self.config.clip:
-                self.clip_inputs[name] = self._subsample(x)
+                self.clip_inputs[name] = group_gram(x, self.config.group_size, self.config.clip_tokens).cpu()
             for gi in self._direct.get(name, []):
                 if gi not in self.results:
                     self._run_group(gi, None, x)
 
         return hook
-
-    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.detach().reshape(-1, x.shape[-1])
-        n = x2.shape[0]
-        t = self.config.clip_tokens
-        if n > t:
-            idx = torch.linspace(0, n - 1, t, device=x2.device).round().long()
-            x2 = x2[idx]
-        return x2.to("cpu", copy=True)
 
     # --- search ------------------------------------------------------------------------
     def _run_group(self, gi: int, call: Any, x: torch.Tensor | None = None) -> None:
@@ -294,6 +285,50 @@ def _expand(v: torch.Tensor, g: int, k: int) -> torch.Tensor:
     return v.repeat_interleave(g, dim=1)[:, :k]
 
 
+def group_gram(x: torch.Tensor, group_size: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Per-group second moments ``[G, g, g]`` of activations ``x [..., K]`` (float32).
+
+    ``H[j] = X_j^T X_j / T`` for the columns of group ``j`` (the last, ragged group is padded
+    with zeros). The clipping error of a weight change ``d`` in group ``j`` averaged over the
+    tokens is ``d^T H[j] d``, so the search needs only these ``K x g`` numbers instead of the
+    tokens themselves: cheaper to keep and, for T > g, cheaper to evaluate. ``max_tokens``
+    evenly subsamples the tokens first.
+    """
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    if max_tokens is not None and x2.shape[0] > max_tokens:
+        idx = torch.linspace(0, x2.shape[0] - 1, max_tokens, device=x2.device).round().long()
+        x2 = x2[idx]
+    t, k = x2.shape
+    g = effective_group_size(k, group_size)
+    groups = math.ceil(k / g)
+    xf = x2.float()
+    pad = groups * g - k
+    if pad:
+        xf = torch.cat([xf, xf.new_zeros(t, pad)], dim=1)
+    xg = xf.view(t, groups, g).permute(1, 0, 2)  # [G, T, g]
+    return torch.bmm(xg.transpose(1, 2), xg) / max(t, 1)
+
+
+def scale_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Gram of ``x / s`` from the Gram ``h [G, g, g]`` of ``x`` (``s``: [K] scales)."""
+    groups, g, _ = h.shape
+    sp = s.to(h.device, torch.float32)
+    pad = groups * g - sp.numel()
+    if pad:
+        sp = torch.cat([sp, sp.new_ones(pad)])
+    inv = (1.0 / sp).view(groups, g)
+    return h * inv[:, :, None] * inv[:, None, :]
+
+
+def _gram_error(q: torch.Tensor, wg: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Mean squared partial-output error ``[n, G]`` of weights ``q [n, K]`` vs ``wg [n, G, g]``."""
+    n, groups, g = wg.shape
+    pad = groups * g - q.shape[1]
+    qp = torch.cat([q, q.new_zeros(n, pad)], dim=1) if pad else q
+    d = (qp.view(n, groups, g) - wg).permute(1, 0, 2)  # [G, n, g]
+    return (torch.bmm(d, h) * d).sum(dim=-1).t()
+
+
 def clip_ratios(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -307,21 +342,22 @@ def clip_ratios(
 ) -> torch.Tensor:
     """Best per-(row, group) clipping ratios for the bounds of :func:`_clip_bounds`.
 
-    Minimises the squared error of each group's partial output x_g · w_g over the sample
-    ``x [T, K]``. Ratios lie in (1 - max_shrink, 1]. Returns ``[N, G, 2]`` float32 ratios
-    for the (lower, upper) bound: equal for ``"range"``/``"symmetric"`` (one ratio searched);
-    for ``"asymmetric"`` the common ratio is refined by a search of the lower bound's ratio
-    (upper fixed), then the upper bound's (lower fixed), which can only lower the error.
+    Minimises the mean squared error of each group's partial output x_g · w_g over the
+    sample ``x``: tokens ``[T, K]`` or their per-group Gram ``[G, g, g]`` from
+    :func:`group_gram` (the error is evaluated through the Gram either way). Ratios lie in
+    (1 - max_shrink, 1]. Returns ``[N, G, 2]`` float32 ratios for the (lower, upper) bound:
+    equal for ``"range"``/``"symmetric"`` (one ratio searched); for ``"asymmetric"`` the
+    common ratio is refined by a search of the lower bound's ratio (upper fixed), then the
+    upper bound's (lower fixed), which can only lower the error.
     """
     n, k = w.shape
     g = effective_group_size(k, group_size)
     groups = math.ceil(k / g)
     pad = groups * g - k
     wf = w.float()
-    xf = x.to(w.device, torch.float32)
-    if pad:
-        xf = torch.cat([xf, xf.new_zeros(xf.shape[0], pad)], dim=1)
-    xg = xf.view(-1, groups, g).permute(1, 0, 2)  # [G, T, g]
+    h = x.to(w.device, torch.float32) if x.dim() == 3 else group_gram(x.to(w.device), group_size)
+    if h.shape != (groups, g, g):
+        raise ValueError(f"clip_ratios: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
     steps = max(1, int(max_shrink * grid))
     cand = [1.0 - i / grid for i in range(steps)]
     ratios = torch.ones(n, groups, 2, device=w.device)
@@ -329,8 +365,8 @@ def clip_ratios(
         wc = wf[r0 : r0 + rows_per_chunk]
         nc = wc.shape[0]
         wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
-        ref = torch.bmm(xg, wp.view(nc, groups, g).permute(1, 2, 0))  # [G, T, n]
-        lo, hi = _clip_bounds(wp.view(nc, groups, g), mode)  # [n, G]
+        wg = wp.view(nc, groups, g)
+        lo, hi = _clip_bounds(wg, mode)  # [n, G]
 
         best_err = torch.full((nc, groups), math.inf, device=w.device)
         best_lo = torch.ones(nc, groups, device=w.device)
@@ -343,10 +379,7 @@ def clip_ratios(
                 r_lo = base_lo if which == "hi" else full
                 r_hi = base_hi if which == "lo" else full
                 clamped = torch.minimum(torch.maximum(wc, _expand(lo * r_lo, g, k)), _expand(hi * r_hi, g, k))
-                q = fake_quantize(clamped, bits, group_size, zero_point)
-                qp = torch.cat([q, q.new_zeros(nc, pad)], dim=1) if pad else q
-                out = torch.bmm(xg, qp.view(nc, groups, g).permute(1, 2, 0))
-                err = (out - ref).pow(2).mean(dim=1).t()  # [n, G]
+                err = _gram_error(fake_quantize(clamped, bits, group_size, zero_point), wg, h)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_lo = torch.where(better, r_lo, best_lo)
