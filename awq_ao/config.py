@@ -26,7 +26,8 @@ class AWQConfig(AOBaseConfig):
             in_features need not be a multiple: the last group is simply shorter.
         zero_point: asymmetric (True) or symmetric (False) quantization.
         n_grid: grid points for the scale exponent alpha in [0, 1).
-        duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling).
+        duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling);
+            ``"both"`` searches the candidates with and without it (twice the search time).
         scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
@@ -67,7 +68,7 @@ class AWQConfig(AOBaseConfig):
     group_size: int = 128
     zero_point: bool = True
     n_grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool | Literal["both"] = True
     scale_search: bool = True
     clip: bool = True
     clip_grid: int = 40
@@ -103,6 +104,8 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("on_capture_error must be 'raise' or 'hook_only'.")
         if self.clip_mode not in ("range", "asymmetric", "symmetric"):
             raise ValueError("clip_mode must be 'range', 'asymmetric' or 'symmetric'.")
+        if self.duo_scaling not in (True, False, "both"):
+            raise ValueError("duo_scaling must be True, False or 'both'.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
         self.skip = tuple(self.skip)

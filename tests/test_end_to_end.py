@@ -171,3 +171,19 @@ def test_sequential_matches_in_memory_quality(arch):
         ea = float((a(test).logits - ref).pow(2).mean())
         eb = float((b(test).logits - ref).pow(2).mean())
     assert eb < 1.5 * ea + 1e-9, (ea, eb)
+
+
+def test_duo_scaling_both_searches_the_union_of_candidates():
+    """duo_scaling="both" tries both families: its search loss is never above either one's."""
+    losses = {}
+    for duo in (True, False, "both"):
+        torch.manual_seed(0)
+        model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+        rep = run_flow(model, token_batches(3, 2, 16), group_size=32, duo_scaling=duo, clip=False)
+        losses[duo] = {tuple(g.consumers): g.loss_best for g in rep.groups}
+    # in-memory mode searches every group on the unmodified model: same inputs in every run
+    assert len(losses["both"]) >= 4
+    for key, loss in losses["both"].items():
+        assert loss <= min(losses[True][key], losses[False][key]) * (1 + 1e-6), key
+    with pytest.raises(ValueError, match="duo_scaling"):
+        awq_config(duo_scaling="sometimes")

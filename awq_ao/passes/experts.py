@@ -49,9 +49,9 @@ from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.search import (
     GroupResult,
     apply_clip,
-    candidate_scales,
     clip_ratios,
     group_gram,
+    scale_candidates,
     tie_mean,
     weight_2d,
     weight_mean,
@@ -464,9 +464,8 @@ class _ExpertsSearch:
                 quantized(None)
                 loss_rtn = _mse(run(), ref)
                 best: tuple[float, float | None, torch.Tensor | None] = (loss_rtn, None, None)
-                for i in range(cfg.n_grid):
-                    alpha = i / cfg.n_grid
-                    s = candidate_scales(x_mean.to(saved_up.device), None if w_mean is None else w_mean.to(saved_up.device), alpha, tie)
+                wm = None if w_mean is None else w_mean.to(saved_up.device)
+                for alpha, s in scale_candidates(x_mean.to(saved_up.device), wm, cfg.n_grid, cfg.duo_scaling, tie):
                     quantized(s)
                     loss = _mse(run(), ref)
                     if loss < best[0]:
@@ -527,8 +526,7 @@ class _ExpertsSearch:
         w_mean = weight_mean([w], cfg.group_size) if cfg.duo_scaling else None
         loss_rtn = _mse(h @ fake_quantize(w, cfg.bits, cfg.group_size, cfg.zero_point).t(), ref)
         best: tuple[float, torch.Tensor | None] = (loss_rtn, None)
-        for i in range(cfg.n_grid):
-            s = candidate_scales(x_mean, w_mean, i / cfg.n_grid, None)
+        for _alpha, s in scale_candidates(x_mean, w_mean, cfg.n_grid, cfg.duo_scaling):
             q = fake_quantize(w * s, cfg.bits, cfg.group_size, cfg.zero_point)
             loss = _mse((h / s) @ q.t(), ref)
             if loss < best[0]:

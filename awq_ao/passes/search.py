@@ -83,6 +83,28 @@ def candidate_scales(
     return s
 
 
+def scale_candidates(
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor | None,
+    n_grid: int,
+    duo_scaling: bool | str,
+    tie: torch.Tensor | None = None,
+):
+    """Yield ``(alpha, s)`` for every candidate scale of the search grid.
+
+    ``duo_scaling``: True uses mean|x|^a / mean|w|^(1-a), False mean|x|^a, ``"both"`` tries
+    both families (2 x n_grid candidates).
+    """
+    if duo_scaling == "both":
+        families = [w_mean, None]
+    else:
+        families = [w_mean if duo_scaling else None]
+    for wm in families:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            yield alpha, candidate_scales(x_mean, wm, alpha, tie)
+
+
 class _Swap:
     """Temporarily replaces the weights of the consumers (restored exactly on exit)."""
 
@@ -231,9 +253,7 @@ class ScaleSearch:
                 loss_rtn = _mse(run(), ref)
                 # s = 1 (plain RTN) is a candidate too: the search never does worse than RTN
                 best: tuple[float, float | None, torch.Tensor | None] = (loss_rtn, None, None)
-                for i in range(cfg.n_grid):
-                    alpha = i / cfg.n_grid
-                    s = candidate_scales(x_mean, w_mean, alpha, tie)
+                for alpha, s in scale_candidates(x_mean, w_mean, cfg.n_grid, cfg.duo_scaling, tie):
                     quantized(s)
                     loss = _mse(run(), ref)
                     if loss < best[0]:
