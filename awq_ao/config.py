@@ -31,6 +31,9 @@ class AWQConfig(AOBaseConfig):
         scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
+        clip_qk: also clip the linears feeding attention queries and keys (found in the
+            graph). Off by default, as in AutoAWQ: their error is amplified by the softmax,
+            which a per-linear output loss does not see.
         clip_mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
             quantization); ``"asymmetric"`` also refines the lower and upper ends separately
             (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
@@ -52,6 +55,10 @@ class AWQConfig(AOBaseConfig):
         sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
             search, fold, quantize, then the quantized block's outputs feed the next block).
             Peak activation memory is one block's, independent of depth.
+        split_blocks: in sequential mode, search a block's sub-blocks one after the other
+            (attention, then MLP): each is searched on the outputs of the already
+            quantized ones. Blocks that cannot be split (parallel attention/MLP, MoE) are
+            searched whole.
         device: compute device for sequential mode (e.g. "cuda"): each block is moved there
             for its step and back afterwards; the cached activations stay on the CPU.
             None keeps every block where it is.
@@ -74,6 +81,7 @@ class AWQConfig(AOBaseConfig):
     clip_grid: int = 40
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
+    clip_qk: bool = False
     max_search_samples: int = 16
     clip_tokens: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -82,6 +90,7 @@ class AWQConfig(AOBaseConfig):
     on_capture_error: Literal["raise", "hook_only"] = "raise"
     sequential: bool = False
     device: str | None = None
+    split_blocks: bool = True
     experts: bool = True
     seed: int = 0
     progress: bool = True

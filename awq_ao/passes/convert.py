@@ -129,6 +129,19 @@ def search_phase(
 
     Names in ``targets``/``observers`` are relative to ``root``. Nothing is modified.
     """
+    analysis = analyze_phase(root, first_call, targets, config, report)
+    results, clip_inputs = run_search(root, analysis, args, kwargs, observers, config, report, label)
+    return analysis, results, clip_inputs
+
+
+def analyze_phase(
+    root: nn.Module,
+    first_call: RecordedCall,
+    targets: list[str],
+    config: AWQConfig,
+    report: ConvertReport,
+) -> GraphAnalysis:
+    """Capture ``root`` and find its scale groups (and MoE plan). Nothing is modified."""
     t0 = time.perf_counter()
     try:
         ep = capture(root, first_call)
@@ -154,6 +167,20 @@ def search_phase(
         del ep
     _restrict_groups(root, analysis, report)
     _add_time(report, "capture+groups", time.perf_counter() - t0)
+    return analysis
+
+
+def run_search(
+    root: nn.Module,
+    analysis: GraphAnalysis,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    observers: dict[str, Any],
+    config: AWQConfig,
+    report: ConvertReport,
+    label: str = "",
+) -> tuple[dict[int, GroupResult], dict[str, torch.Tensor]]:
+    """Scale search (and experts search) for ``analysis.groups`` on one replay of the sample."""
     t0 = time.perf_counter()
     n_groups = sum(1 for g in analysis.groups if g.consumers)
     bar = _progress(n_groups, f"awq search{label}", config.progress)
@@ -168,7 +195,7 @@ def search_phase(
         if bar is not None:
             bar.close()
     _add_time(report, "search", time.perf_counter() - t0)
-    return analysis, results, search.clip_inputs
+    return results, search.clip_inputs
 
 
 def _restrict_groups(root: nn.Module, analysis: GraphAnalysis, report: ConvertReport) -> None:
@@ -265,7 +292,7 @@ def apply_phase(
         report.unseen += [prefix + u for u in analysis.unseen]
     quantize_experts(root, analysis, config, txn, report, prefix)
     scale_of = _scales_by_consumer(analysis, results) if analysis is not None else {}
-    qk = analysis.qk_linears if analysis is not None else set()
+    qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
     excluded = set(getattr(analysis, "excluded", set()) or set())
     bar = _progress(len(targets), "awq quantize", config.progress and not prefix)
     for name in targets:

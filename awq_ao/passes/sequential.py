@@ -112,6 +112,54 @@ def record_block_calls(
     return calls  # type: ignore[return-value]
 
 
+def block_stages(analysis: Any, local: list[str]) -> list[tuple[list[int], list[str]]] | None:
+    """Split a block's groups into sub-block stages searched one after the other.
+
+    A stage is one direct child of the block holding target linears (e.g. ``self_attn``,
+    then ``mlp``), in the order their linears are registered. Each stage is searched on the
+    outputs of the stages before it *after* those were quantized, so e.g. the MLP's scales
+    are chosen for the input it will really see. Returns ``[(group indices, targets)]``, or
+    None where the block cannot be split: one child only, an MoE block, or a group whose
+    linears span several children (parallel attention/MLP blocks fed by one norm).
+    """
+    if getattr(analysis, "moe", None) is not None:
+        return None
+
+    def top(name: str) -> str:
+        return name.split(".", 1)[0]
+
+    order: list[str] = []
+    for t in local:
+        if top(t) not in order:
+            order.append(top(t))
+    if len(order) < 2:
+        return None
+    stage_groups: list[list[int]] = [[] for _ in order]
+    for gi, g in enumerate(analysis.groups):
+        if not g.consumers:
+            continue
+        names = set(g.consumers) | set(g.rescaled)
+        if g.producer.kind == "linear" and g.producer.module:
+            names.add(g.producer.module)
+        tops = {top(n) for n in names}
+        if len(tops) != 1 or next(iter(tops)) not in order:
+            return None
+        stage_groups[order.index(next(iter(tops)))].append(gi)
+    return [(gids, [t for t in local if top(t) == child]) for gids, child in zip(stage_groups, order, strict=True)]
+
+
+def _sub_analysis(analysis: Any, group_ids: list[int], first_stage: bool) -> Any:
+    """A shallow copy of ``analysis`` holding only ``group_ids`` (block-wide notes once)."""
+    import copy
+
+    sub = copy.copy(analysis)
+    sub.groups = [analysis.groups[gi] for gi in group_ids]
+    if not first_stage:
+        sub.unseen = []
+        sub.shared_calls = []
+    return sub
+
+
 def _with_hidden(call: tuple[tuple[Any, ...], dict[str, Any]], h: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
     a, kw = call
     if a:
@@ -132,7 +180,7 @@ def convert_sequential(
     replacements: dict[int, nn.Module],
 ) -> None:
     """Run search/fold/quantize block by block (see the module docstring)."""
-    from awq_ao.passes.convert import apply_phase, search_phase, stack_calls
+    from awq_ao.passes.convert import analyze_phase, apply_phase, run_search, stack_calls
 
     blocks_name, blocks = find_blocks(model, targets)
     args, kwargs, rows = stack_calls(calls)
@@ -155,10 +203,20 @@ def convert_sequential(
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
             first = RecordedCall(a, kw, rows)
-            analysis, results, clip_inputs = search_phase(
-                block, first, a, kw, local, obs, config, report, label=f" block {i}/{len(blocks)}"
-            )
-            apply_phase(block, analysis, results, clip_inputs, local, config, txn, report, replacements, prefix)
+            label = f" block {i}/{len(blocks)}"
+            analysis = analyze_phase(block, first, local, config, report)
+            stages = block_stages(analysis, local) if config.split_blocks else None
+            if stages is None:
+                results, clip_inputs = run_search(block, analysis, a, kw, obs, config, report, label)
+                apply_phase(block, analysis, results, clip_inputs, local, config, txn, report, replacements, prefix)
+            else:
+                for k, (group_ids, stage_targets) in enumerate(stages):
+                    sub = _sub_analysis(analysis, group_ids, first_stage=k == 0)
+                    results, clip_inputs = (
+                        run_search(block, sub, a, kw, obs, config, report, label) if group_ids else ({}, {})
+                    )
+                    apply_phase(block, sub, results, clip_inputs, stage_targets, config, txn, report,
+                                replacements, prefix)
             done.update(prefix + n for n in local)
         with torch.no_grad():
             out = block(*a, **kw)

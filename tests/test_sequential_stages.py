@@ -1,0 +1,82 @@
+"""Sequential mode searches a block's sub-blocks one after the other (attention, then MLP)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batches
+
+import awq_ao
+from awq_ao.config import AWQConfig
+from awq_ao.observers.activation import RecordedCall
+from awq_ao.passes.convert import analyze_phase
+from awq_ao.passes.sequential import block_stages
+from awq_ao.report import ConvertReport
+
+
+def _stages(arch: str):
+    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+    block = model.model.layers[0] if hasattr(model, "model") and hasattr(model.model, "layers") else model.gpt_neox.layers[0]
+    targets = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    captured = {}
+
+    def hook(mod, args, kwargs):
+        captured["call"] = (args, kwargs)
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(token_batches(1, 2, 16)[0], use_cache=False)
+    h.remove()
+    a, kw = captured["call"]
+    analysis = analyze_phase(block, RecordedCall(a, kw, 2), targets, AWQConfig(), ConvertReport(4, 128, True))
+    return block_stages(analysis, targets)
+
+
+def test_llama_block_splits_into_attention_then_mlp():
+    stages = _stages("llama")
+    assert stages is not None and len(stages) == 2
+    (g_attn, t_attn), (g_mlp, t_mlp) = stages
+    assert all(t.startswith("self_attn.") for t in t_attn) and len(t_attn) == 4
+    assert all(t.startswith("mlp.") for t in t_mlp) and len(t_mlp) == 3
+    assert len(g_attn) == 2 and len(g_mlp) == 2  # norm->qkv, v->o ; norm->gate/up, up->down
+
+
+def test_group_spanning_children_or_moe_is_not_split():
+    from types import SimpleNamespace as NS
+
+    def group(consumers, producer=None):
+        kind = "linear" if producer else "norm"
+        return NS(consumers=consumers, rescaled=[], producer=NS(kind=kind, module=producer))
+
+    local = ["attn.q", "attn.o", "mlp.fc1", "mlp.fc2"]
+    split = NS(groups=[group(["attn.q"]), group(["attn.o"], "attn.q"), group(["mlp.fc1"]), group(["mlp.fc2"], "mlp.fc1")], moe=None)
+    assert [t for _, t in block_stages(split, local)] == [["attn.q", "attn.o"], ["mlp.fc1", "mlp.fc2"]]
+    # one norm feeding attention and MLP (GPT-J / Phi-1 parallel blocks): one group spans both
+    parallel = NS(groups=[group(["attn.q", "mlp.fc1"]), group(["attn.o"], "attn.q")], moe=None)
+    assert block_stages(parallel, local) is None
+    # a linear producer in another child than its consumer
+    cross = NS(groups=[group(["mlp.fc1"], "attn.o")], moe=None)
+    assert block_stages(cross, local) is None
+    assert block_stages(NS(groups=split.groups, moe=object()), local) is None
+    assert block_stages(split, ["mlp.fc1", "mlp.fc2"]) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_split_and_whole_blocks_both_quantize_everything(arch):
+    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=2)
+    data = token_batches(4, 2, 24)
+    test = token_batches(1, 2, 24, seed=7)[0]
+    with torch.no_grad():
+        ref = model(test).logits
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = awq_ao.quantize(a, data, group_size=32, verbose=False, progress=False, sequential=True, split_blocks=True)
+    rb = awq_ao.quantize(b, data, group_size=32, verbose=False, progress=False, sequential=True, split_blocks=False)
+    assert sorted(ra.quantized) == sorted(rb.quantized)
+    assert ra.kind_counts() == rb.kind_counts()
+    assert ra.folded == rb.folded
+    with torch.no_grad():
+        ea = float((a(test).logits - ref).pow(2).mean())
+        eb = float((b(test).logits - ref).pow(2).mean())
+    assert ea < 1.5 * eb + 1e-9, (ea, eb)
