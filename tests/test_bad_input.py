@@ -78,7 +78,8 @@ def test_bad_config(kw):
         awq_config(**kw)
 
 
-def test_failure_midway_restores_model(monkeypatch):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_failure_midway_restores_model(monkeypatch, sequential):
     model = tiny_model("llama", layers=2)
     quantize_(model, awq_config(step="prepare"))
     with torch.no_grad():
@@ -92,14 +93,14 @@ def test_failure_midway_restores_model(monkeypatch):
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 9:  # in the second block: the first block's linears are already swapped
             raise RuntimeError("simulated failure in the middle of convert")
         return real(*a, **k)
 
     monkeypatch.setattr(swap, "quantize_linear_module", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
-    assert calls["n"] == 5
+        quantize_(model, awq_config(group_size=32, verbose=False, progress=False, sequential=sequential))
+    assert calls["n"] == 9
     assert_unchanged(model, snap)
     assert get_state(model).phase == "prepared"
     monkeypatch.setattr(swap, "quantize_linear_module", real)
@@ -111,3 +112,19 @@ def test_rtn_needs_no_calibration():
     model = tiny_model("llama", layers=1)
     report = awq_ao.quantize(model, None, group_size=32, scale_search=False, clip=False, verbose=False)
     assert report.quantized and not report.groups
+
+
+def test_swapped_out_modules_hold_no_folded_copies():
+    """A linear replaced by its INT4 module keeps only its original weight (for rollback)."""
+    from awq_ao.passes.fold import Transaction
+
+    model = tiny_model("llama", layers=1)
+    lin = model.model.layers[0].mlp.down_proj
+    orig = lin.weight
+    txn = Transaction()
+    txn.set_param(lin, "weight", orig.detach() * 2)
+    assert lin.weight is not orig
+    txn.set_module(model, "model.layers.0.mlp.down_proj", torch.nn.Identity())
+    assert lin.weight is orig  # the scaled copy is released as soon as the module leaves
+    txn.rollback()
+    assert model.model.layers[0].mlp.down_proj is lin and lin.weight is orig

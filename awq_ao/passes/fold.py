@@ -38,8 +38,22 @@ class Transaction:
         """Replace the submodule ``name`` of ``root`` by ``new``."""
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
+        old = getattr(parent, child)
         self._save(parent, child)
         setattr(parent, child, new)
+        if isinstance(old, nn.Module) and not any(m is old for m in new.modules()):
+            self._release(old)
+
+    def _release(self, module: nn.Module) -> None:
+        """Give a module that left the model its original parameters back now.
+
+        Its folded/clipped copies were only needed to build the replacement; keeping them
+        until commit would hold one full-precision copy of every quantized weight (memory
+        growing with depth). Rollback restores the same originals.
+        """
+        for obj, attr, old in self._log:
+            if obj is module and attr in module._parameters:
+                module._parameters[attr] = old
 
     def rollback(self) -> None:
         """Undo every recorded change, newest first."""
