@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from test_fold_property import EXPECTED
-from tiny_models import ARCHS, tiny_model, token_batches
+from tiny_models import ARCHS, compare_two_converts, tiny_model, token_batches
 from torchao.quantization import quantize_
 
 import awq_ao
@@ -157,19 +157,9 @@ def test_memory_bounded_by_config():
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_sequential_matches_in_memory_quality(arch):
     """Layer-by-layer convert finds the same groups and gives similar output error."""
-    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=3)
-    data = token_batches(4, 2, 24)
-    test = token_batches(1, 2, 24, seed=7)[0]
-    with torch.no_grad():
-        ref = model(test).logits
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = awq_ao.quantize(a, data, group_size=32, verbose=False, progress=False)
-    rb = awq_ao.quantize(b, data, group_size=32, verbose=False, progress=False, sequential=True, device="cpu")
+    ra, rb, ea, eb = compare_two_converts(arch, 3, {}, {"sequential": True, "device": "cpu"})
     assert rb.kind_counts() == ra.kind_counts()
     assert sorted(rb.quantized) == sorted(ra.quantized)
-    with torch.no_grad():
-        ea = float((a(test).logits - ref).pow(2).mean())
-        eb = float((b(test).logits - ref).pow(2).mean())
     assert eb < 1.5 * ea + 1e-9, (ea, eb)
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from tiny_models import tiny_model, token_batches
+from tiny_models import compare_two_converts, tiny_model, token_batches
 
-import awq_ao
 from awq_ao.config import AWQConfig
 from awq_ao.observers.activation import RecordedCall
 from awq_ao.passes.convert import analyze_phase
@@ -65,18 +62,10 @@ def test_group_spanning_children_or_moe_is_not_split():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_split_and_whole_blocks_both_quantize_everything(arch):
-    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=2)
-    data = token_batches(4, 2, 24)
-    test = token_batches(1, 2, 24, seed=7)[0]
-    with torch.no_grad():
-        ref = model(test).logits
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = awq_ao.quantize(a, data, group_size=32, verbose=False, progress=False, sequential=True, split_blocks=True)
-    rb = awq_ao.quantize(b, data, group_size=32, verbose=False, progress=False, sequential=True, split_blocks=False)
+    ra, rb, ea, eb = compare_two_converts(
+        arch, 2, {"sequential": True, "split_blocks": True}, {"sequential": True, "split_blocks": False}
+    )
     assert sorted(ra.quantized) == sorted(rb.quantized)
     assert ra.kind_counts() == rb.kind_counts()
     assert ra.folded == rb.folded
-    with torch.no_grad():
-        ea = float((a(test).logits - ref).pow(2).mean())
-        eb = float((b(test).logits - ref).pow(2).mean())
     assert ea < 1.5 * eb + 1e-9, (ea, eb)

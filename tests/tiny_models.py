@@ -70,3 +70,27 @@ def token_batches(n: int = 4, batch: int = 2, seq: int = 16, seed: int = 0) -> l
     """Deterministic random token batches."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def compare_two_converts(arch: str, layers: int, kw_a: dict, kw_b: dict):
+    """Quantize two copies of one tiny model with different options on the same data.
+
+    Returns ``(report_a, report_b, mse_a, mse_b)``: the mse of each quantized model's logits
+    against the float model's on held-out tokens.
+    """
+    import copy
+
+    import awq_ao
+
+    model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=layers)
+    data = token_batches(4, 2, 24)
+    test = token_batches(1, 2, 24, seed=7)[0]
+    with torch.no_grad():
+        ref = model(test).logits
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = awq_ao.quantize(a, data, group_size=32, verbose=False, progress=False, **kw_a)
+    rb = awq_ao.quantize(b, data, group_size=32, verbose=False, progress=False, **kw_b)
+    with torch.no_grad():
+        ea = float((a(test).logits - ref).pow(2).mean())
+        eb = float((b(test).logits - ref).pow(2).mean())
+    return ra, rb, ea, eb
