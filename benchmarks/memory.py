@@ -1,7 +1,9 @@
 """Memory and time of quantization: awq_ao sequential vs awq_ao in-memory vs torchao's AWQ.
 
-Each (method, model, depth) runs in a fresh subprocess; peak RSS is ru_maxrss of that
-process, reported both in total and as the increase over the loaded model ("overhead").
+Each (method, model, depth) runs in a fresh subprocess. The model is built directly in the
+benchmark dtype; the peak RSS of the quantization phase (the kernel's high-water mark, reset
+once the model is loaded: see peak_rss.py) is reported in total and as the increase over the
+loaded model ("overhead").
 Random weights are fine here: only memory and time are measured. All methods get the same
 calibration batches and the same scale grid size.
 
@@ -17,11 +19,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -32,15 +35,6 @@ CLIP_GRID = 10
 CLIP_TOKENS = None
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _current_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _build(model_name: str, layers: int, dtype):
@@ -61,8 +55,12 @@ def _build(model_name: str, layers: int, dtype):
                       num_key_value_heads=8, num_hidden_layers=layers, vocab_size=32000,
                       tie_word_embeddings=True)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).eval().to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: no float32 copy at any point
+    try:
+        model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model, cfg.vocab_size
 
 
@@ -82,7 +80,8 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (2, seq_len), generator=g) for _ in range(max(1, n_samples // 2))]
-    loaded = _current_rss_mib()
+    loaded = current_mib()
+    peak_kind = reset_peak()
     t0 = time.perf_counter()
     if method.startswith("awq_ao"):
         awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
@@ -105,11 +104,12 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
                 model(b, use_cache=False)
         quantize_(model, AWQConfig(base, step="convert", scale_search_space_size=n_grid), filter_fn=keep)
     wall = time.perf_counter() - t0
-    peak = _rss_mib()
+    peak = peak_mib()
     qsize = model_size_bytes(model) / 2**20
     return {"method": method, "model": model_name, "layers": layers, "params": n_params,
             "dtype": dtype_name, "rss_loaded_mib": loaded, "peak_rss_mib": peak,
-            "overhead_mib": peak - loaded, "quantized_model_mib": qsize, "quant_s": wall}
+            "overhead_mib": peak - loaded, "quantized_model_mib": qsize, "quant_s": wall,
+            "peak_measured_by": peak_kind}
 
 
 def main() -> None:

@@ -16,11 +16,12 @@ import argparse
 import datetime as dt
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -35,8 +36,6 @@ METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "torchao_awq"]
 BF16_METHODS = {"torchao_awq", "fp_bf16"}
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
@@ -60,7 +59,8 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     model, tok = load_smollm2(dtype)
     ids = tok(wikitext_test_text(), return_tensors="pt").input_ids[0]
     blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len)
-    rss_loaded = _rss_mib()
+    rss_loaded = current_mib()
+    peak_kind = reset_peak()
     out: dict = {"method": method, "bits": bits, "group_size": group_size, "dtype": str(dtype).removeprefix("torch.")}
     t0 = time.perf_counter()
     if method == "rtn":
@@ -78,7 +78,8 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
         out["torchao_quantized_linears"] = quantized
     if method not in ("fp", "fp_bf16"):
         out["quant_s"] = time.perf_counter() - t0
-        out["peak_rss_mib_during_quant"] = _rss_mib()
+        out["peak_rss_mib_during_quant"] = peak_mib()
+        out["peak_measured_by"] = peak_kind
         out["rss_mib_before_quant"] = rss_loaded
     ppl, n = perplexity(model, ids, 2048, windows)
     out.update(perplexity=ppl, windows=n, size_mib=model_size_bytes(model) / 2**20)

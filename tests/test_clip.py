@@ -97,3 +97,27 @@ def test_gram_error_matches_token_error(case):
     r_tok = clip_ratios(w.float(), x.float(), bits, gs, zp, grid=10, mode="asymmetric")
     r_gram = clip_ratios(w.float(), group_gram(x.float(), gs), bits, gs, zp, grid=10, mode="asymmetric")
     assert torch.equal(r_tok, r_gram)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(3, 90), gs=st.sampled_from([8, 16, 32]), chunk=st.integers(1, 17),
+       seed=st.integers(0, 2**16))
+def test_row_chunked_helpers_match_whole_weight(n, k, gs, chunk, seed):
+    """Search helpers that work on row chunks (bounded temporaries) equal the one-shot formulas."""
+    from awq_ao.lowering.quant_math import fake_quantize
+    from awq_ao.passes.search import fake_quantize_scaled, weight_mean
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    s = torch.rand(k, generator=g) + 0.5
+    want = (fake_quantize(w.float() * s, 4, gs, True) / s).to(torch.bfloat16)
+    assert torch.equal(fake_quantize_scaled(w, s, 4, gs, True, rows_per_chunk=chunk), want)
+    assert torch.equal(fake_quantize_scaled(w, s, 4, gs, True, transpose=True, rows_per_chunk=chunk), want.t())
+    ratios = torch.rand(n, -(-k // gs), 2, generator=g) * 0.5 + 0.5
+    assert torch.equal(apply_clip(w, ratios, gs, "asymmetric", rows_per_chunk=chunk),
+                       apply_clip(w, ratios, gs, "asymmetric", rows_per_chunk=n))
+    # weight_mean: mean over rows of |w| / (its group's max |w|), per input channel
+    pad = (-k) % gs
+    wa = torch.cat([w.float().abs(), torch.zeros(n, pad)], dim=1).view(n, -1, gs)
+    ref = (wa / (wa.amax(-1, keepdim=True) + 1e-6)).view(n, -1)[:, :k].mean(0)
+    torch.testing.assert_close(weight_mean([w[: n // 2 + 1], w[n // 2 + 1 :]] if n > 1 else [w], gs), ref)

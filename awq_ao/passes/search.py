@@ -57,16 +57,20 @@ def tie_mean(v: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |w| normalised by its group's max, per input channel."""
-    w = torch.cat([x.detach().float() for x in weights], dim=0)
-    n, k = w.shape
+    k = weights[0].shape[1]
     g = effective_group_size(k, group_size)
     pad = (-k) % g
-    wa = w.abs()
-    if pad:
-        wa = torch.cat([wa, wa.new_zeros(n, pad)], dim=1)
-    wg = wa.view(n, -1, g)
-    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
-    return wg.view(n, -1)[:, :k].mean(dim=0)
+    total = torch.zeros(k + pad, dtype=torch.float32, device=weights[0].device)
+    n = 0
+    for w in weights:
+        for r0 in range(0, w.shape[0], 512):  # float32 temporaries of one row chunk at a time
+            wa = w[r0 : r0 + 512].detach().float().abs()
+            if pad:
+                wa = torch.cat([wa, wa.new_zeros(wa.shape[0], pad)], dim=1)
+            wg = wa.view(wa.shape[0], -1, g)
+            total += (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).sum(dim=0).view(-1)
+            n += wa.shape[0]
+    return total[:k] / n
 
 
 def candidate_scales(
@@ -118,6 +122,37 @@ class _Swap:
     def restore(self) -> None:
         for m, w in zip(self.modules, self.saved, strict=True):
             m.weight.data = w
+
+
+def fake_quantize_scaled(
+    w: torch.Tensor,
+    s: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    transpose: bool = False,
+    rows_per_chunk: int = 512,
+) -> torch.Tensor:
+    """``Q(w * s) / s`` for ``w [N, K]`` in ``w``'s dtype (``transpose``: returned as [K, N]).
+
+    Row chunks are computed in float32 one at a time, so the temporaries are a few chunks,
+    not several float32 copies of the whole weight (a 8192 x 2048 bf16 weight would need
+    ~5 x 64 MiB at once).
+    """
+    n = w.shape[0]
+    out = torch.empty(w.shape[::-1] if transpose else w.shape, dtype=w.dtype, device=w.device)
+    sf = None if s is None else s.to(w.device, torch.float32)
+    for r0 in range(0, n, rows_per_chunk):
+        wc = w[r0 : r0 + rows_per_chunk].float()
+        if sf is None:
+            q = fake_quantize(wc, bits, group_size, zero_point)
+        else:
+            q = fake_quantize(wc * sf, bits, group_size, zero_point) / sf
+        if transpose:
+            out[:, r0 : r0 + rows_per_chunk] = q.t()
+        else:
+            out[r0 : r0 + rows_per_chunk] = q
+    return out
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -217,16 +252,11 @@ class ScaleSearch:
         w2d = [weight_2d(m, c) for m, c in zip(mods, conv, strict=True)]
         w_mean = tie_mean(weight_mean(w2d, cfg.group_size), tie) if cfg.duo_scaling else None
         swap = _Swap(mods)
-        orig = [w.detach().float() for w in w2d]
+        orig = [w.detach() for w in w2d]
 
         def quantized(s: torch.Tensor | None) -> None:
             for i, (w, c) in enumerate(zip(orig, conv, strict=True)):
-                if s is None:
-                    q = fake_quantize(w, cfg.bits, cfg.group_size, cfg.zero_point)
-                else:
-                    q = fake_quantize(w * s, cfg.bits, cfg.group_size, cfg.zero_point) / s
-                q = q.to(swap.saved[i].dtype)
-                swap.set(i, (q.t() if c else q).contiguous())
+                swap.set(i, fake_quantize_scaled(w, s, cfg.bits, cfg.group_size, cfg.zero_point, c))
 
         if call is None:
             assert x is not None
@@ -374,7 +404,6 @@ def clip_ratios(
     g = effective_group_size(k, group_size)
     groups = math.ceil(k / g)
     pad = groups * g - k
-    wf = w.float()
     h = x.to(w.device, torch.float32) if x.dim() == 3 else group_gram(x.to(w.device), group_size)
     if h.shape != (groups, g, g):
         raise ValueError(f"clip_ratios: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
@@ -382,7 +411,7 @@ def clip_ratios(
     cand = [1.0 - i / grid for i in range(steps)]
     ratios = torch.ones(n, groups, 2, device=w.device)
     for r0 in range(0, n, rows_per_chunk):
-        wc = wf[r0 : r0 + rows_per_chunk]
+        wc = w[r0 : r0 + rows_per_chunk].float()
         nc = wc.shape[0]
         wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
         wg = wp.view(nc, groups, g)
@@ -409,7 +438,9 @@ def clip_ratios(
     return ratios
 
 
-def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str = "range") -> torch.Tensor:
+def apply_clip(
+    w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str = "range", rows_per_chunk: int = 512
+) -> torch.Tensor:
     """Clamp ``w [N, K]`` to ratio × the group's bounds (returns a new tensor, same dtype).
 
     ``ratios`` is ``[N, G]`` (one ratio for both bounds) or ``[N, G, 2]`` (lower, upper).
@@ -417,9 +448,13 @@ def apply_clip(w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str
     n, k = w.shape
     g = effective_group_size(k, group_size)
     pad = (-k) % g
-    wf = w.float()
-    wp = torch.cat([wf, wf.new_zeros(n, pad)], dim=1) if pad else wf
-    lo, hi = _clip_bounds(wp.view(n, -1, g), mode)
     r = ratios.to(w.device)
     r_lo, r_hi = (r[..., 0], r[..., 1]) if r.dim() == 3 else (r, r)
-    return torch.minimum(torch.maximum(wf, _expand(lo * r_lo, g, k)), _expand(hi * r_hi, g, k)).to(w.dtype)
+    out = torch.empty_like(w)
+    for r0 in range(0, n, rows_per_chunk):  # float32 temporaries of one chunk at a time
+        rows = slice(r0, r0 + rows_per_chunk)
+        wf = w[rows].float()
+        wp = torch.cat([wf, wf.new_zeros(wf.shape[0], pad)], dim=1) if pad else wf
+        lo, hi = _clip_bounds(wp.view(wf.shape[0], -1, g), mode)
+        out[rows] = torch.minimum(torch.maximum(wf, _expand(lo * r_lo[rows], g, k)), _expand(hi * r_hi[rows], g, k))
+    return out
