@@ -127,9 +127,17 @@ class Int4WeightTensor(TorchAOBaseTensor):
             raise TypeError(f"expected a floating point weight, got {w.dtype}.")
         check_quant_args(bits, group_size)
         w = w.detach()
-        scale, zero = quant_params(w, bits, group_size, zero_point)
-        scale = _round_scale(scale, w.dtype)
-        codes = quantize_codes(w, scale, zero, bits, group_size)
+        # row chunks: every quantity is per row, and the float32 temporaries stay small
+        codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+        scales, zeros = [], []
+        for r0 in range(0, w.shape[0], 1024):
+            wc = w[r0 : r0 + 1024]
+            scale, zero = quant_params(wc, bits, group_size, zero_point)
+            scale = _round_scale(scale, w.dtype)
+            codes[r0 : r0 + 1024] = quantize_codes(wc, scale, zero, bits, group_size)
+            scales.append(scale)
+            zeros.append(zero)
+        scale, zero = torch.cat(scales), torch.cat(zeros)
         return cls.from_codes(codes, scale, zero, bits, group_size, w.dtype, layout=layout)
 
     @classmethod
