@@ -94,8 +94,16 @@ def _scale_along(p: torch.Tensor, s: torch.Tensor, dim: int, divide: bool) -> to
     shape = [1] * p.dim()
     shape[dim] = -1
     sv = s.to(p.device, torch.float64).view(shape)
-    v = p.detach().double()
-    return (v / sv if divide else v * sv).to(p.dtype)
+    src = p.detach()
+    if src.dim() == 0:
+        return (src.double() / sv if divide else src.double() * sv).to(p.dtype)
+    out = torch.empty_like(src)
+    # float64 one row chunk at a time: a whole 8192 x 2048 weight would be 128 MiB per temporary
+    for r0 in range(0, src.shape[0], 1024):
+        v = src[r0 : r0 + 1024].double()
+        svc = sv[r0 : r0 + 1024] if dim == 0 else sv
+        out[r0 : r0 + 1024] = v / svc if divide else v * svc
+    return out
 
 
 def fold_producer(model: nn.Module, pf: ParamFold, s_prod: torch.Tensor, txn: Transaction) -> None:

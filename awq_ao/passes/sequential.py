@@ -234,6 +234,7 @@ def convert_sequential(
             stages = block_stages(analysis, local) if config.split_blocks else None
             if stages is None:
                 results, clip_inputs = run_search(block, analysis, a, kw, obs, config, report, label)
+                release_freed_memory()
                 apply_phase(block, analysis, results, clip_inputs, local, config, txn, report, replacements, prefix)
             else:
                 for k, (group_ids, stage_targets) in enumerate(stages):
