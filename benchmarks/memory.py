@@ -35,8 +35,6 @@ CLIP_GRID = 10
 CLIP_TOKENS = None
 
 
-
-
 def _build(model_name: str, layers: int, dtype):
     import torch
 

@@ -36,8 +36,6 @@ METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "torchao_awq"]
 BF16_METHODS = {"torchao_awq", "fp_bf16"}
 
 
-
-
 def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
            calib: str, search_samples: int) -> dict:
     """Quantize with one method and measure perplexity (runs in a fresh process)."""

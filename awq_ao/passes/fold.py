@@ -47,9 +47,9 @@ class Transaction:
     def _release(self, module: nn.Module) -> None:
         """Give a module that left the model its original parameters back now.
 
-        Its folded/clipped copies were only needed to build the replacement; keeping them
-        until commit would hold one full-precision copy of every quantized weight (memory
-        growing with depth). Rollback restores the same originals.
+        Its folded/clipped copies were only needed to build the replacement (e.g. the
+        ``nn.Linear`` that replaces a GPT-2 ``Conv1D``); keeping them until commit would hold a
+        full-precision copy of every replaced weight. Rollback restores the same originals.
         """
         for obj, attr, old in self._log:
             if obj is module and attr in module._parameters:

@@ -15,6 +15,9 @@ without scaling and listed in the report's warnings.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Any
 
 import torch
@@ -28,6 +31,16 @@ from awq_ao.passes.fold import Transaction
 from awq_ao.report import ConvertReport
 
 
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; no-op elsewhere).
 
@@ -35,22 +48,9 @@ def release_freed_memory() -> None:
     keeps such pages when small long-lived allocations (the block's INT4 weights) sit above
     them, so without this the process' resident memory grows block after block.
     """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-        except OSError:
-            lib = None
-        _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _StopForward(Exception):
