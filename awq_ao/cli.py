@@ -220,7 +220,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
     model, tok = load_source_model(args.model, dtype, args.allow_download, args.gguf_file)
-    model.to(args.device)
+    if args.spill_dir and not args.sequential:
+        raise CLIError("--spill-dir needs --sequential (layer-by-layer convert).")
+    # layer-by-layer: the model stays on the CPU and each block visits the device in turn
+    home = "cpu" if args.sequential else args.device
+    model.to(home)
     _precheck_format(model, args.format, args.bits, args.group_size)
     text = load_calibration_text(args.calib, args.text_field)
     try:
@@ -229,7 +233,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     _log(args, f"calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens; loaded in {time.perf_counter() - t0:.1f}s")
     fallback = args.fallback or ("multiply" if args.format == "awq_ao" else "skip")
-    calib = [b.to(args.device) for b in batches(blocks, args.batch_size)]
+    calib = [b.to(home) for b in batches(blocks, args.batch_size)]
+    layerwise = (
+        dict(sequential=True, device=None if args.device == "cpu" else args.device, spill_dir=args.spill_dir)
+        if args.sequential else {}
+    )
     with torch.no_grad():
         report = awq_ao.quantize(
             model,
@@ -238,8 +246,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             zero_point=not args.no_zero_point,
             fallback=fallback,
+            max_search_samples=args.search_samples,
             progress=not args.no_progress,
             verbose=False,
+            **layerwise,
         )
     if not args.quiet:
         print(report.summary())
@@ -353,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text-field", default="text", help="dataset column holding the text (default 'text')")
     q.add_argument("--n-samples", type=int, default=64, help="calibration sequences (default 64)")
     q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
+    q.add_argument("--search-samples", type=int, default=16, help="calibration sequences kept for the scale/clip search (default 16)")
+    q.add_argument("--sequential", action="store_true",
+                   help="layer-by-layer convert: one decoder block at a time (the model stays on the CPU; with --device cuda each block visits the GPU)")
+    q.add_argument("--spill-dir", default=None, metavar="DIR",
+                   help="with --sequential: keep the full-precision originals (for rollback) in a temporary folder here instead of in memory")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     q.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda, cuda:1, ...)")
     q.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, float16 on GPU), float32, bfloat16, float16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,14 @@ class AWQConfig(AOBaseConfig):
             quantized ones. Blocks that cannot be split (parallel attention/MLP, MoE) are
             searched whole. Off by default: on SmolLM2 INT4 g64 it measured 23.185 vs
             23.164 perplexity unsplit, at a third more search time.
+        spill_dir: sequential mode only: after each block, write the full-precision
+            originals its quantization replaced (kept only so a failure can restore the
+            model) to a temporary folder inside this directory and free them, so resident
+            memory falls block by block instead of holding the whole full-precision model
+            next to its INT4 copy. Needs free disk about the size of the quantized linears
+            in full precision; the files are deleted when convert ends. A rollback reads them
+            back (restored weights are new Parameter objects with the same values).
+            None keeps the originals in memory.
         device: compute device for sequential mode (e.g. "cuda"): each block is moved there
             for its step and back afterwards; the cached activations stay on the CPU.
             None keeps every block where it is.
@@ -92,6 +101,7 @@ class AWQConfig(AOBaseConfig):
     sequential: bool = False
     device: str | None = None
     split_blocks: bool = False
+    spill_dir: str | None = None
     experts: bool = True
     seed: int = 0
     progress: bool = True
@@ -118,6 +128,10 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("duo_scaling must be True, False or 'both'.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
+        if self.spill_dir is not None and not self.sequential:
+            raise ValueError("spill_dir only applies to sequential=True (layer-by-layer convert).")
+        if self.spill_dir is not None:
+            self.spill_dir = os.fspath(self.spill_dir)
         self.skip = tuple(self.skip)
         if self.include is not None:
             self.include = tuple(self.include)

@@ -39,6 +39,7 @@ class ConvertReport:
     size_after: int = 0
     experts_quantized: list[str] = field(default_factory=list)  # 3-D MoE expert weights
     experts_no_tokens: int = 0  # experts that received no calibration tokens
+    spilled_bytes: int = 0  # rollback originals kept on disk (sequential spill_dir)
 
     @property
     def folded(self) -> int:
@@ -67,6 +68,8 @@ class ConvertReport:
                 f"  size: {self.size_before / 2**20:.1f} MiB -> {self.size_after / 2**20:.1f} MiB "
                 f"({self.size_before / max(self.size_after, 1):.2f}x smaller)"
             )
+        if self.spilled_bytes:
+            lines.append(f"  rollback originals kept on disk instead of in memory: {self.spilled_bytes / 2**20:.0f} MiB")
         if self.times:
             lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
         scored = [g for g in self.groups if g.loss_rtn is not None and g.loss_best is not None]

@@ -19,8 +19,10 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ["awq_ao_sequential", "awq_ao_in_memory", "torchao_awq"]
+METHODS = ["awq_ao_sequential", "awq_ao_sequential_spill", "awq_ao_in_memory", "torchao_awq"]
 # a cheaper clipping search than the library default (time only: the clipping search keeps a
 # [K/g, g, g] Gram per layer whatever its grid); torchao's AWQ does no clipping at all
 CLIP_GRID = 10
@@ -82,10 +84,17 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
     peak_kind = reset_peak()
     t0 = time.perf_counter()
     if method.startswith("awq_ao"):
-        awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
-                        n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
-                        clip_grid=CLIP_GRID, clip_tokens=CLIP_TOKENS,
-                        sequential=method == "awq_ao_sequential")
+        sequential = method.startswith("awq_ao_sequential")
+        # spill: rollback originals go to a temporary folder on disk instead of staying in memory
+        spill = tempfile.mkdtemp(prefix="awq_ao_memory_") if method == "awq_ao_sequential_spill" else None
+        try:
+            awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
+                            n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
+                            clip_grid=CLIP_GRID, clip_tokens=CLIP_TOKENS,
+                            sequential=sequential, spill_dir=spill)
+        finally:
+            if spill is not None:
+                shutil.rmtree(spill, ignore_errors=True)
     else:
         from torchao.prototype.awq import AWQConfig
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
@@ -103,10 +112,11 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
         quantize_(model, AWQConfig(base, step="convert", scale_search_space_size=n_grid), filter_fn=keep)
     wall = time.perf_counter() - t0
     peak = peak_mib()
+    after = current_mib()
     qsize = model_size_bytes(model) / 2**20
     return {"method": method, "model": model_name, "layers": layers, "params": n_params,
             "dtype": dtype_name, "rss_loaded_mib": loaded, "peak_rss_mib": peak,
-            "overhead_mib": peak - loaded, "quantized_model_mib": qsize, "quant_s": wall,
+            "overhead_mib": peak - loaded, "rss_after_mib": after, "quantized_model_mib": qsize, "quant_s": wall,
             "peak_measured_by": peak_kind}
 
 

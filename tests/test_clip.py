@@ -121,3 +121,13 @@ def test_row_chunked_helpers_match_whole_weight(n, k, gs, chunk, seed):
     wa = torch.cat([w.float().abs(), torch.zeros(n, pad)], dim=1).view(n, -1, gs)
     ref = (wa / (wa.amax(-1, keepdim=True) + 1e-6)).view(n, -1)[:, :k].mean(0)
     torch.testing.assert_close(weight_mean([w[: n // 2 + 1], w[n // 2 + 1 :]] if n > 1 else [w], gs), ref)
+
+
+def test_from_float_rejects_params_of_the_wrong_shape():
+    import pytest
+
+    from awq_ao.lowering.int4_tensor import Int4WeightTensor
+
+    w = torch.randn(8, 32)
+    with pytest.raises(ValueError, match=r"params must be \(scale, zero\) of shape \(8, 2\)"):
+        Int4WeightTensor.from_float(w, 4, 16, True, params=(torch.ones(8, 3), torch.zeros(8, 3)))

@@ -113,11 +113,14 @@ class Int4WeightTensor(TorchAOBaseTensor):
         group_size: int = 128,
         zero_point: bool = True,
         layout: str | None = None,
+        params: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Int4WeightTensor:
         """Round-to-nearest quantize a float ``[N, K]`` weight (see ``quant_math.quantize``).
 
         The scale is rounded to ``w.dtype`` *before* the codes are computed, so the stored scale
         is the one the codes were rounded against. ``layout=None`` picks one for ``w.device``.
+        ``params``: per-group ``(scale, zero)`` ``[N, G]`` to round against instead of the
+        weight's min/max (e.g. chosen by error-feedback rounding).
         """
         if isinstance(w, Int4WeightTensor):
             raise TypeError("weight is already an Int4WeightTensor.")
@@ -127,12 +130,22 @@ class Int4WeightTensor(TorchAOBaseTensor):
             raise TypeError(f"expected a floating point weight, got {w.dtype}.")
         check_quant_args(bits, group_size)
         w = w.detach()
+        groups = num_groups(w.shape[1], group_size)
+        if params is not None and (params[0].shape != (w.shape[0], groups) or params[1].shape != params[0].shape):
+            raise ValueError(
+                f"params must be (scale, zero) of shape {(w.shape[0], groups)}, got "
+                f"{tuple(params[0].shape)} and {tuple(params[1].shape)}."
+            )
         # row chunks: every quantity is per row, and the float32 temporaries stay small
         codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
         scales, zeros = [], []
         for r0 in range(0, w.shape[0], 1024):
             wc = w[r0 : r0 + 1024]
-            scale, zero = quant_params(wc, bits, group_size, zero_point)
+            if params is None:
+                scale, zero = quant_params(wc, bits, group_size, zero_point)
+            else:
+                scale = params[0][r0 : r0 + 1024].float().to(w.device)
+                zero = params[1][r0 : r0 + 1024].float().to(w.device)
             scale = _round_scale(scale, w.dtype)
             codes[r0 : r0 + 1024] = quantize_codes(wc, scale, zero, bits, group_size)
             scales.append(scale)

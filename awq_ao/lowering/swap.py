@@ -26,7 +26,11 @@ def is_quantizable_linear(module: nn.Module) -> bool:
 
 
 def quantize_linear_module(
-    module: nn.Module, bits: int = 4, group_size: int = 128, zero_point: bool = True
+    module: nn.Module,
+    bits: int = 4,
+    group_size: int = 128,
+    zero_point: bool = True,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Quantize a linear layer's weight to an :class:`Int4WeightTensor` (round to nearest).
 
@@ -36,7 +40,8 @@ def quantize_linear_module(
       ``nn.Linear`` holding the transposed weight, quantized, and a copy of the bias is returned;
       the caller replaces the child module with it.
 
-    Any scaling (AWQ) must already be folded into the weight. Raises ``TypeError`` for other
+    ``params``: per-group ``(scale, zero)`` for the ``[out, in]`` weight (see
+    ``Int4WeightTensor.from_float``). Any scaling (AWQ) must already be folded into the weight. Raises ``TypeError`` for other
     module types and ``ValueError`` for an already quantized weight.
     """
     conv1d = _conv1d_type()
@@ -44,7 +49,7 @@ def quantize_linear_module(
         w = module.weight
         if isinstance(w, Int4WeightTensor):
             raise ValueError(f"{type(module).__name__} weight is already an Int4WeightTensor.")
-        q = Int4WeightTensor.from_float(w.detach(), bits, group_size, zero_point)
+        q = Int4WeightTensor.from_float(w.detach(), bits, group_size, zero_point, params=params)
         module.weight = nn.Parameter(q, requires_grad=False)
         return module
     if conv1d is not None and isinstance(module, conv1d):
@@ -56,7 +61,7 @@ def quantize_linear_module(
         linear = nn.Linear(
             in_features, out_features, bias=bias is not None, device="meta", dtype=w.dtype
         )
-        q = Int4WeightTensor.from_float(w.detach().t().contiguous(), bits, group_size, zero_point)
+        q = Int4WeightTensor.from_float(w.detach().t().contiguous(), bits, group_size, zero_point, params=params)
         linear.weight = nn.Parameter(q, requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)

@@ -300,6 +300,7 @@ def apply_phase(
             continue
         mod = root.get_submodule(name)
         conv = type(mod).__name__ == "Conv1D"
+        params = None
         if config.clip and name in clip_inputs and name not in qk:
             w = weight_2d(mod, conv)
             x = clip_inputs[name].to(w.device, torch.float32)  # group Gram of the inputs
@@ -312,12 +313,13 @@ def apply_phase(
             )
             clipped = apply_clip(w.detach(), ratios, config.group_size, config.clip_mode)
             txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
+            del clipped
             report.clipped += 1
         # quantize_linear_module may assign the weight in place; record it first
         txn._save(mod, "weight")
         if getattr(mod, "bias", None) is not None:
             txn._save(mod, "bias")
-        new = swap.quantize_linear_module(mod, config.bits, config.group_size, config.zero_point)
+        new = swap.quantize_linear_module(mod, config.bits, config.group_size, config.zero_point, params=params)
         if name in input_scale:
             new = ScaledInputLinear(new, 1.0 / input_scale[name])
         if new is not mod:
@@ -354,7 +356,7 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
         o.enabled = False
     if state is not None and state.recorder is not None:
         state.recorder.enabled = False
-    txn = Transaction()
+    txn = Transaction(config.spill_dir)
     replacements: dict[int, nn.Module] = {}
     # replays must not grow a KV cache, also where use_cache only arrives through **kwargs
     hf_config = getattr(model, "config", None)
@@ -381,12 +383,16 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     except BaseException:
         if saved_use_cache:
             hf_config.use_cache = saved_use_cache
-        txn.rollback()
+        try:
+            txn.rollback()
+        finally:
+            txn.close()
         for o in observers.values():
             o.enabled = True
         if state is not None and state.recorder is not None:
             state.recorder.enabled = True
         raise
+    txn.close()
     if saved_use_cache:
         hf_config.use_cache = saved_use_cache
     if state is None:

@@ -6,6 +6,11 @@ writing in place, so a failure anywhere in convert restores the user's model exa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,12 +19,99 @@ from torch import nn
 from awq_ao.passes.groups import ParamFold, ScaleGroup
 
 
-class Transaction:
-    """Records attribute and module replacements so they can be undone."""
+@dataclass
+class _Spilled:
+    """Where a rollback original written to disk by :meth:`Transaction.spill` lives."""
 
-    def __init__(self) -> None:
+    path: Path
+    key: str
+    is_param: bool
+    requires_grad: bool
+
+    def load(self, cache: dict[Path, dict[str, torch.Tensor]]) -> torch.Tensor:
+        if self.path not in cache:
+            cache.clear()  # one file at a time: rollback walks the log newest first
+            cache[self.path] = torch.load(self.path, weights_only=True)
+        t = cache[self.path][self.key]
+        return nn.Parameter(t, requires_grad=self.requires_grad) if self.is_param else t
+
+
+class Transaction:
+    """Records attribute and module replacements so they can be undone.
+
+    ``spill_dir``: a folder where :meth:`spill` may write the recorded full-precision
+    originals (a private temporary folder is made inside it and removed by :meth:`close`).
+    """
+
+    def __init__(self, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self._log: list[tuple[Any, str, Any]] = []
         self._seen: set[tuple[int, str]] = set()
+        self._spill_root = Path(spill_dir) if spill_dir is not None else None
+        self._spill_dir: Path | None = None
+        self._spills = 0
+        self.spilled_bytes = 0
+
+    def spill(self, min_bytes: int = 4096) -> int:
+        """Write the recorded originals of at least ``min_bytes`` to disk and drop them.
+
+        Sequential convert calls this after each block: the originals are kept only so a
+        failure can restore the model, and holding them would keep the whole full-precision
+        model in memory next to its INT4 copy. Parameters of modules that left the model
+        (e.g. a replaced ``Conv1D``) are spilled too. Returns the bytes written. Raises
+        ``OSError`` naming the folder if the write fails (e.g. the disk is full); nothing
+        is dropped then, so rollback still works.
+        """
+        if self._spill_root is None:
+            raise ValueError("this Transaction has no spill_dir")
+        slots: list[tuple[Any, str, torch.Tensor]] = []  # (log index or module, attr, tensor)
+        for i, (_obj, attr, old) in enumerate(self._log):
+            if isinstance(old, torch.Tensor) and old.device.type != "meta" and old.nbytes >= min_bytes:
+                slots.append((i, attr, old))
+            elif isinstance(old, nn.Module):
+                for m in old.modules():
+                    for name, p in m._parameters.items():
+                        if p is not None and p.device.type != "meta" and p.nbytes >= min_bytes:
+                            slots.append((m, name, p))
+        if not slots:
+            return 0
+        if self._spill_dir is None:
+            self._spill_root.mkdir(parents=True, exist_ok=True)
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="awq_ao_rollback_", dir=self._spill_root))
+        path = self._spill_dir / f"originals_{self._spills:05d}.pt"
+        data: dict[str, torch.Tensor] = {}
+        for k, (_, _, t) in enumerate(slots):
+            v = t.detach()
+            # a view would save its whole storage: save a compact copy instead
+            if v.untyped_storage().nbytes() != v.nbytes or not v.is_contiguous():
+                v = v.contiguous().clone()
+            data[str(k)] = v
+        nbytes = sum(v.nbytes for v in data.values())
+        try:
+            torch.save(data, path)
+        except (OSError, RuntimeError) as e:
+            path.unlink(missing_ok=True)
+            raise OSError(
+                f"could not write {nbytes / 2**20:.0f} MiB of rollback originals to {self._spill_dir}: {e}. "
+                "Free disk space there, pass another spill_dir, or spill_dir=None to keep them in memory."
+            ) from e
+        del data
+        self._spills += 1
+        for k, (slot, attr, t) in enumerate(slots):
+            rec = _Spilled(path, str(k), isinstance(t, nn.Parameter), bool(t.requires_grad))
+            if isinstance(slot, int):
+                obj, _, _ = self._log[slot]
+                self._log[slot] = (obj, attr, rec)
+            else:
+                slot._parameters[attr] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                self._log.append((slot, attr, rec))
+        self.spilled_bytes += nbytes
+        return nbytes
+
+    def close(self) -> None:
+        """Delete the spilled files (after commit or rollback)."""
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
 
     def _save(self, obj: Any, attr: str) -> None:
         key = (id(obj), attr)
@@ -52,12 +144,15 @@ class Transaction:
         full-precision copy of every replaced weight. Rollback restores the same originals.
         """
         for obj, attr, old in self._log:
-            if obj is module and attr in module._parameters:
+            if obj is module and attr in module._parameters and not isinstance(old, _Spilled):
                 module._parameters[attr] = old
 
     def rollback(self) -> None:
-        """Undo every recorded change, newest first."""
+        """Undo every recorded change, newest first (reading spilled originals back)."""
+        cache: dict[Path, dict[str, torch.Tensor]] = {}
         for obj, attr, old in reversed(self._log):
+            if isinstance(old, _Spilled):
+                old = old.load(cache)
             if isinstance(obj, nn.Module) and isinstance(old, nn.Module):
                 setattr(obj, attr, old)
             elif isinstance(obj, nn.Module) and attr in obj._parameters:

@@ -458,3 +458,4 @@ def apply_clip(
         lo, hi = _clip_bounds(wp.view(wf.shape[0], -1, g), mode)
         out[rows] = torch.minimum(torch.maximum(wf, _expand(lo * r_lo[rows], g, k)), _expand(hi * r_hi[rows], g, k))
     return out
+

@@ -257,6 +257,8 @@ def convert_sequential(
         if dev is not None and home is not None:
             block.to(home)
         del out, nxt, a, kw
+        if config.spill_dir is not None:
+            txn.spill()
         release_freed_memory()
     rest = [t for t in targets if t not in done]
     if rest:
@@ -265,3 +267,4 @@ def convert_sequential(
             f"{len(rest)} linears outside {blocks_name} were quantized without scaling: "
             + ", ".join(rest[:5])
         )
+    report.spilled_bytes = txn.spilled_bytes
