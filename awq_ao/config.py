@@ -38,6 +38,13 @@ class AWQConfig(AOBaseConfig):
         clip_mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
             quantization); ``"asymmetric"`` also refines the lower and upper ends separately
             (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
+        rounding: how codes are chosen on each group's (scale, zero) grid after scaling and
+            clipping: ``"nearest"`` (AWQ) or ``"gptq"``: column by column with the rounding
+            error compensated by the later columns through the inputs' Gram (the GPTQ
+            update, the grid kept fixed). Same storage, kernels and formats either way;
+            ``"gptq"`` keeps one ``[K, K]`` Gram per quantized linear until it is
+            quantized (in sequential mode: one block's).
+        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``.
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
             every calibration batch.
@@ -92,6 +99,8 @@ class AWQConfig(AOBaseConfig):
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
     clip_qk: bool = False
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    gptq_damp: float = 0.01
     max_search_samples: int = 16
     clip_tokens: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -126,6 +135,10 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("clip_mode must be 'range', 'asymmetric' or 'symmetric'.")
         if self.duo_scaling not in (True, False, "both"):
             raise ValueError("duo_scaling must be True, False or 'both'.")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError("rounding must be 'nearest' or 'gptq'.")
+        if not self.gptq_damp > 0:
+            raise ValueError("gptq_damp must be > 0.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
         if self.spill_dir is not None and not self.sequential:

@@ -32,6 +32,7 @@ class ConvertReport:
     kept: list[str] = field(default_factory=list)
     unseen: list[str] = field(default_factory=list)
     clipped: int = 0
+    error_feedback: int = 0  # linears rounded with error feedback (rounding="gptq")
     fallback_multiplies: int = 0
     times: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -56,7 +57,8 @@ class ConvertReport:
             f"awq_ao: INT{self.bits} g{self.group_size} {'asym' if self.zero_point else 'sym'}: "
             f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in full precision",
             f"  groups: {len(self.groups)} ({', '.join(f'{k}: {v}' for k, v in sorted(self.kind_counts().items()))}); "
-            f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}",
+            f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}"
+            + (f", error-feedback rounded {self.error_feedback}" if self.error_feedback else ""),
         ]
         if self.experts_quantized:
             lines.append(

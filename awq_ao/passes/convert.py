@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from awq_ao.config import AWQConfig
+from awq_ao.lowering.int4_tensor import _round_scale
+from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.observers.activation import RecordedCall
 from awq_ao.observers.attach import select_targets
@@ -23,6 +25,7 @@ from awq_ao.passes.capture import CaptureError, call_kwargs, capture
 from awq_ao.passes.experts import plan_experts, quantize_experts, search_experts
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis, find_groups
+from awq_ao.passes.rounding import error_feedback_round, group_blocks, scale_full_gram
 from awq_ao.passes.search import (
     GroupResult,
     ScaleSearch,
@@ -301,20 +304,39 @@ def apply_phase(
         mod = root.get_submodule(name)
         conv = type(mod).__name__ == "Conv1D"
         params = None
-        if config.clip and name in clip_inputs and name not in qk:
-            w = weight_2d(mod, conv)
-            x = clip_inputs[name].to(w.device, torch.float32)  # group Gram of the inputs
+        gram = clip_inputs.get(name)
+        full = None  # [K, K] Gram of the (scaled) inputs, for error-feedback rounding
+        if gram is not None:
+            gram = gram.to(weight_2d(mod, conv).device, torch.float32)
             s = scale_of.get(name)
-            if s is not None:
-                x = scale_gram(x, s)
+            if gram.dim() == 2:
+                full = scale_full_gram(gram, s) if s is not None else gram
+                gram = group_blocks(full, config.group_size)
+            elif s is not None:
+                gram = scale_gram(gram, s)
+        w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
+        if config.clip and gram is not None and name not in qk:
             ratios = clip_ratios(
-                w.detach(), x, config.bits, config.group_size, config.zero_point,
+                w_target, gram, config.bits, config.group_size, config.zero_point,
                 config.clip_grid, config.max_shrink, mode=config.clip_mode,
             )
-            clipped = apply_clip(w.detach(), ratios, config.group_size, config.clip_mode)
+            clipped = apply_clip(w_target, ratios, config.group_size, config.clip_mode)
             txn.set_param(mod, "weight", clipped.t().contiguous() if conv else clipped)
             del clipped
             report.clipped += 1
+        if full is not None:
+            # the grid of the clipped weight, the codes chosen with error feedback on the
+            # unclipped one (the grid's clamp does the clipping)
+            w_now = weight_2d(mod, conv).detach()
+            gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
+            gs = _round_scale(gs, w_now.dtype)
+            q = error_feedback_round(w_target, gs, zs, full, config.bits, config.group_size, config.gptq_damp)
+            q = q.to(w_now.dtype)
+            txn.set_param(mod, "weight", q.t().contiguous() if conv else q)
+            params = (gs, zs)
+            report.error_feedback += 1
+            del q, w_now
+        del gram, full, w_target
         # quantize_linear_module may assign the weight in place; record it first
         txn._save(mod, "weight")
         if getattr(mod, "bias", None) is not None:

@@ -25,6 +25,7 @@ from awq_ao.lowering.quant_math import effective_group_size, fake_quantize
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
+from awq_ao.passes.rounding import full_gram
 
 
 @dataclass
@@ -176,7 +177,8 @@ class ScaleSearch:
         self.config = config
         self.modules = dict(model.named_modules())
         self.results: dict[int, GroupResult] = {}
-        self.clip_inputs: dict[str, torch.Tensor] = {}  # consumer -> group Gram [G, g, g]
+        # consumer -> group Gram [G, g, g], or the full Gram [K, K] for rounding="gptq"
+        self.clip_inputs: dict[str, torch.Tensor] = {}
         self.active = True
         self.progress = progress
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -215,7 +217,10 @@ class ScaleSearch:
             if not self.active or not args or not isinstance(args[0], torch.Tensor):
                 return
             x = args[0]
-            if name not in self.clip_inputs and self.config.clip:
+            if name not in self.clip_inputs and self.config.rounding == "gptq":
+                # the full Gram: error-feedback rounding needs it, clipping reads its diagonal blocks
+                self.clip_inputs[name] = full_gram(x, self.config.clip_tokens).cpu()
+            elif name not in self.clip_inputs and self.config.clip:
                 self.clip_inputs[name] = group_gram(x, self.config.group_size, self.config.clip_tokens).cpu()
             for gi in self._direct.get(name, []):
                 if gi not in self.results:

@@ -1,0 +1,132 @@
+"""Error-feedback rounding of AWQ-scaled, clipped weights (the GPTQ update, fixed groups).
+
+AWQ chooses *how* to scale and clip a weight; every code is then rounded to nearest. With the
+input Gram ``H = X^T X / T`` of a linear layer (already collected for the clipping search),
+the rounding error of one input column can be compensated by the columns not yet rounded:
+processing columns in order, the error ``e_j`` of column ``j`` is spread over the later columns
+through the Cholesky factor of ``H^-1`` (Frantar et al., GPTQ). The group scales and zeros
+are fixed beforehand (from the clipped weight), so the result is stored exactly like a
+round-to-nearest weight: same codes, same kernels, same checkpoint formats.
+
+Rows are independent given ``H``, so the weight is processed in row chunks (bounded memory);
+columns in blocks of ``block`` with one matrix product per block for the later columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from awq_ao.lowering.quant_math import effective_group_size
+
+
+def full_gram(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """``X^T X / T`` (float32 ``[K, K]``) of activations ``x [..., K]``.
+
+    ``max_tokens`` evenly subsamples the tokens first (as :func:`search.group_gram`).
+    """
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    if max_tokens is not None and x2.shape[0] > max_tokens:
+        idx = torch.linspace(0, x2.shape[0] - 1, max_tokens, device=x2.device).round().long()
+        x2 = x2[idx]
+    xf = x2.float()
+    return (xf.t() @ xf) / max(xf.shape[0], 1)
+
+
+def group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The per-group diagonal blocks ``[G, g, g]`` of a full Gram ``[K, K]``.
+
+    Equals :func:`search.group_gram` of the same tokens (ragged last group zero-padded).
+    """
+    k = h.shape[0]
+    g = effective_group_size(k, group_size)
+    groups = math.ceil(k / g)
+    pad = groups * g - k
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad)) if pad else h
+    idx = torch.arange(groups, device=h.device)
+    return hp.view(groups, g, groups, g)[idx, :, idx, :]
+
+
+def scale_full_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Gram of ``x / s`` from the Gram ``h [K, K]`` of ``x`` (``s``: [K] scales)."""
+    inv = 1.0 / s.to(h.device, torch.float32)
+    return h * inv[:, None] * inv[None, :]
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float64 ``[K, K]``).
+
+    Channels that never saw a non-zero input get a unit diagonal. If the damped matrix is
+    still not positive definite (collinear inputs in low precision), the damping is raised
+    tenfold up to three times before a ``torch.linalg.LinAlgError`` propagates.
+    """
+    hh = h.double().clone()
+    dead = torch.diagonal(hh) <= 0
+    hh[dead, :] = 0
+    hh[:, dead] = 0
+    hh[dead, dead] = 1.0
+    mean_diag = float(torch.diagonal(hh).mean())
+    eye = torch.eye(hh.shape[0], dtype=hh.dtype, device=hh.device)
+    for attempt in range(4):
+        lam = damp * (10**attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hh + lam * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u
+    raise torch.linalg.LinAlgError(
+        f"the input Gram ({hh.shape[0]} channels) is not positive definite even with damping "
+        f"{damp * 1000:g}; use rounding='nearest' for this model or more calibration data."
+    )
+
+
+def error_feedback_round(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block: int = 128,
+    rows_per_chunk: int = 1024,
+) -> torch.Tensor:
+    """Round ``w [N, K]`` on the fixed grid ``(scale, zero) [N, G]`` with GPTQ error feedback.
+
+    ``h [K, K]``: Gram of the layer's inputs (for a scaled weight, of the scaled inputs).
+    Returns the dequantized weight (``[N, K]``, float32; float64 for a float64 ``w``): every
+    value is ``(code - zero) * scale`` of its group, so quantizing it again with the same
+    ``(scale, zero)`` gives back the codes. The expected output error
+    ``tr((W - Q) H (W - Q)^T)`` is what it lowers.
+    """
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"error_feedback_round: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
+    g = effective_group_size(k, group_size)
+    max_int = 2**bits - 1
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    u = inverse_cholesky(h.to(w.device), damp).to(cdt)
+    col_group = torch.arange(k, device=w.device) // g
+    out = torch.empty(n, k, dtype=cdt, device=w.device)
+    for r0 in range(0, n, rows_per_chunk):
+        wr = w[r0 : r0 + rows_per_chunk].to(cdt).clone()
+        s = scale[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]  # [n, K]
+        z = zero[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]
+        for b0 in range(0, k, block):
+            b1 = min(b0 + block, k)
+            wb = wr[:, b0:b1]
+            err = torch.empty_like(wb)
+            for i in range(b1 - b0):
+                c = b0 + i
+                q = (torch.round(wb[:, i] / s[:, c]) + z[:, c]).clamp(0, max_int)
+                dq = (q - z[:, c]) * s[:, c]
+                out[r0 : r0 + wr.shape[0], c] = dq
+                e = (wb[:, i] - dq) / u[c, c]
+                err[:, i] = e
+                if i + 1 < b1 - b0:
+                    wb[:, i + 1 :] -= e[:, None] * u[c, c + 1 : b1][None, :]
+            if b1 < k:
+                wr[:, b1:] -= err @ u[b0:b1, b1:]
+    return out

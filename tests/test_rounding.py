@@ -1,0 +1,145 @@
+"""Error-feedback (GPTQ) rounding on a fixed grid: properties and a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from awq_ao.lowering.quant_math import dequantize_codes, quant_params, quantize_codes
+from awq_ao.passes.rounding import (
+    error_feedback_round,
+    full_gram,
+    group_blocks,
+    inverse_cholesky,
+    scale_full_gram,
+)
+from awq_ao.passes.search import group_gram, scale_gram
+
+
+def reference_round(w, scale, zero, h, bits, g, damp):
+    """Textbook GPTQ, one column at a time, float64, no blocking or row chunks."""
+    n, k = w.shape
+    hh = h.double().clone()
+    hh += damp * hh.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hh)), upper=True)
+    wr = w.double().clone()
+    out = torch.empty_like(wr)
+    for c in range(k):
+        s, z = scale[:, c // g].double(), zero[:, c // g].double()
+        q = (torch.round(wr[:, c] / s) + z).clamp(0, 2**bits - 1)
+        out[:, c] = (q - z) * s
+        e = (wr[:, c] - out[:, c]) / u[c, c]
+        wr[:, c:] -= e[:, None] * u[c, c:][None, :]
+    return out
+
+
+def correlated(t, k, gen, mix_seed=None):
+    """Tokens with correlated channels (the same correlation for the same ``mix_seed``)."""
+    mg = gen if mix_seed is None else torch.Generator().manual_seed(mix_seed)
+    mix = torch.randn(k, k, generator=mg, dtype=torch.float64) / math.sqrt(k)
+    return torch.randn(t, k, generator=gen, dtype=torch.float64) @ (torch.eye(k, dtype=torch.float64) + mix)
+
+
+cases = st.tuples(
+    st.integers(1, 20),  # out features
+    st.sampled_from([8, 24, 40, 64]),  # in features (ragged for g=16)
+    st.sampled_from([8, 16, -1]),  # group size
+    st.sampled_from([3, 4]),
+    st.booleans(),  # zero point
+    st.sampled_from([1, 5, 16, 128]),  # column block
+    st.integers(1, 7),  # rows per chunk
+    st.integers(0, 2**16),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases)
+def test_matches_float64_reference_and_stays_on_the_grid(case):
+    n, k, gs, bits, zp, block, rows, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    x = correlated(4 * k, k, gen)
+    h = full_gram(x)
+    g = k if gs == -1 else gs
+    scale, zero = quant_params(w, bits, gs, zp)
+    q = error_feedback_round(w, scale, zero, h, bits, gs, damp=0.01, block=block, rows_per_chunk=rows)
+    ref = reference_round(w, scale.double(), zero.double(), h, bits, g, 0.01)
+    torch.testing.assert_close(q, ref, rtol=0, atol=1e-9)
+    # every value is a grid point: quantizing again with the same grid reproduces it
+    codes = quantize_codes(q, scale, zero, bits, gs)
+    torch.testing.assert_close(dequantize_codes(codes, scale, zero, gs, torch.float64), q, rtol=0, atol=1e-9)
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 48, generator=gen)
+    h = torch.diag(torch.rand(48, generator=gen) + 0.5)  # a diagonal Gram: nothing to compensate
+    scale, zero = quant_params(w, 4, 16)
+    q = error_feedback_round(w, scale, zero, h, 4, 16)
+    rtn = dequantize_codes(quantize_codes(w, scale, zero, 4, 16), scale, zero, 16)
+    torch.testing.assert_close(q, rtn, rtol=0, atol=0)
+
+
+def test_lowers_the_output_error_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=gen)
+    x = correlated(2000, 96, gen, mix_seed=7).float()
+    xt = correlated(2000, 96, torch.Generator().manual_seed(2), mix_seed=7).float()  # held-out tokens
+    scale, zero = quant_params(w, 4, 32)
+    q = error_feedback_round(w, scale, zero, full_gram(x), 4, 32)
+    rtn = dequantize_codes(quantize_codes(w, scale, zero, 4, 32), scale, zero, 32)
+    for data in (x, xt):
+        e_q = (data @ (q - w).t()).pow(2).mean()
+        e_rtn = (data @ (rtn - w).t()).pow(2).mean()
+        assert e_q < 0.9 * e_rtn
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(2, 70), gs=st.sampled_from([4, 16, -1]), t=st.integers(1, 50), seed=st.integers(0, 999))
+def test_gram_helpers_agree(k, gs, t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=gen)
+    s = torch.rand(k, generator=gen) + 0.5
+    h = full_gram(x)
+    torch.testing.assert_close(group_blocks(h, gs), group_gram(x, gs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale_full_gram(h, s), full_gram(x / s), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(group_blocks(scale_full_gram(h, s), gs), scale_gram(group_gram(x, gs), s),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dead_channels_and_singular_grams():
+    x = torch.randn(30, 12)
+    x[:, 3] = 0  # a channel that never fires
+    x[:, 5] = x[:, 4]  # collinear channels: singular without damping
+    u = inverse_cholesky(full_gram(x), 0.01)
+    assert torch.isfinite(u).all() and bool((u.diagonal() > 0).all())
+    w = torch.randn(4, 12)
+    scale, zero = quant_params(w, 4, 4)
+    assert torch.isfinite(error_feedback_round(w, scale, zero, full_gram(x), 4, 4)).all()
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="does not fit weight"):
+        error_feedback_round(torch.randn(4, 8), torch.ones(4, 1), torch.zeros(4, 1), torch.eye(6), 4, 8)
+
+
+def test_end_to_end_option_lowers_error_and_keeps_format():
+    from tiny_models import compare_two_converts
+
+    ra, rb, ea, eb = compare_two_converts("llama", 2, {}, {"rounding": "gptq"})
+    assert rb.error_feedback == len(rb.quantized) == len(ra.quantized)
+    assert "error-feedback rounded" in rb.summary()
+    assert eb < ea
+
+
+def test_bad_rounding_option():
+    from awq_ao import awq_config
+
+    with pytest.raises(ValueError, match="rounding"):
+        awq_config(rounding="stochastic")
+    with pytest.raises(ValueError, match="gptq_damp"):
+        awq_config(rounding="gptq", gptq_damp=0.0)
