@@ -143,3 +143,17 @@ def test_bad_rounding_option():
         awq_config(rounding="stochastic")
     with pytest.raises(ValueError, match="gptq_damp"):
         awq_config(rounding="gptq", gptq_damp=0.0)
+
+
+def test_linears_reading_one_input_share_one_gram(monkeypatch):
+    from tiny_models import tiny_model, token_batches
+
+    import awq_ao
+    import awq_ao.passes.search as search
+
+    calls = []
+    real = search.full_gram
+    monkeypatch.setattr(search, "full_gram", lambda x, *a: calls.append(x.shape) or real(x, *a))
+    awq_ao.quantize(tiny_model("llama", layers=1), token_batches(2), group_size=32, rounding="gptq",
+                    verbose=False, progress=False)
+    assert len(calls) == 4  # q/k/v, o, gate/up, down

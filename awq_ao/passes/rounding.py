@@ -22,7 +22,7 @@ from awq_ao.lowering.quant_math import effective_group_size
 
 
 def full_gram(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
-    """``X^T X / T`` (float32 ``[K, K]``) of activations ``x [..., K]``.
+    """``X^T X / T`` (float32 ``[K, K]``; float64 for float64 ``x``) of activations ``x [..., K]``.
 
     ``max_tokens`` evenly subsamples the tokens first (as :func:`search.group_gram`).
     """
@@ -30,7 +30,7 @@ def full_gram(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
     if max_tokens is not None and x2.shape[0] > max_tokens:
         idx = torch.linspace(0, x2.shape[0] - 1, max_tokens, device=x2.device).round().long()
         x2 = x2[idx]
-    xf = x2.float()
+    xf = x2 if x2.dtype == torch.float64 else x2.float()
     return (xf.t() @ xf) / max(xf.shape[0], 1)
 
 
@@ -55,24 +55,29 @@ def scale_full_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float64 ``[K, K]``).
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (``[K, K]``, in ``h``'s
+    precision: float32, or float64 for a float64 ``h``).
 
     Channels that never saw a non-zero input get a unit diagonal. If the damped matrix is
     still not positive definite (collinear inputs in low precision), the damping is raised
-    tenfold up to three times before a ``torch.linalg.LinAlgError`` propagates.
+    tenfold up to three times before a ``torch.linalg.LinAlgError`` propagates. At most three
+    ``[K, K]`` matrices are alive at once (K = 8192: 768 MiB in float32).
     """
-    hh = h.double().clone()
+    hh = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).clone()
     dead = torch.diagonal(hh) <= 0
     hh[dead, :] = 0
     hh[:, dead] = 0
     hh[dead, dead] = 1.0
     mean_diag = float(torch.diagonal(hh).mean())
-    eye = torch.eye(hh.shape[0], dtype=hh.dtype, device=hh.device)
+    added = 0.0
     for attempt in range(4):
         lam = damp * (10**attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(hh + lam * eye)
+        torch.diagonal(hh).add_(lam - added)  # in place: no identity matrix, no extra copy
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(hh)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return u
@@ -107,7 +112,7 @@ def error_feedback_round(
     g = effective_group_size(k, group_size)
     max_int = 2**bits - 1
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    u = inverse_cholesky(h.to(w.device), damp).to(cdt)
+    u = inverse_cholesky(h.to(w.device, cdt), damp)
     col_group = torch.arange(k, device=w.device) // g
     out = torch.empty(n, k, dtype=cdt, device=w.device)
     for r0 in range(0, n, rows_per_chunk):

@@ -179,6 +179,7 @@ class ScaleSearch:
         self.results: dict[int, GroupResult] = {}
         # consumer -> group Gram [G, g, g], or the full Gram [K, K] for rounding="gptq"
         self.clip_inputs: dict[str, torch.Tensor] = {}
+        self._last_gram: tuple[torch.Tensor, torch.Tensor] | None = None
         self.active = True
         self.progress = progress
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -218,8 +219,11 @@ class ScaleSearch:
                 return
             x = args[0]
             if name not in self.clip_inputs and self.config.rounding == "gptq":
-                # the full Gram: error-feedback rounding needs it, clipping reads its diagonal blocks
-                self.clip_inputs[name] = full_gram(x, self.config.clip_tokens).cpu()
+                # the full Gram: error-feedback rounding needs it, clipping reads its diagonal
+                # blocks; linears reading the same tensor (q/k/v, gate/up) share one
+                if self._last_gram is None or self._last_gram[0] is not x:
+                    self._last_gram = (x, full_gram(x, self.config.clip_tokens).cpu())
+                self.clip_inputs[name] = self._last_gram[1]
             elif name not in self.clip_inputs and self.config.clip:
                 self.clip_inputs[name] = group_gram(x, self.config.group_size, self.config.clip_tokens).cpu()
             for gi in self._direct.get(name, []):
@@ -321,6 +325,7 @@ class ScaleSearch:
             for h in handles:
                 h.remove()
             self._inputs.clear()
+            self._last_gram = None
         return self.results
 
 
