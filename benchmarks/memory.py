@@ -83,6 +83,18 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
     loaded = current_mib()
     peak_kind = reset_peak()
     t0 = time.perf_counter()
+    # sequential convert hands memory back after each block's search and after each block:
+    # record resident memory and the peak so far at those points (over the loaded model)
+    timeline: list[list[float]] = []
+    import awq_ao.passes.sequential as seq
+
+    release = seq.release_freed_memory
+
+    def traced_release() -> None:
+        release()
+        timeline.append([round(time.perf_counter() - t0, 1), round(current_mib() - loaded), round(peak_mib() - loaded)])
+
+    seq.release_freed_memory = traced_release
     if method.startswith("awq_ao"):
         sequential = method.startswith("awq_ao_sequential")
         # spill: rollback originals go to a temporary folder on disk instead of staying in memory
@@ -117,7 +129,7 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
     return {"method": method, "model": model_name, "layers": layers, "params": n_params,
             "dtype": dtype_name, "rss_loaded_mib": loaded, "peak_rss_mib": peak,
             "overhead_mib": peak - loaded, "rss_after_mib": after, "quantized_model_mib": qsize, "quant_s": wall,
-            "peak_measured_by": peak_kind}
+            "peak_measured_by": peak_kind, "timeline_s_rss_peak_mib": timeline}
 
 
 def main() -> None:
