@@ -83,6 +83,17 @@ def test_quantize_info_eval(model_dir, text_file, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_quantize_sequential_with_spill(model_dir, text_file, tmp_path, capsys):
+    q, spill = tmp_path / "q", tmp_path / "spill"
+    common = ["--calib", text_file, "--n-samples", 4, "--seq-len", 32, "--batch-size", 2, "--no-progress"]
+    rc, out, err = run(["quantize", model_dir, "--out", q, "--group-size", 32, "--sequential", "--spill-dir", spill,
+                        "--search-samples", 2, *common], capsys)
+    assert rc == 0, err
+    assert "rollback originals kept on disk instead of in memory" in out
+    assert list(spill.iterdir()) == []  # the private folder is gone
+    assert load_quantized(q) is not None
+
+
 def test_quantize_compressed_tensors_symmetric_and_eval_all_formats(model_dir, text_file, tmp_path, capsys):
     ct = tmp_path / "ct"
     rc, out, err = run(["quantize", model_dir, "--out", ct, "--group-size", 32, "--no-zero-point",
@@ -110,6 +121,7 @@ def test_errors_are_one_line(model_dir, text_file, tmp_path, capsys):
         (["quantize", model_dir, "--out", tmp_path / "o", "--bits", 3, "--format", "autoawq", "--calib", text_file], "4-bit weights only"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "need 500 x 512"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--group-size", 48, "--format", "autoawq", "--calib", text_file], "divisible by --group-size 48"),
+        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--spill-dir", tmp_path], "needs --sequential"),
     ]
     for argv, msg in cases:
         rc, out, err = run(argv, capsys)
