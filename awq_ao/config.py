@@ -45,6 +45,8 @@ class AWQConfig(AOBaseConfig):
             ``"gptq"`` keeps one ``[K, K]`` Gram per quantized linear until it is
             quantized (in sequential mode: one block's).
         gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``.
+        gptq_act_order: with ``rounding="gptq"``, round columns in order of decreasing
+            input energy (each keeps its group's grid).
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
             every calibration batch.
@@ -101,6 +103,7 @@ class AWQConfig(AOBaseConfig):
     clip_qk: bool = False
     rounding: Literal["nearest", "gptq"] = "nearest"
     gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     max_search_samples: int = 16
     clip_tokens: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)

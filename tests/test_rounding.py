@@ -20,9 +20,18 @@ from awq_ao.passes.rounding import (
 from awq_ao.passes.search import group_gram, scale_gram
 
 
-def reference_round(w, scale, zero, h, bits, g, damp):
+def reference_round(w, scale, zero, h, bits, g, damp, act_order=False):
     """Textbook GPTQ, one column at a time, float64, no blocking or row chunks."""
     n, k = w.shape
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        group = torch.arange(k) // g
+        # permute columns; each keeps its own group's grid
+        wp, hp = w[:, perm], h[perm][:, perm]
+        sp, zp = scale[:, group[perm]], zero[:, group[perm]]
+        out = torch.empty_like(w, dtype=torch.float64)
+        out[:, perm] = reference_round(wp, sp, zp, hp, bits, 1, damp)
+        return out
     hh = h.double().clone()
     hh += damp * hh.diagonal().mean() * torch.eye(k, dtype=torch.float64)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hh)), upper=True)
@@ -52,6 +61,7 @@ cases = st.tuples(
     st.booleans(),  # zero point
     st.sampled_from([1, 5, 16, 128]),  # column block
     st.integers(1, 7),  # rows per chunk
+    st.booleans(),  # act order
     st.integers(0, 2**16),
 )
 
@@ -59,15 +69,16 @@ cases = st.tuples(
 @settings(max_examples=30, deadline=None)
 @given(cases)
 def test_matches_float64_reference_and_stays_on_the_grid(case):
-    n, k, gs, bits, zp, block, rows, seed = case
+    n, k, gs, bits, zp, block, rows, act_order, seed = case
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen, dtype=torch.float64)
     x = correlated(4 * k, k, gen)
     h = full_gram(x)
     g = k if gs == -1 else gs
     scale, zero = quant_params(w, bits, gs, zp)
-    q = error_feedback_round(w, scale, zero, h, bits, gs, damp=0.01, block=block, rows_per_chunk=rows)
-    ref = reference_round(w, scale.double(), zero.double(), h, bits, g, 0.01)
+    q = error_feedback_round(w, scale, zero, h, bits, gs, damp=0.01, block=block, rows_per_chunk=rows,
+                             act_order=act_order)
+    ref = reference_round(w, scale.double(), zero.double(), h, bits, g, 0.01, act_order)
     torch.testing.assert_close(q, ref, rtol=0, atol=1e-9)
     # every value is a grid point: quantizing again with the same grid reproduces it
     codes = quantize_codes(q, scale, zero, bits, gs)

@@ -330,7 +330,8 @@ def apply_phase(
             w_now = weight_2d(mod, conv).detach()
             gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
             gs = _round_scale(gs, w_now.dtype)
-            q = error_feedback_round(w_target, gs, zs, full, config.bits, config.group_size, config.gptq_damp)
+            q = error_feedback_round(w_target, gs, zs, full, config.bits, config.group_size, config.gptq_damp,
+                                     act_order=config.gptq_act_order)
             q = q.to(w_now.dtype)
             txn.set_param(mod, "weight", q.t().contiguous() if conv else q)
             params = (gs, zs)

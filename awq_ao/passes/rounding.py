@@ -97,6 +97,7 @@ def error_feedback_round(
     damp: float = 0.01,
     block: int = 128,
     rows_per_chunk: int = 1024,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """Round ``w [N, K]`` on the fixed grid ``(scale, zero) [N, G]`` with GPTQ error feedback.
 
@@ -104,7 +105,9 @@ def error_feedback_round(
     Returns the dequantized weight (``[N, K]``, float32; float64 for a float64 ``w``): every
     value is ``(code - zero) * scale`` of its group, so quantizing it again with the same
     ``(scale, zero)`` gives back the codes. The expected output error
-    ``tr((W - Q) H (W - Q)^T)`` is what it lowers.
+    ``tr((W - Q) H (W - Q)^T)`` is what it lowers. ``act_order``: round the columns in order
+    of decreasing input energy (``diag H``) instead of left to right; each column keeps its
+    own group's grid, so the storage format does not change.
     """
     n, k = w.shape
     if h.shape != (k, k):
@@ -112,11 +115,19 @@ def error_feedback_round(
     g = effective_group_size(k, group_size)
     max_int = 2**bits - 1
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    u = inverse_cholesky(h.to(w.device, cdt), damp)
+    hc = h.to(w.device, cdt)
     col_group = torch.arange(k, device=w.device) // g
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(hc), descending=True, stable=True)
+        hc = hc[perm][:, perm]
+        col_group = col_group[perm]
+    u = inverse_cholesky(hc, damp)
+    del hc
     out = torch.empty(n, k, dtype=cdt, device=w.device)
     for r0 in range(0, n, rows_per_chunk):
-        wr = w[r0 : r0 + rows_per_chunk].to(cdt).clone()
+        wr = w[r0 : r0 + rows_per_chunk].to(cdt)
+        wr = wr[:, perm] if perm is not None else wr.clone()
         s = scale[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]  # [n, K]
         z = zero[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]
         for b0 in range(0, k, block):
@@ -134,4 +145,8 @@ def error_feedback_round(
                     wb[:, i + 1 :] -= e[:, None] * u[c, c + 1 : b1][None, :]
             if b1 < k:
                 wr[:, b1:] -= err @ u[b0:b1, b1:]
+    if perm is not None:
+        restored = torch.empty_like(out)
+        restored[:, perm] = out
+        return restored
     return out
