@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from awq_ao.memory import release_freed_memory
+
 
 def _detach_tree(obj: Any) -> Any:
     """Detach every tensor in a pytree (keeps device and dtype)."""
@@ -65,12 +67,20 @@ class ChannelStatsObserver:
         if x.shape[-1] != self.in_features or x.numel() == 0:
             return
         x2 = x.reshape(-1, self.in_features)
-        if not torch.isfinite(x2).all():
+        # sum |x| over rows in float64, a few rows at a time: whole-activation temporaries
+        # (|x|, isfinite masks, float64 copies: up to 64 MiB for 1024 tokens x 8192) fragment
+        # the heap during the user's calibration loop; a non-finite input makes its
+        # column's sum non-finite, so one check of the sums finds it
+        step = max(1, (1 << 17) // self.in_features)
+        s = torch.zeros(self.in_features, dtype=torch.float64, device=x2.device)
+        for r0 in range(0, x2.shape[0], step):
+            s += torch.linalg.vector_norm(x2[r0 : r0 + step], 1, dim=0, dtype=torch.float64)
+        if not torch.isfinite(s).all():
             if self.nonfinite_call is None:
                 self.nonfinite_call = self.calls
             return
-        s = x2.abs().sum(dim=0, dtype=torch.float64)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        release_freed_memory()
         self.rows += x2.shape[0]
 
     def mean_abs(self) -> torch.Tensor | None:

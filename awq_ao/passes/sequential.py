@@ -15,9 +15,6 @@ without scaling and listed in the report's warnings.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from typing import Any
 
 import torch
@@ -25,32 +22,11 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from awq_ao.config import AWQConfig
+from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall, first_tensor
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.report import ConvertReport
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; no-op elsewhere).
-
-    Each block's search frees hundreds of MiB of activations and float32 temporaries; glibc
-    keeps such pages when small long-lived allocations (the block's INT4 weights) sit above
-    them, so without this the process' resident memory grows block after block.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class _StopForward(Exception):
