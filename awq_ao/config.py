@@ -44,7 +44,9 @@ class AWQConfig(AOBaseConfig):
             update, the grid kept fixed). Same storage, kernels and formats either way;
             ``"gptq"`` keeps one ``[K, K]`` Gram per quantized linear until it is
             quantized (in sequential mode: one block's).
-        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``.
+        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"`` (0.1: on
+            SmolLM2 INT4 g64 perplexity 22.667 vs 23.119 with GPTQ's usual 0.01, which
+            overfits the 16-sequence search sample).
         gptq_act_order: with ``rounding="gptq"``, round columns in order of decreasing
             input energy (each keeps its group's grid).
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
@@ -102,7 +104,7 @@ class AWQConfig(AOBaseConfig):
     max_shrink: float = 0.5
     clip_qk: bool = False
     rounding: Literal["nearest", "gptq"] = "nearest"
-    gptq_damp: float = 0.01
+    gptq_damp: float = 0.1
     gptq_act_order: bool = False
     max_search_samples: int = 16
     clip_tokens: int | None = None

@@ -103,7 +103,7 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
             awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
                             n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
                             clip_grid=CLIP_GRID, clip_tokens=CLIP_TOKENS,
-                            sequential=sequential, spill_dir=spill)
+                            sequential=sequential, spill_dir=spill, rounding="nearest")
         finally:
             if spill is not None:
                 shutil.rmtree(spill, ignore_errors=True)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [(4, 64), (3, 64), (4, 128)]
-METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "torchao_awq"]
+METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "awq_ao_sequential_gptq", "torchao_awq"]
 # torchao's CPU INT4 weight (Int4OpaqueTensor) runs its linear ~100x slower in float32 than
 # in bfloat16 (measured 5.07 s vs 0.047 s for 2048 tokens x 576 -> 1536 on one core), which
 # makes its AWQ search (20 quantized linears on all calibration tokens per layer) take days;
@@ -64,10 +64,11 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     if method == "rtn":
         awq_ao.quantize(model, None, bits=bits, group_size=group_size, scale_search=False,
                         clip=False, verbose=False, progress=False)
-    elif method in ("awq_ao", "awq_ao_sequential"):
+    elif method in ("awq_ao", "awq_ao_sequential", "awq_ao_sequential_gptq"):
+        extra = {"rounding": "gptq"} if method.endswith("_gptq") else {}
         rep = awq_ao.quantize(model, list(batches(blocks, 8)), bits=bits, group_size=group_size,
                               max_search_samples=search_samples, verbose=False, progress=False,
-                              sequential=method == "awq_ao_sequential")
+                              sequential=method.startswith("awq_ao_sequential"), **extra)
         out["report"] = {"groups": rep.kind_counts(), "folded": rep.folded,
                          "explicit_multiplies": rep.fallback_multiplies,
                          "quantized_linears": len(rep.quantized), "times": rep.times}
