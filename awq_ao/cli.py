@@ -247,6 +247,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             zero_point=not args.no_zero_point,
             fallback=fallback,
             max_search_samples=args.search_samples,
+            rounding=args.rounding,
             progress=not args.no_progress,
             verbose=False,
             **layerwise,
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, default=64, help="calibration sequences (default 64)")
     q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
     q.add_argument("--search-samples", type=int, default=16, help="calibration sequences kept for the scale/clip search (default 16)")
+    q.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="codes on the AWQ grid: round to nearest (default) or gptq error feedback")
     q.add_argument("--sequential", action="store_true",
                    help="layer-by-layer convert: one decoder block at a time (the model stays on the CPU; with --device cuda each block visits the GPU)")
     q.add_argument("--spill-dir", default=None, metavar="DIR",
