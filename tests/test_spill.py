@@ -110,3 +110,14 @@ def test_one_call_helper_takes_spill_dir(tmp_path):
     report = awq_ao.quantize(model, token_batches(2), group_size=32, sequential=True, spill_dir=tmp_path,
                              verbose=False, progress=False)
     assert report.spilled_bytes > 0 and len(report.quantized) == 14
+
+
+def test_originals_follow_their_block_home():
+    """Sequential mode with a compute device: originals recorded on the device go home."""
+    model = tiny_model("llama", layers=1)
+    lin = model.model.layers[0].mlp.down_proj
+    txn = Transaction()
+    txn.set_param(lin, "weight", lin.weight.detach() * 2)
+    txn.move_saved("meta")  # stands in for "the block's home" (no GPU here)
+    (_, _, old), = txn._log
+    assert old.device.type == "meta" and isinstance(old, torch.nn.Parameter)

@@ -107,6 +107,22 @@ class Transaction:
         self.spilled_bytes += nbytes
         return nbytes
 
+    def move_saved(self, device: torch.device | str) -> None:
+        """Move the recorded originals to ``device``.
+
+        ``module.to()`` moves a module's parameters in place, so in sequential mode with a
+        compute device the originals recorded while a block was there are device tensors;
+        the block goes back home afterwards and its originals must follow (else they pile
+        up in device memory, and a rollback would restore device tensors).
+        """
+        dev = torch.device(device)
+        for i, (obj, attr, old) in enumerate(self._log):
+            if isinstance(old, torch.Tensor) and old.device.type not in ("meta", dev.type):
+                moved = old.detach().to(dev)
+                if isinstance(old, nn.Parameter):
+                    moved = nn.Parameter(moved, requires_grad=old.requires_grad)
+                self._log[i] = (obj, attr, moved)
+
     def close(self) -> None:
         """Delete the spilled files (after commit or rollback)."""
         if self._spill_dir is not None:

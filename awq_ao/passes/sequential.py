@@ -232,6 +232,7 @@ def convert_sequential(
         hidden = nxt.detach().to("cpu")
         if dev is not None and home is not None:
             block.to(home)
+            txn.move_saved(home)
         del out, nxt, a, kw
         if config.spill_dir is not None:
             txn.spill()
