@@ -304,17 +304,17 @@ def apply_phase(
         mod = root.get_submodule(name)
         conv = type(mod).__name__ == "Conv1D"
         params = None
+        w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
         gram = clip_inputs.get(name)
         full = None  # [K, K] Gram of the (scaled) inputs, for error-feedback rounding
         if gram is not None:
-            gram = gram.to(weight_2d(mod, conv).device, torch.float32)
+            gram = gram.to(w_target.device, torch.float32)
             s = scale_of.get(name)
             if gram.dim() == 2:
                 full = scale_full_gram(gram, s) if s is not None else gram
                 gram = group_blocks(full, config.group_size)
             elif s is not None:
                 gram = scale_gram(gram, s)
-        w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
         if config.clip and gram is not None and name not in qk:
             ratios = clip_ratios(
                 w_target, gram, config.bits, config.group_size, config.zero_point,

@@ -21,15 +21,19 @@ import torch
 from awq_ao.lowering.quant_math import effective_group_size
 
 
-def full_gram(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
-    """``X^T X / T`` (float32 ``[K, K]``; float64 for float64 ``x``) of activations ``x [..., K]``.
-
-    ``max_tokens`` evenly subsamples the tokens first (as :func:`search.group_gram`).
-    """
+def sample_tokens(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """Activations ``x [..., K]`` as ``[T, K]`` rows, evenly subsampled to ``max_tokens``."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     if max_tokens is not None and x2.shape[0] > max_tokens:
         idx = torch.linspace(0, x2.shape[0] - 1, max_tokens, device=x2.device).round().long()
         x2 = x2[idx]
+    return x2
+
+
+def full_gram(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """``X^T X / T`` (float32 ``[K, K]``; float64 for float64 ``x``) of activations ``x [..., K]``
+    (tokens subsampled by :func:`sample_tokens`)."""
+    x2 = sample_tokens(x, max_tokens)
     xf = x2 if x2.dtype == torch.float64 else x2.float()
     return (xf.t() @ xf) / max(xf.shape[0], 1)
 
@@ -94,7 +98,7 @@ def error_feedback_round(
     h: torch.Tensor,
     bits: int,
     group_size: int,
-    damp: float = 0.01,
+    damp: float = 0.1,
     block: int = 128,
     rows_per_chunk: int = 1024,
     act_order: bool = False,

@@ -25,7 +25,7 @@ from awq_ao.lowering.quant_math import effective_group_size, fake_quantize
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
-from awq_ao.passes.rounding import full_gram
+from awq_ao.passes.rounding import full_gram, sample_tokens
 
 
 @dataclass
@@ -354,10 +354,7 @@ def group_gram(x: torch.Tensor, group_size: int, max_tokens: int | None = None) 
     tokens themselves: cheaper to keep and, for T > g, cheaper to evaluate. ``max_tokens``
     evenly subsamples the tokens first.
     """
-    x2 = x.detach().reshape(-1, x.shape[-1])
-    if max_tokens is not None and x2.shape[0] > max_tokens:
-        idx = torch.linspace(0, x2.shape[0] - 1, max_tokens, device=x2.device).round().long()
-        x2 = x2[idx]
+    x2 = sample_tokens(x, max_tokens)
     t, k = x2.shape
     g = effective_group_size(k, group_size)
     groups = math.ceil(k / g)
