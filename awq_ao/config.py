@@ -39,14 +39,18 @@ class AWQConfig(AOBaseConfig):
             quantization); ``"asymmetric"`` also refines the lower and upper ends separately
             (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
         rounding: how codes are chosen on each group's (scale, zero) grid after scaling and
-            clipping: ``"nearest"`` (AWQ) or ``"gptq"``: column by column with the rounding
-            error compensated by the later columns through the inputs' Gram (the GPTQ
-            update, the grid kept fixed). Same storage, kernels and formats either way;
-            ``"gptq"`` keeps one ``[K, K]`` Gram per quantized linear until it is
-            quantized (in sequential mode: one block's).
-        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"`` (0.1: on
-            SmolLM2 INT4 g64 perplexity 22.667 vs 23.119 with GPTQ's usual 0.01, which
-            overfits the 16-sequence search sample).
+            clipping: ``"gptq"`` (default): column by column with the rounding error
+            compensated by the later columns through the inputs' Gram (the GPTQ update, the
+            grid kept fixed); ``"nearest"``: plain AWQ. Same storage, kernels and formats
+            either way. ``"gptq"`` keeps one ``[K, K]`` float32 Gram per distinct linear
+            input until its linears are quantized: one block's in layer-by-layer mode,
+            the whole model's with ``sequential=False`` (which then checks the total
+            against ``max_gram_gib`` before it starts).
+        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``, chosen on
+            held-out validation perplexity (see the README's settings sweep).
+        max_gram_gib: with ``sequential=False`` and ``rounding="gptq"``, the most memory
+            (GiB) the whole model's Grams may take; convert refuses beyond it and names the
+            fixes (layer-by-layer mode, or ``rounding="nearest"``).
         gptq_act_order: with ``rounding="gptq"``, round columns in order of decreasing
             input energy (each keeps its group's grid).
         max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
@@ -66,7 +70,11 @@ class AWQConfig(AOBaseConfig):
             by hooks (norm -> consumers folds, each checked numerically; others multiply).
         sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
             search, fold, quantize, then the quantized block's outputs feed the next block).
-            Peak activation memory is one block's, independent of depth.
+            Peak activation memory is one block's, independent of depth. ``"auto"``
+            (default): layer by layer when one stack of repeated blocks (an ``nn.ModuleList``
+            of identical layers, as in transformers decoders) holds every linear to quantize,
+            else the whole model at once; the report's ``mode`` says which.
+            ``False`` always searches the whole model at once.
         split_blocks: in sequential mode, search a block's sub-blocks one after the other
             (attention, then MLP): each is searched on the outputs of the already
             quantized ones. Blocks that cannot be split (parallel attention/MLP, MoE) are
@@ -103,16 +111,17 @@ class AWQConfig(AOBaseConfig):
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
     max_shrink: float = 0.5
     clip_qk: bool = False
-    rounding: Literal["nearest", "gptq"] = "nearest"
+    rounding: Literal["nearest", "gptq"] = "gptq"
     gptq_damp: float = 0.1
     gptq_act_order: bool = False
+    max_gram_gib: float = 4.0
     max_search_samples: int = 16
     clip_tokens: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] | None = None
     fallback: Literal["multiply", "skip"] = "multiply"
     on_capture_error: Literal["raise", "hook_only"] = "raise"
-    sequential: bool = False
+    sequential: bool | Literal["auto"] = "auto"
     device: str | None = None
     split_blocks: bool = False
     spill_dir: str | None = None
@@ -146,8 +155,12 @@ class AWQConfig(AOBaseConfig):
             raise ValueError("gptq_damp must be > 0.")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError("fallback must be 'multiply' or 'skip'.")
-        if self.spill_dir is not None and not self.sequential:
-            raise ValueError("spill_dir only applies to sequential=True (layer-by-layer convert).")
+        if self.sequential not in (True, False, "auto"):
+            raise ValueError("sequential must be True, False or 'auto'.")
+        if not self.max_gram_gib > 0:
+            raise ValueError("max_gram_gib must be > 0.")
+        if self.spill_dir is not None and self.sequential is False:
+            raise ValueError("spill_dir only applies to layer-by-layer convert (sequential=True or 'auto').")
         if self.spill_dir is not None:
             self.spill_dir = os.fspath(self.spill_dir)
         self.skip = tuple(self.skip)

@@ -41,6 +41,7 @@ class ConvertReport:
     experts_quantized: list[str] = field(default_factory=list)  # 3-D MoE expert weights
     experts_no_tokens: int = 0  # experts that received no calibration tokens
     spilled_bytes: int = 0  # rollback originals kept on disk (sequential spill_dir)
+    mode: str = ""  # how the model was walked: layer by layer (which stack) or whole model
 
     @property
     def folded(self) -> int:
@@ -55,7 +56,8 @@ class ConvertReport:
         """A readable multi-line summary (worst groups by loss first)."""
         lines = [
             f"awq_ao: INT{self.bits} g{self.group_size} {'asym' if self.zero_point else 'sym'}: "
-            f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in full precision",
+            f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in full precision"
+            + (f"; {self.mode}" if self.mode else ""),
             f"  groups: {len(self.groups)} ({', '.join(f'{k}: {v}' for k, v in sorted(self.kind_counts().items()))}); "
             f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}"
             + (f", error-feedback rounded {self.error_feedback}" if self.error_feedback else ""),

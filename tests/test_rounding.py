@@ -141,7 +141,8 @@ def test_shape_mismatch_is_an_error():
 def test_end_to_end_option_lowers_error_and_keeps_format():
     from tiny_models import compare_two_converts
 
-    ra, rb, ea, eb = compare_two_converts("llama", 2, {}, {"rounding": "gptq"})
+    ra, rb, ea, eb = compare_two_converts("llama", 2, {"rounding": "nearest"}, {})  # gptq is the default
+    assert ra.error_feedback == 0
     assert rb.error_feedback == len(rb.quantized) == len(ra.quantized)
     assert "error-feedback rounded" in rb.summary()
     assert eb < ea
@@ -168,3 +169,18 @@ def test_linears_reading_one_input_share_one_gram(monkeypatch):
     awq_ao.quantize(tiny_model("llama", layers=1), token_batches(2), group_size=32, rounding="gptq",
                     verbose=False, progress=False)
     assert len(calls) == 4  # q/k/v, o, gate/up, down
+
+
+def test_whole_model_gptq_checks_its_gram_budget():
+    from tiny_models import tiny_model, token_batches
+
+    import awq_ao
+
+    model = tiny_model("llama", layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryError, match="sequential=True"):
+        awq_ao.quantize(model, token_batches(2), group_size=32, sequential=False, max_gram_gib=1e-6,
+                        verbose=False, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    rep = awq_ao.quantize(model, token_batches(2), group_size=32, sequential=False, verbose=False, progress=False)
+    assert rep.error_feedback == len(rep.quantized) and rep.mode.startswith("whole model")

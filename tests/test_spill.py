@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_bad_input import assert_unchanged, snapshot
 from tiny_models import tiny_model, token_batches
+from torch import nn
 from torchao.quantization import quantize_
 
 import awq_ao
@@ -100,9 +101,17 @@ def test_spilled_transaction_unit(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_spill_dir_needs_sequential():
-    with pytest.raises(ValueError, match="sequential=True"):
-        awq_config(spill_dir="/tmp")
+def test_spill_dir_needs_layer_by_layer():
+    with pytest.raises(ValueError, match="layer-by-layer"):
+        awq_config(spill_dir="/tmp", sequential=False)
+    assert awq_config(spill_dir="/tmp").sequential == "auto"  # the default mode spills
+
+
+def test_spill_dir_without_a_block_stack_names_the_problem(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="spill_dir"):
+        awq_ao.quantize(model, [torch.randn(4, 64)], group_size=32, spill_dir=tmp_path,
+                        verbose=False, progress=False)
 
 
 def test_one_call_helper_takes_spill_dir(tmp_path):

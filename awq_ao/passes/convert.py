@@ -389,13 +389,14 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     try:
         if not config.needs_calibration:
             apply_phase(model, None, {}, {}, targets, config, txn, report, replacements)
-        elif config.sequential:
+        elif _layer_by_layer(model, targets, config, report):
             from awq_ao.passes.sequential import convert_sequential
 
             assert state is not None and state.recorder is not None
             convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
         else:
             assert state is not None and state.recorder is not None
+            _check_gram_budget(model, targets, config)
             calls = state.recorder.calls
             args, kwargs, _rows = stack_calls(calls)
             kwargs = call_kwargs(model, kwargs)
@@ -442,6 +443,62 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     for w in report.warnings:
         warnings.warn(w, stacklevel=2)
     return report
+
+
+def _layer_by_layer(model: nn.Module, targets: list[str], config: AWQConfig, report: ConvertReport) -> bool:
+    """Resolve ``config.sequential``.
+
+    ``"auto"``: layer by layer where one stack of repeated blocks holds every target linear
+    (as in transformers decoders); else the whole model at once, so that linears outside the
+    stack (or in several parallel stacks, as XLM's attentions/ffns lists) are still scaled.
+    """
+    from awq_ao.passes.sequential import find_blocks
+
+    if config.sequential is False:
+        report.mode = "whole model at once (sequential=False)"
+        return False
+    if config.sequential is True:
+        return True
+    try:
+        stack, _ = find_blocks(model, targets)
+        outside = [t for t in targets if not t.startswith(stack + ".")]
+    except ValueError:
+        stack, outside = "", targets
+    if outside:
+        if config.spill_dir is not None:
+            raise ValueError(
+                "spill_dir needs layer-by-layer convert, but this model has no stack of repeated "
+                "blocks (an nn.ModuleList of identical layers) holding all its linears "
+                f"({outside[0]} lies outside). Drop spill_dir, or pass sequential=True."
+            )
+        why = f"{outside[0]} lies outside {stack}" if stack else "no stack of repeated blocks"
+        report.mode = f"whole model at once ({why}; sequential=True forces layer by layer)"
+        return False
+    return True
+
+
+def _check_gram_budget(model: nn.Module, targets: list[str], config: AWQConfig) -> None:
+    """Refuse whole-model GPTQ rounding whose [K, K] Grams would exceed ``config.max_gram_gib``.
+
+    Upper bound: one float32 Gram per quantized linear (linears sharing an input share one).
+    """
+    if config.rounding != "gptq" or not config.needs_calibration:
+        return
+    total = 0
+    for name in targets:
+        mod = model.get_submodule(name)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        k = w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1]
+        total += k * k * 4
+    if total > config.max_gram_gib * 2**30:
+        raise MemoryError(
+            f"rounding='gptq' searching the whole model at once would keep up to {total / 2**30:.1f} GiB of "
+            f"input Grams (one [K, K] float32 matrix per linear input), over max_gram_gib={config.max_gram_gib}. "
+            "Use layer-by-layer convert (sequential=True: one block's Grams at a time), "
+            "rounding='nearest', or raise max_gram_gib."
+        )
 
 
 def _scales_by_consumer(analysis: GraphAnalysis, results: dict[int, GroupResult]) -> dict[str, torch.Tensor]:

@@ -185,6 +185,7 @@ def convert_sequential(
 
     release_freed_memory()  # what the user's calibration loop freed
     blocks_name, blocks = find_blocks(model, targets)
+    report.mode = f"layer by layer ({len(blocks)} blocks of {blocks_name})"
     args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)
     block_calls = record_block_calls(model, blocks, args, kwargs)
