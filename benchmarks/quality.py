@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [(4, 64), (3, 64), (4, 128)]
-METHODS = ["fp", "rtn", "awq_ao", "awq_ao_sequential", "awq_ao_sequential_gptq", "torchao_awq"]
+# awq_ao variants: options passed on top of the library defaults ("awq_ao": none at all)
+AWQ_AO_METHODS: dict[str, dict] = {
+    "awq_ao": {},
+    "awq_ao_nearest": {"sequential": True, "rounding": "nearest"},
+    "awq_ao_in_memory_nearest": {"sequential": False, "rounding": "nearest"},
+    "awq_ao_sequential_gptq": {"sequential": True, "rounding": "gptq"},
+}
+METHODS = ["fp", "rtn", *AWQ_AO_METHODS, "torchao_awq"]
 # torchao's CPU INT4 weight (Int4OpaqueTensor) runs its linear ~100x slower in float32 than
 # in bfloat16 (measured 5.07 s vs 0.047 s for 2048 tokens x 576 -> 1536 on one core), which
 # makes its AWQ search (20 quantized linears on all calibration tokens per layer) take days;
@@ -64,12 +71,13 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     if method == "rtn":
         awq_ao.quantize(model, None, bits=bits, group_size=group_size, scale_search=False,
                         clip=False, verbose=False, progress=False)
-    elif method in ("awq_ao", "awq_ao_sequential", "awq_ao_sequential_gptq"):
-        extra = {"rounding": "gptq"} if method.endswith("_gptq") else {}
+    elif method in AWQ_AO_METHODS:
+        extra = AWQ_AO_METHODS[method]
+        out["options"] = extra
         rep = awq_ao.quantize(model, list(batches(blocks, 8)), bits=bits, group_size=group_size,
-                              max_search_samples=search_samples, verbose=False, progress=False,
-                              sequential=method.startswith("awq_ao_sequential"), **extra)
-        out["report"] = {"groups": rep.kind_counts(), "folded": rep.folded,
+                              max_search_samples=search_samples, verbose=False, progress=False, **extra)
+        out["report"] = {"mode": rep.mode, "error_feedback": rep.error_feedback,
+                         "groups": rep.kind_counts(), "folded": rep.folded,
                          "explicit_multiplies": rep.fallback_multiplies,
                          "quantized_linears": len(rep.quantized), "times": rep.times}
     elif method == "torchao_awq":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,3 +132,46 @@ def test_from_float_rejects_params_of_the_wrong_shape():
     w = torch.randn(8, 32)
     with pytest.raises(ValueError, match=r"params must be \(scale, zero\) of shape \(8, 2\)"):
         Int4WeightTensor.from_float(w, 4, 16, True, params=(torch.ones(8, 3), torch.zeros(8, 3)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40), k=st.integers(2, 70), t=st.integers(1, 50), gs=st.sampled_from([8, 16, 32, -1]),
+    scaled=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_gram_loss_equals_the_direct_output_mse(n, k, t, gs, scaled, seed):
+    """The scale search's Gram form of a direct group's loss is the MSE of x @ d^T (float64)."""
+    from awq_ao.passes.rounding import full_gram
+    from awq_ao.passes.search import fake_quantize_scaled, gram_output_mse
+
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=g, dtype=torch.float64), torch.randn(n + 3, k, generator=g, dtype=torch.float64)]
+    x = torch.randn(t, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64) * 3
+    s = torch.rand(k, generator=g, dtype=torch.float64) + 0.5 if scaled else None
+    direct = torch.cat([(x @ (fake_quantize_scaled(w, s, 4, gs, True) - w).t()).flatten() for w in ws]).pow(2).mean()
+    got = gram_output_mse(ws, s, full_gram(x), 4, gs, True, rows_per_chunk=7)
+    assert got == pytest.approx(float(direct), rel=1e-9, abs=1e-15)
+
+
+def test_gram_loss_is_used_where_cheaper_and_finds_the_same_scales(monkeypatch):
+    from tiny_models import tiny_model, token_batches
+
+    import awq_ao
+    import awq_ao.passes.search as search
+
+    def run(force_direct: bool):
+        if force_direct:
+            monkeypatch.setattr(search, "use_gram_loss", lambda *a: False)
+        model = tiny_model("llama", layers=2)
+        rep = awq_ao.quantize(model, token_batches(4, seq=32), group_size=32, rounding="nearest",
+                              verbose=False, progress=False)
+        return {tuple(g.consumers): g.alpha for g in rep.groups}
+
+    assert search.use_gram_loss(8192, 1536, 576, 21, False) and not search.use_gram_loss(16, 64, 64, 21, False)
+    calls = []
+    real = search.gram_output_mse
+    monkeypatch.setattr(search, "gram_output_mse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gram_alphas = run(False)
+    assert len(calls) == 4 * 21  # the o_proj and down_proj groups of both layers
+    direct_alphas = run(True)
+    assert gram_alphas == direct_alphas

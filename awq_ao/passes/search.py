@@ -160,6 +160,40 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
 
+def gram_output_mse(
+    weights: list[torch.Tensor],
+    s: torch.Tensor | None,
+    gram: torch.Tensor,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    rows_per_chunk: int = 512,
+) -> float:
+    """Mean squared output error of linears sharing one input, from the input's Gram.
+
+    For weights ``w [N, K]`` reading ``x [T, K]`` with ``gram = x^T x / T``, the error of
+    ``Q(w * s) / s`` over the tokens and all outputs is ``sum_n d_n gram d_n^T / sum N``
+    (``d = Q(w*s)/s - w``): what the direct search measures as the MSE of ``x @ d^T``, at
+    ``N K^2`` instead of ``T N K`` multiply-adds per candidate.
+    """
+    total, rows = 0.0, 0
+    h = gram.to(weights[0].device)
+    for w in weights:
+        for r0 in range(0, w.shape[0], rows_per_chunk):
+            wc = w[r0 : r0 + rows_per_chunk]
+            d = fake_quantize_scaled(wc, s, bits, group_size, zero_point).to(h.dtype) - wc.to(h.dtype)
+            total += float(((d @ h) * d).sum())
+        rows += w.shape[0]
+    return total / max(rows, 1)
+
+
+def use_gram_loss(tokens: int, k: int, rows: int, candidates: int, have_gram: bool) -> bool:
+    """Whether the Gram form of a direct group's loss costs fewer multiply-adds."""
+    direct = candidates * tokens * rows * k
+    gram = candidates * rows * k * k + (0 if have_gram else tokens * k * k)
+    return gram < direct
+
+
 class ScaleSearch:
     """Runs the scale search for every group during one forward of the search sample."""
 
@@ -206,9 +240,10 @@ class ScaleSearch:
             if not self.active or name not in self._inputs:
                 return
             a, kw = self._inputs[name]
+            x = a[0] if a and isinstance(a[0], torch.Tensor) else None
             for gi in self._by_inspect.get(name, []):
                 if gi not in self.results:
-                    self._run_group(gi, replay_call(module, a, kw))
+                    self._run_group(gi, replay_call(module, a, kw), x)
             self._inputs[name] = ((), {})  # free the activations; keep the "seen" marker
 
         return hook
@@ -267,6 +302,10 @@ class ScaleSearch:
             for i, (w, c) in enumerate(zip(orig, conv, strict=True)):
                 swap.set(i, fake_quantize_scaled(w, s, cfg.bits, cfg.group_size, cfg.zero_point, c))
 
+        gram = None
+        if x is not None and (call is None or g.consumers == [g.inspect]):
+            # the loss is the consumers' own output error: cheaper through their input's Gram
+            gram = self._direct_gram(g.consumers[0], x, sum(w.shape[0] for w in orig))
         if call is None:
             assert x is not None
 
@@ -288,13 +327,18 @@ class ScaleSearch:
                         f"the output of {g.inspect or g.consumers[0]} contains NaN/Inf on the "
                         "calibration sample; check the model in full precision first."
                     )
-                quantized(None)
-                loss_rtn = _mse(run(), ref)
+
+                def loss_of(s: torch.Tensor | None) -> float:
+                    if gram is not None:  # a direct group: the same MSE through the input's Gram
+                        return gram_output_mse(orig, s, gram, cfg.bits, cfg.group_size, cfg.zero_point)
+                    quantized(s)
+                    return _mse(run(), ref)
+
+                loss_rtn = loss_of(None)
                 # s = 1 (plain RTN) is a candidate too: the search never does worse than RTN
                 best: tuple[float, float | None, torch.Tensor | None] = (loss_rtn, None, None)
                 for alpha, s in scale_candidates(x_mean, w_mean, cfg.n_grid, cfg.duo_scaling, tie):
-                    quantized(s)
-                    loss = _mse(run(), ref)
+                    loss = loss_of(s)
                     if loss < best[0]:
                         best = (loss, alpha, s)
         finally:
@@ -307,6 +351,22 @@ class ScaleSearch:
         if s is None:
             return GroupResult(None, None, loss_rtn, loss_rtn)
         return GroupResult(s.float(), alpha, loss_rtn, loss)
+
+    def _direct_gram(self, consumer: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The Gram of a direct group's input when its loss is cheaper through it (else None).
+
+        With ``rounding="gptq"`` (and all tokens kept) the full Gram is already there.
+        """
+        cfg = self.config
+        have = self.clip_inputs.get(consumer)
+        have = have if have is not None and have.dim() == 2 and cfg.clip_tokens is None else None
+        tokens, k = x.numel() // x.shape[-1], x.shape[-1]
+        n_cand = cfg.n_grid * (2 if cfg.duo_scaling == "both" else 1) + 1
+        if not use_gram_loss(tokens, k, rows, n_cand, have is not None):
+            return None
+        if have is not None:
+            return have.to(x.device)
+        return full_gram(x)
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, GroupResult]:
         """Replay the sample with search hooks attached; return results by group index."""
