@@ -30,6 +30,9 @@ class AWQConfig(AOBaseConfig):
         duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling);
             ``"both"`` searches the candidates with and without it (twice the search time).
         scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
+        search_refine: try every second alpha of the grid, then the two neighbours of the
+            best of those (13 of 21 candidates at ``n_grid=20``) instead of every grid
+            point; same optimum wherever the loss is unimodal in alpha at that scale.
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
         clip_qk: also clip the linears feeding attention queries and keys (found in the
@@ -106,6 +109,7 @@ class AWQConfig(AOBaseConfig):
     n_grid: int = 20
     duo_scaling: bool | Literal["both"] = True
     scale_search: bool = True
+    search_refine: bool = False
     clip: bool = True
     clip_grid: int = 40
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
