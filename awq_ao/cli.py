@@ -220,8 +220,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
     model, tok = load_source_model(args.model, dtype, args.allow_download, args.gguf_file)
-    if args.spill_dir and not args.sequential:
-        raise CLIError("--spill-dir needs --sequential (layer-by-layer convert).")
+    if args.sequential and args.in_memory:
+        raise CLIError("--sequential and --in-memory exclude each other: pick one (or neither: automatic).")
+    if args.spill_dir and args.in_memory:
+        raise CLIError("--spill-dir needs layer-by-layer convert: drop --in-memory.")
     # layer-by-layer: the model stays on the CPU and each block visits the device in turn
     home = "cpu" if args.sequential else args.device
     model.to(home)
@@ -234,10 +236,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _log(args, f"calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens; loaded in {time.perf_counter() - t0:.1f}s")
     fallback = args.fallback or ("multiply" if args.format == "awq_ao" else "skip")
     calib = [b.to(home) for b in batches(blocks, args.batch_size)]
-    layerwise = (
-        dict(sequential=True, device=None if args.device == "cpu" else args.device, spill_dir=args.spill_dir)
-        if args.sequential else {}
-    )
+    if args.sequential:
+        layerwise = dict(sequential=True, device=None if args.device == "cpu" else args.device, spill_dir=args.spill_dir)
+    elif args.in_memory:
+        layerwise = dict(sequential=False)
+    else:  # automatic: layer by layer where one block stack holds the linears, blocks stay where the model is
+        layerwise = dict(spill_dir=args.spill_dir)
     with torch.no_grad():
         report = awq_ao.quantize(
             model,
@@ -365,12 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, default=64, help="calibration sequences (default 64)")
     q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
     q.add_argument("--search-samples", type=int, default=16, help="calibration sequences kept for the scale/clip search (default 16)")
-    q.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
-                   help="codes on the AWQ grid: round to nearest (default) or gptq error feedback")
+    q.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
+                   help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
     q.add_argument("--sequential", action="store_true",
-                   help="layer-by-layer convert: one decoder block at a time (the model stays on the CPU; with --device cuda each block visits the GPU)")
+                   help="force layer-by-layer convert with the model kept on the CPU (with --device cuda each block visits the GPU). "
+                        "Default: layer by layer wherever one stack of repeated blocks holds the linears, with the model on --device")
+    q.add_argument("--in-memory", action="store_true",
+                   help="search the whole model at once instead of layer by layer")
     q.add_argument("--spill-dir", default=None, metavar="DIR",
-                   help="with --sequential: keep the full-precision originals (for rollback) in a temporary folder here instead of in memory")
+                   help="layer-by-layer convert: keep the full-precision originals (for rollback) in a temporary folder here instead of in memory")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     q.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda, cuda:1, ...)")
     q.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, float16 on GPU), float32, bfloat16, float16")

@@ -122,7 +122,7 @@ def test_errors_are_one_line(model_dir, text_file, tmp_path, capsys):
         (["quantize", model_dir, "--out", tmp_path / "o", "--bits", 3, "--format", "autoawq", "--calib", text_file], "4-bit weights only"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "need 500 x 512"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--group-size", 48, "--format", "autoawq", "--calib", text_file], "divisible by --group-size 48"),
-        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--spill-dir", tmp_path], "needs --sequential"),
+        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--spill-dir", tmp_path, "--in-memory"], "drop --in-memory"),
     ]
     for argv, msg in cases:
         rc, out, err = run(argv, capsys)

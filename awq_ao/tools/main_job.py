@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--in-memory", action="store_true",
                     help="search on the whole model at once instead of layer by layer (sequential)")
     ap.add_argument("--calib", default="wiki.valid.tokens", help="calibration text file")
-    ap.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
-                    help="codes on the AWQ grid: nearest (AWQ, default) or gptq error feedback")
+    ap.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
+                    help="codes on the AWQ grid: gptq error feedback (the library default) or nearest (plain AWQ)")
     ap.add_argument("--json", default=None, help="also write results to this JSON file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     awq = copy.deepcopy(model)
     t = time.perf_counter()
     report = quantize(awq, list(batches(calib, 8)), max_search_samples=args.search_samples,
-                      sequential=not args.in_memory, rounding=args.rounding, **opts)
+                      sequential=False if args.in_memory else "auto", rounding=args.rounding, **opts)
     qtime = time.perf_counter() - t
     print(report.summary(max_rows=5))
     evaluate("AWQ", awq, qtime)
