@@ -96,6 +96,7 @@ class ArchResult:
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     quantized: int = 0
     linears: int = 0
+    layer_by_layer: bool | None = None  # the default sequential="auto" went block by block
     unseen: int = 0
     expert_params_unquantized: int = 0
     fold_err: float | None = None
@@ -385,6 +386,7 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
                 model, calib, group_size=GROUP_SIZE, n_grid=N_GRID, progress=False, verbose=False, **opts,
             )
             counts = report.kind_counts()
+            res.layer_by_layer = report.mode.startswith("layer by layer")
             res.groups = counts
             res.folded = report.folded
             res.fallback_groups = counts.get("fallback", 0)
@@ -604,11 +606,13 @@ def render_markdown(results: list[ArchResult], meta: dict[str, Any]) -> str:
         "*fold err* is the fold-only check (float64 unless the model only runs in float32; "
         "a wrong fold gives errors of order 0.1-1 since the random scales lie in [0.25, 4], "
         f"float rounding far less; pass threshold {FOLD_TOL:.0e}; largest here: {max_fold:.1e}); "
+        "*mode*: *layers* where the default `sequential=\"auto\"` quantized block by block, "
+        "*whole* where it searched the whole model at once (no single block stack holds every linear); "
         "*INT4 err* is the INT4 model's max error relative to the "
         "float output (random tiny models, for orientation only).",
         "",
-        "| architecture | status | export | groups | folded | mult | experts | fold err | INT4 eager (err) | compile | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| architecture | status | export | mode | groups | folded | mult | experts | fold err | INT4 eager (err) | compile | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.status in ("skipped", "untestable"):
@@ -618,6 +622,7 @@ def render_markdown(results: list[ArchResult], meta: dict[str, Any]) -> str:
         status = r.status if r.status == "ok" else f"**{r.status}** ({r.stage})"
         lines.append(
             f"| {r.name} | {status} | {'no (hook-only)' if r.exported is False else _yn(r.exported)} | "
+            f"{'-' if r.layer_by_layer is None else ('layers' if r.layer_by_layer else 'whole')} | "
             f"{_fmt_groups(r.groups)} | {r.folded} | "
             f"{r.fallback_multiplies} | {r.expert_params_unquantized or '-'} | {fold} | {eager} | "
             f"{_yn(r.compile_ok)} | {r.seconds:.1f} |"
