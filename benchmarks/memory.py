@@ -30,7 +30,8 @@ from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ["awq_ao_sequential", "awq_ao_sequential_spill", "awq_ao_in_memory", "torchao_awq"]
+METHODS = ["awq_ao_sequential", "awq_ao_sequential_spill", "awq_ao_sequential_spill_gptq", "awq_ao_in_memory",
+           "torchao_awq"]
 # a cheaper clipping search than the library default (time only: the clipping search keeps a
 # [K/g, g, g] Gram per layer whatever its grid); torchao's AWQ does no clipping at all
 CLIP_GRID = 10
@@ -98,12 +99,14 @@ def worker(method: str, model_name: str, layers: int, n_samples: int, seq_len: i
     if method.startswith("awq_ao"):
         sequential = method.startswith("awq_ao_sequential")
         # spill: rollback originals go to a temporary folder on disk instead of staying in memory
-        spill = tempfile.mkdtemp(prefix="awq_ao_memory_") if method == "awq_ao_sequential_spill" else None
+        spill = tempfile.mkdtemp(prefix="awq_ao_memory_") if "_spill" in method else None
+        # rows measured before gptq became the default pinned "nearest"; "_gptq" rows use it
+        rounding = "gptq" if method.endswith("_gptq") else "nearest"
         try:
             awq_ao.quantize(model, data, bits=4, group_size=128 if model_name != "smollm2" else 64,
                             n_grid=n_grid, max_search_samples=n_samples, verbose=False, progress=False,
                             clip_grid=CLIP_GRID, clip_tokens=CLIP_TOKENS,
-                            sequential=sequential, spill_dir=spill, rounding="nearest")
+                            sequential=sequential, spill_dir=spill, rounding=rounding)
         finally:
             if spill is not None:
                 shutil.rmtree(spill, ignore_errors=True)
