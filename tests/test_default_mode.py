@@ -57,3 +57,22 @@ def test_forced_layer_by_layer_without_a_stack_is_an_error():
 def test_bad_sequential_value():
     with pytest.raises(ValueError, match="'auto'"):
         awq_ao.awq_config(sequential="sometimes")
+
+
+def test_block_that_cannot_be_captured_alone_falls_back_to_the_whole_model():
+    """BLOOM's alibi bias is built for the whole batch: its block cannot be exported alone."""
+    import warnings
+
+    from awq_ao.tools.arch_sweep import _batches, build_tiny
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_tiny("BloomForCausalLM")
+    vocab = model.config.vocab_size
+    calib = [{"input_ids": b, "use_cache": False} for b in _batches(vocab, 2, 0)]
+    rep = awq_ao.quantize(model, calib, group_size=32, n_grid=3, progress=False, verbose=False)
+    assert rep.mode.startswith("whole model at once (a block could not be captured on its own")
+    assert rep.error_feedback == len(rep.quantized) == 8 and rep.kind_counts() == {"norm": 4, "linear": 2, "fallback": 2}
+    with pytest.raises(Exception, match="could not capture"):
+        awq_ao.quantize(build_tiny("BloomForCausalLM"), calib, group_size=32, n_grid=3, sequential=True,
+                        progress=False, verbose=False)

@@ -393,17 +393,24 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
             from awq_ao.passes.sequential import convert_sequential
 
             assert state is not None and state.recorder is not None
-            convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
+            try:
+                convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
+            except CaptureError as e:
+                if config.sequential != "auto" or config.spill_dir is not None:
+                    raise
+                # "auto": a block that torch.export cannot take on its own (e.g. inputs that
+                # only make sense batched with the rest of the model) -> undo, search whole
+                txn.rollback()
+                txn.close()
+                txn = Transaction(None)
+                replacements.clear()
+                report = ConvertReport(config.bits, config.group_size, config.zero_point)
+                report.size_before = model_size_bytes(model)
+                report.mode = f"whole model at once (a block could not be captured on its own: {str(e).split('. ')[0]})"
+                _whole_model(model, state, targets, observers, config, txn, report, replacements)
         else:
-            assert state is not None and state.recorder is not None
-            _check_gram_budget(model, targets, config)
-            calls = state.recorder.calls
-            args, kwargs, _rows = stack_calls(calls)
-            kwargs = call_kwargs(model, kwargs)
-            analysis, results, clip_inputs = search_phase(
-                model, calls[0], args, kwargs, targets, observers, config, report
-            )
-            apply_phase(model, analysis, results, clip_inputs, targets, config, txn, report, replacements)
+            assert state is not None
+            _whole_model(model, state, targets, observers, config, txn, report, replacements)
     except BaseException:
         if saved_use_cache:
             hf_config.use_cache = saved_use_cache
@@ -443,6 +450,26 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     for w in report.warnings:
         warnings.warn(w, stacklevel=2)
     return report
+
+
+def _whole_model(
+    model: nn.Module,
+    state: AWQState,
+    targets: list[str],
+    observers: dict[str, Any],
+    config: AWQConfig,
+    txn: Transaction,
+    report: ConvertReport,
+    replacements: dict[int, nn.Module],
+) -> None:
+    """Search the whole model on one replay of the stacked calibration sample, then apply."""
+    assert state.recorder is not None
+    _check_gram_budget(model, targets, config)
+    calls = state.recorder.calls
+    args, kwargs, _rows = stack_calls(calls)
+    kwargs = call_kwargs(model, kwargs)
+    analysis, results, clip_inputs = search_phase(model, calls[0], args, kwargs, targets, observers, config, report)
+    apply_phase(model, analysis, results, clip_inputs, targets, config, txn, report, replacements)
 
 
 def _layer_by_layer(model: nn.Module, targets: list[str], config: AWQConfig, report: ConvertReport) -> bool:
