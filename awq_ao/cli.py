@@ -56,14 +56,24 @@ def load_source_model(
     ``spec`` is a local transformers model directory, a directory (or file) with a ``.gguf``
     (dequantized by transformers; needs ``gguf``), or a Hugging Face Hub id. A hub id is only
     downloaded with ``allow_download=True``; otherwise only the local cache is used.
+
+    Code shipped with a model is never run: every transformers call passes
+    ``trust_remote_code=False``, and a local folder whose ``config.json`` or
+    ``tokenizer_config.json`` has an ``auto_map`` is refused (naming the file) before
+    transformers reads it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from awq_ao.checkpoint.formats import refuse_custom_code
+
     p = Path(spec).expanduser()
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if p.is_file() and p.suffix == ".gguf":
         p, gguf_file = p.parent, p.name
     if p.is_dir():
+        refuse_custom_code(p)
         cfg = p / "config.json"
         if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text(encoding="utf-8")):
             raise CLIError(f"{p} holds an already quantized model; start from the full-precision one.")
@@ -78,12 +88,12 @@ def load_source_model(
         if gguf_file is not None:
             model = AutoModelForCausalLM.from_pretrained(str(p), gguf_file=gguf_file, local_files_only=True, **kwargs)
             if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
             else:
-                tok = AutoTokenizer.from_pretrained(str(p), gguf_file=gguf_file, local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(str(p), gguf_file=gguf_file, local_files_only=True, trust_remote_code=False)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **kwargs)
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         return model.eval(), tok
     if p.exists():
         raise CLIError(f"{spec} is not a model directory or a .gguf file.")
@@ -91,7 +101,7 @@ def load_source_model(
         raise CLIError(f"{spec}: no such directory.")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=not allow_download, **kwargs)
-        tok = AutoTokenizer.from_pretrained(spec, local_files_only=not allow_download)
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=not allow_download, trust_remote_code=False)
     except (OSError, ValueError) as e:
         if not allow_download:
             raise CLIError(
@@ -215,7 +225,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ao.checkpoint.save import check_output_dir
     from awq_ao.evaluation import batches, calibration_blocks
 
-    check_output_dir(args.out, args.overwrite)
+    source = Path(args.model).expanduser()
+    source = source.parent if source.is_file() else source
+    check_output_dir(args.out, args.overwrite, [source] if source.is_dir() else [])
     dtype = _torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
@@ -273,6 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from awq_ao.checkpoint import load_quantized
+    from awq_ao.checkpoint.formats import refuse_custom_code
     from awq_ao.evaluation import perplexity
 
     text_path = Path(args.text).expanduser()
@@ -282,8 +295,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load_quantized(args.dir, device=args.device, dtype=dtype, progress=not args.no_progress)
     tok_src = args.tokenizer or args.dir
+    refuse_custom_code(Path(tok_src).expanduser())
     try:
-        tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CLIError(f"no tokenizer in {tok_src}; pass --tokenizer PATH.") from e
     _log(args, f"loaded {args.dir} in {time.perf_counter() - t0:.1f}s")
@@ -384,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="awq_ao", choices=["awq_ao", "autoawq", "compressed-tensors"], help="checkpoint format (default awq_ao)")
     q.add_argument("--fallback", choices=["multiply", "skip"], default=None,
                    help="where AWQ scales cannot be folded: explicit input multiply (awq_ao format only) or skip scaling; default: multiply for awq_ao, skip otherwise")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (only one awq_ao saved, or an empty one)")
     q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     q.add_argument("--gguf-file", default=None, help="which .gguf file to load when MODEL has several")
     q.add_argument("--allow-download", action="store_true", help="allow downloading MODEL from the Hugging Face Hub")

@@ -66,10 +66,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]
     if not (path / "tokenizer.json").is_file() and shared_cfg is not None:
         cfg_dir = shared_cfg / "models" / SMOLLM2_DIR
     if (cfg_dir / "tokenizer.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(cfg_dir))
+        tok = AutoTokenizer.from_pretrained(str(cfg_dir), trust_remote_code=False)
     else:
-        tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf, dtype=dtype, trust_remote_code=False)
     model.eval()
     return model, tok
 

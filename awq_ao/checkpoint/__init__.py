@@ -18,6 +18,7 @@ from awq_ao.checkpoint.formats import (
     FORMAT_VERSION,
     FORMATS,
     CheckpointError,
+    CheckpointWriteError,
     detect_format,
 )
 from awq_ao.checkpoint.load import build_empty_model, checkpoint_summary, load_quantized
@@ -30,6 +31,7 @@ __all__ = [
     "FORMAT_COMPRESSED_TENSORS",
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointWriteError",
     "build_empty_model",
     "checkpoint_summary",
     "detect_format",

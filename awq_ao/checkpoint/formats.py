@@ -55,6 +55,9 @@ __all__ = [
     "FORMAT_COMPRESSED_TENSORS",
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointWriteError",
+    "MARKER_NAME",
+    "refuse_custom_code",
     "QuantLayer",
     "QuantExperts",
     "LayerPlan",
@@ -87,6 +90,15 @@ CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
+#: The file awq_ao writes into every folder it saves (a small JSON: writer, format, version).
+#: ``overwrite=True`` only ever replaces a folder that carries it (or an empty one).
+MARKER_NAME = ".awq_ao-checkpoint"
+#: Version of the marker file's JSON.
+MARKER_VERSION = 1
+
+#: Files whose ``auto_map`` would make transformers import Python code shipped in the folder.
+CUSTOM_CODE_FILES = (CONFIG_NAME, "tokenizer_config.json")
+
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -105,6 +117,46 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, damaged, or does not match its configuration."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, no permission, an I/O error, or an error raised by
+    safetensors while writing a shard).
+
+    ``errno`` is the cause's error number where one is known (``ENOSPC`` for a full disk,
+    ``EIO`` otherwise); the message names the target folder and the cause. Nothing is left
+    half-written: the target folder is exactly as it was before the save.
+    """
+
+
+def refuse_custom_code(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` if a model folder asks transformers to run its own code.
+
+    A ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` entry points
+    transformers at Python files shipped in the folder (``trust_remote_code``). awq_ao never
+    runs such code: it refuses the folder, naming the file, before transformers sees it. A
+    path that is not a folder, or files that are absent or not JSON, pass (the loader reports
+    those).
+    """
+    d = Path(path)
+    if not d.is_dir():
+        return
+    for name in CUSTOM_CODE_FILES:
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            entries = data["auto_map"]
+            shown = ", ".join(sorted(map(str, entries)))[:200] if isinstance(entries, dict) else str(entries)[:200]
+            raise CheckpointError(
+                f"{f} asks for custom code (auto_map: {shown}); awq_ao never runs code shipped "
+                "with a model (trust_remote_code is always off). Use a model whose architecture "
+                "transformers implements, or remove auto_map if the folder does not need it."
+            )
 
 
 # ------------------------------------------------------------------------------------------------

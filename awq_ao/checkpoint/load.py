@@ -33,6 +33,7 @@ from awq_ao.checkpoint.formats import (
     LoadPlan,
     ShardSet,
     detect_format,
+    refuse_custom_code,
 )
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
@@ -78,11 +79,17 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def build_empty_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The ``*ForCausalLM`` described by ``path/config.json``, parameters on the meta device."""
+    """The ``*ForCausalLM`` described by ``path/config.json``, parameters on the meta device.
+
+    Never runs code shipped with the folder: a ``config.json`` / ``tokenizer_config.json``
+    with ``auto_map`` is refused with a :class:`CheckpointError` naming the file, and
+    transformers is always called with ``trust_remote_code=False``.
+    """
     import transformers
 
+    refuse_custom_code(path)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises several types for unknown model types
         raise CheckpointError(f"{path}: cannot build a transformers config from config.json ({e}).") from e
     qc = getattr(config, "quantization_config", None)
@@ -99,7 +106,7 @@ def build_empty_model(path: str | os.PathLike, dtype: torch.dtype | None = None)
             if cls is not None and hasattr(cls, "_from_config"):
                 model = cls._from_config(config, dtype=dtype)
             else:
-                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot build the model {arch or config.model_type!r} from config.json ({e}).") from e
     if qc is not None:
@@ -305,13 +312,16 @@ def load_quantized(
 
     Raises:
         CheckpointError: unknown format or version, missing or truncated shard, tensors that
-            do not match the configuration (shape, dtype, missing or unknown keys). The message
-            names the problem.
+            do not match the configuration (shape, dtype, missing or unknown keys), or a folder
+            that asks for custom code (``auto_map`` in ``config.json`` or
+            ``tokenizer_config.json``: awq_ao never runs code shipped with a checkpoint). The
+            message names the problem.
     """
     path = Path(path)
     device = torch.device(device)
     fmt, qc = detect_format(path)
     shards = ShardSet(path)
+    refuse_custom_code(path)  # before anything reads the folder with transformers
     if fmt == FORMAT_AWQ_AO:
         _check_version(qc)  # fail before building the model
     model = build_empty_model(path)
