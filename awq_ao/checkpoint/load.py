@@ -319,9 +319,9 @@ def load_quantized(
     """
     path = Path(path)
     device = torch.device(device)
+    refuse_custom_code(path)  # before anything reads the folder with transformers
     fmt, qc = detect_format(path)
     shards = ShardSet(path)
-    refuse_custom_code(path)  # before anything reads the folder with transformers
     if fmt == FORMAT_AWQ_AO:
         _check_version(qc)  # fail before building the model
     model = build_empty_model(path)
