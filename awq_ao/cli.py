@@ -336,6 +336,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"full precision: {', '.join(s['float_linears'][:8])}" + (" ..." if len(s["float_linears"]) > 8 else ""))
     if s.get("module_overrides"):
         print(f"overrides:      {len(s['module_overrides'])} layers with their own bits/group size")
+    if s.get("bits_per_weight"):
+        print(f"footprint:      {s['bits_per_weight']:.2f} bits per quantized weight ({_human(s['quantized_bytes'])} "
+              f"for {s['quantized_weights'] / 1e6:.1f} M weights, codes + scales + zeros); "
+              f"{_human(s['full_precision_bytes'])} in full precision (embeddings, norms, head, biases)")
     print(f"size on disk:   {_human(s['size_bytes'])} ({s['size_bytes']} bytes; tensors {s['tensor_bytes']} bytes in {len(s['shards'])} shard(s))")
     if args.layers:
         scaled = set(s.get("scaled_input_layers") or [])

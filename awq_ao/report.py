@@ -42,6 +42,7 @@ class ConvertReport:
     experts_no_tokens: int = 0  # experts that received no calibration tokens
     spilled_bytes: int = 0  # rollback originals kept on disk (sequential spill_dir)
     mode: str = ""  # how the model was walked: layer by layer (which stack) or whole model
+    footprint: dict = field(default_factory=dict)  # lowering.swap.footprint of the result
 
     @property
     def folded(self) -> int:
@@ -72,6 +73,24 @@ class ConvertReport:
                 f"  size: {self.size_before / 2**20:.1f} MiB -> {self.size_after / 2**20:.1f} MiB "
                 f"({self.size_before / max(self.size_after, 1):.2f}x smaller)"
             )
+        fp = self.footprint
+        if fp.get("bits_per_weight"):
+            lays = ", ".join(f"{k} {v}" for k, v in sorted(fp.get("layouts", {}).items()))
+            lines.append(
+                f"  footprint: {fp['bits_per_weight']:.2f} bits per quantized weight "
+                f"({fp['quantized_bytes'] / 2**20:.1f} MiB for {fp['quantized_weights'] / 1e6:.1f} M weights; "
+                f"layouts: {lays}); {fp['full_precision_bytes'] / 2**20:.1f} MiB kept in full precision"
+            )
+            if "cpu_tinygemm" in fp.get("layouts", {}):
+                lines.append(
+                    "  CPU kernels: cpu_tinygemm layers decode (<= 32 rows) with tinygemm in bf16, "
+                    "prefill by block dequantization + fp32 matmul"
+                )
+            if "nibble" in fp.get("layouts", {}) or "byte" in fp.get("layouts", {}):
+                lines.append(
+                    "  nibble/byte layers: Triton W4A16 kernels on CUDA; on CPU (N % 16 != 0, bits > 4 "
+                    "or a group size tinygemm lacks) dequantization + a matmul in the activation dtype"
+                )
         if self.spilled_bytes:
             lines.append(f"  rollback originals kept on disk instead of in memory: {self.spilled_bytes / 2**20:.0f} MiB")
         if self.times:

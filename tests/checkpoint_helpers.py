@@ -87,3 +87,17 @@ SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
     "How vexingly quick daft zebras jump; sphinx of black quartz, judge my vow. "
 ) * 40
+
+
+def assert_same_grid(w, ref: torch.Tensor, msg: str = "") -> None:
+    """``w.dequantize()`` equals ``ref`` exactly, except on the cpu_tinygemm layout: there the
+    weight holds bfloat16 scale/offset pairs (what its kernel reads), so each value may move
+    by the bf16 rounding of the scale (<= 15 * 2**-8 steps) and of the offset (<= 1/32 step)."""
+    got = w.dequantize(torch.float32)
+    ref = ref.float()
+    if w.pack_layout != "cpu_tinygemm":
+        assert torch.equal(got, ref), msg
+        return
+    gs = w.group_size if 0 < w.group_size < w.shape[1] else w.shape[1]
+    step = w.scale.float().repeat_interleave(gs, dim=1)[:, : w.shape[1]]
+    assert torch.all((got - ref).abs() <= step * (15 * 2**-8 + 2**-5) + 1e-7), msg

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import int4_layers, logits, quantized
+from checkpoint_helpers import assert_same_grid, int4_layers, logits, quantized
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model, token_batches
 from torch import nn
@@ -80,7 +80,7 @@ def test_unpack_matches_reference_on_random_words():
     codes, zero, scale = unpack_gemm(qweight, qzeros, scales)
     assert codes.tolist() == [list(r) for r in zip(*ref_unpack(qweight), strict=True)]
     assert zero.t().long().tolist() == ref_unpack(qzeros)
-    w = Int4WeightTensor.from_codes(codes, scale.float(), zero.float(), 4, gs)
+    w = Int4WeightTensor.from_codes(codes, scale, zero.float(), 4, gs, torch.float32)  # fp16 kept
     assert torch.equal(w.dequantize(), ref_dequant(qweight, qzeros, scales, gs))
     # and packing back gives the same words
     qw2, qz2, sc2 = pack_gemm(codes, zero, scale)
@@ -198,14 +198,16 @@ def test_import_matches_reference(tmp_path):
     assert layers.keys() == ref.keys() and len(ref) == 14
     for name, w in layers.items():
         assert isinstance(w, Int4WeightTensor) and w.bits == 4 and w.group_size == 32
-        assert torch.equal(w.dequantize(), ref[name]), name
-        assert torch.equal(int4_layers(m16)[name].dequantize(torch.float32), ref[name]), name
+        assert_same_grid(w, ref[name], name)
+        assert_same_grid(int4_layers(m16)[name], ref[name], name)
     # same logits as a float model holding the reference-dequantized weights
     fp32 = tiny_model("qwen2")
     sd = {k: v.half().float() for k, v in fp.state_dict().items()}
     sd.update({f"{n}.weight": w for n, w in ref.items()})
     fp32.load_state_dict(sd)
-    torch.testing.assert_close(logits(m), logits(fp32), atol=1e-4, rtol=1e-4)
+    # 24 tokens: the CPU decode path (tinygemm in bfloat16) on bf16 scale/offset pairs
+    err = (logits(m) - logits(fp32)).abs().max() / logits(fp32).abs().max()
+    assert err < 2e-2, err
     # runs through awq_ao's op under torch.compile
     lin = m.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 64)
@@ -313,7 +315,7 @@ def test_ct_export_matches_library_compressor(tmp_path, zero_point):
         for key, v in lib.items():
             assert torch.equal(t[f"{name}.{key}"], v), (name, key)
         back = PackedQuantizationCompressor.decompress({k: t[f"{name}.{k}"] for k in lib}, scheme)
-        assert torch.equal(back["weight"], w.dequantize()), name
+        assert_same_grid(w, back["weight"], name)
     loaded = load_quantized(out)
     assert torch.equal(logits(loaded), logits(model))
 
@@ -327,8 +329,8 @@ def test_ct_transformers_loads_our_export(tmp_path):
     out = save_quantized(model, tmp_path / "ct", format="compressed-tensors")
     hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False))
     for name, w in int4_layers(model).items():
-        assert torch.equal(hf.get_submodule(name).weight, w.dequantize()), name
-    torch.testing.assert_close(logits(hf), logits(model), atol=1e-4, rtol=1e-4)
+        assert_same_grid(w, hf.get_submodule(name).weight, name)
+    torch.testing.assert_close(logits(hf), logits(model), atol=2e-2, rtol=2e-2)
 
 
 def test_ct_import_library_written_checkpoint(tmp_path):
@@ -368,7 +370,7 @@ def test_ct_import_library_written_checkpoint(tmp_path):
     for name, w in layers.items():
         sd = {k: t[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
         lib = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
-        assert torch.equal(w.dequantize(), lib), name
+        assert_same_grid(w, lib, name)
 
 
 def test_ct_import_refusals(tmp_path):

@@ -37,7 +37,7 @@ from awq_ao.checkpoint.formats import (
 )
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
-from awq_ao.lowering.int4_tensor import Int4WeightTensor
+from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 
@@ -234,8 +234,9 @@ def _make_weight(
     lp: LayerPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
 ) -> Int4WeightTensor:
     n, k = lp.out_features, lp.in_features
-    scale = scale.to(device=device, dtype=dtype).contiguous()
-    zero = zero.to(device=device, dtype=dtype).contiguous()
+    # scales keep the checkpoint's 16-bit dtype where the layout allows (exact imports)
+    scale = scale.to(device=device).contiguous()
+    zero = zero.to(device=device).contiguous()
     layout = packing.choose_layout(device, lp.bits, n, k, lp.group_size)
     try:
         if lp.nibble_packed:
@@ -243,9 +244,11 @@ def _make_weight(
                 # no repacking: build directly (from_codes would validate the zero points)
                 if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) > 2**lp.bits - 1):
                     raise CheckpointError(f"{lp.name}: zero points outside [0, {2**lp.bits - 1}].")
+                sdt = scale_storage_dtype(dtype, packing.LAYOUT_NIBBLE, scale.dtype)
                 return Int4WeightTensor(
-                    data.to(device).contiguous(), scale, zero, lp.bits, lp.group_size,
-                    packing.LAYOUT_NIBBLE, "", torch.Size([n, k]),
+                    data.to(device).contiguous(), lp.bits, lp.group_size,
+                    packing.LAYOUT_NIBBLE, "", torch.Size([n, k]), dtype,
+                    round_scale(scale, sdt).to(sdt), zero.round().to(torch.uint8),
                 )
             codes = packing.unpack(data, lp.bits, packing.LAYOUT_NIBBLE, n, k)
         else:
@@ -387,12 +390,8 @@ def load_quantized(
         old = model.get_submodule(name)
         has_bias = getattr(old, "bias", None) is not None
         data, scale, zero = lp.read()
-        if dtype is not None:
-            wdtype = dtype
-        elif plan.strict_dtypes:
-            wdtype = scale.dtype
-        else:
-            wdtype = old.weight.dtype
+        # the logical dtype is the model's (config.json); scales are stored in 16 bits
+        wdtype = dtype if dtype is not None else old.weight.dtype
         w = _make_weight(lp, data, scale, zero, device, wdtype)
         lin = nn.Linear(lp.in_features, lp.out_features, bias=has_bias, device="meta", dtype=wdtype)
         lin.weight = nn.Parameter(w, requires_grad=False)
@@ -410,7 +409,8 @@ def load_quantized(
         mod_name, _, attr = key.rpartition(".")
         mod = model.get_submodule(mod_name)
         data, scale, zero = ep.read()
-        w = _make_experts(ep, data, scale, zero, device, dtype if dtype is not None else scale.dtype)
+        old_dtype = mod._parameters[attr].dtype
+        w = _make_experts(ep, data, scale, zero, device, dtype if dtype is not None else old_dtype)
         mod._parameters[attr] = nn.Parameter(w, requires_grad=False)
         switched[id(mod)] = mod
         if bar is not None:
@@ -527,4 +527,35 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     out["num_quantized_experts"] = len(out["quantized_experts"])
     out["num_tensors"] = len(shards.keys())
     out["num_stored_elements"] = sum(math.prod(shards.shape(k)) for k in shards.keys())
+    out.update(_footprint(shards, out["quantized_layers"], fmt, out.get("bits")))
     return out
+
+
+def _footprint(shards: ShardSet, layers: list[str], fmt: str, bits: int | None) -> dict[str, Any]:
+    """Bytes of the quantized layers' tensors (codes, scales, zeros), the logical weights they
+    hold, bits per weight, and the bytes of everything else (kept in full precision).
+
+    The weight count comes from ``weight_shape`` (compressed-tensors), or from the packed codes:
+    two per byte for awq_ao's nibble layout (bits <= 4; an odd K counts half a code more),
+    one per byte above, eight per int32 ``qweight`` element (AutoAWQ).
+    """
+    prefixes = {f"{n}." for n in layers}
+    q_bytes, q_weights = 0, 0
+    for key in shards.keys():
+        prefix = key[: key.rfind(".") + 1]
+        if prefix not in prefixes or key.endswith(".bias"):
+            continue
+        q_bytes += math.prod(shards.shape(key)) * shards.dtype(key).itemsize
+        if key.endswith(".weight_shape"):
+            q_weights += int(math.prod(shards.get(key).tolist()))
+        elif key.endswith(".qweight"):
+            q_weights += 8 * math.prod(shards.shape(key))
+        elif key.endswith(".weight_packed") and fmt == FORMAT_AWQ_AO:
+            q_weights += (2 if (bits or 4) <= 4 else 1) * math.prod(shards.shape(key))
+    total = sum(math.prod(shards.shape(k)) * shards.dtype(k).itemsize for k in shards.keys())
+    return {
+        "quantized_bytes": q_bytes,
+        "quantized_weights": q_weights,
+        "bits_per_weight": round(8 * q_bytes / q_weights, 3) if q_weights else None,
+        "full_precision_bytes": total - q_bytes,
+    }

@@ -47,52 +47,54 @@ class Int4ExpertsTensor(TorchAOBaseTensor):
     Logical shape: the parameter's own shape ``[E, N, K]`` (or ``[E, K, N]`` when
     ``transposed``); dtype: the original float dtype.
 
-    Attributes:
-        packed: ``[E, *slab packed shape]`` uint8.
-        scale, zero: ``[E, N, G]`` per-group scale and zero point of each slab ``[N, K]``.
-        bits, group_size, pack_layout, layout_variant: as for :class:`Int4WeightTensor`.
-        transposed: the parameter stores ``[E, in, out]`` (``is_transposed`` experts).
-        scales_and_zeros: ``[E, G_tg, N, 2]`` (cpu_tinygemm layout only) or ``None``.
+    Inner tensors: ``packed`` ``[E, *slab packed shape]`` uint8 and the slabs' one copy of
+    metadata, stacked: ``qscale`` / ``qzero`` ``[E, N, G]``, or ``scales_and_zeros``
+    ``[E, G_tg, N, 2]`` for the cpu_tinygemm layout. Attributes as for
+    :class:`Int4WeightTensor`, plus ``transposed`` (the parameter stores ``[E, in, out]``).
     """
 
-    tensor_data_names = ["packed", "scale", "zero"]
-    tensor_attribute_names = ["bits", "group_size", "pack_layout", "layout_variant", "transposed", "shape"]
-    optional_tensor_data_names = ["scales_and_zeros"]
+    tensor_data_names = ["packed"]
+    tensor_attribute_names = [
+        "bits", "group_size", "pack_layout", "layout_variant", "transposed", "shape", "dtype",
+    ]
+    optional_tensor_data_names = ["qscale", "qzero", "scales_and_zeros"]
 
     def __new__(
         cls,
         packed: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
         bits: int,
         group_size: int,
         pack_layout: str,
         layout_variant: str,
         transposed: bool,
         shape: torch.Size,
+        dtype: torch.dtype,
+        qscale: torch.Tensor | None = None,
+        qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
     ):
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, shape, dtype=scale.dtype, device=packed.device, requires_grad=False
+            cls, shape, dtype=dtype, device=packed.device, requires_grad=False
         )
 
     def __init__(
         self,
         packed: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
         bits: int,
         group_size: int,
         pack_layout: str,
         layout_variant: str,
         transposed: bool,
         shape: torch.Size,
+        dtype: torch.dtype,
+        qscale: torch.Tensor | None = None,
+        qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
     ):
         super().__init__()
         self.packed = packed
-        self.scale = scale
-        self.zero = zero
+        self.qscale = qscale
+        self.qzero = qzero
         self.bits = bits
         self.group_size = group_size
         self.pack_layout = pack_layout
@@ -103,31 +105,36 @@ class Int4ExpertsTensor(TorchAOBaseTensor):
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def from_slabs(cls, slabs: list[Int4WeightTensor], transposed: bool = False) -> Int4ExpertsTensor:
-        """Stack quantized ``[N, K]`` slabs (same shape, bits, group size and layout)."""
+        """Stack quantized ``[N, K]`` slabs (same shape, bits, group size, layout and dtype)."""
         if not slabs:
             raise ValueError("need at least one expert slab.")
         first = slabs[0]
         for s in slabs[1:]:
-            if (s.shape, s.bits, s.group_size, s.pack_layout, s.layout_variant) != (
+            if (s.shape, s.bits, s.group_size, s.pack_layout, s.layout_variant, s.dtype) != (
                 first.shape, first.bits, first.group_size, first.pack_layout, first.layout_variant,
+                first.dtype,
             ):
-                raise ValueError("expert slabs differ in shape, bits, group size or layout.")
+                raise ValueError("expert slabs differ in shape, bits, group size, layout or dtype.")
         n, k = first.shape
         shape = torch.Size([len(slabs), k, n] if transposed else [len(slabs), n, k])
-        sz = None
-        if first.scales_and_zeros is not None:
-            sz = torch.stack([s.scales_and_zeros for s in slabs])
+
+        def stack(name: str) -> torch.Tensor | None:
+            if getattr(first, name) is None:
+                return None
+            return torch.stack([getattr(s, name) for s in slabs])
+
         return cls(
             torch.stack([s.packed for s in slabs]),
-            torch.stack([s.scale for s in slabs]),
-            torch.stack([s.zero for s in slabs]),
             first.bits,
             first.group_size,
             first.pack_layout,
             first.layout_variant,
             transposed,
             shape,
-            sz,
+            first.dtype,
+            stack("qscale"),
+            stack("qzero"),
+            stack("scales_and_zeros"),
         )
 
     @classmethod
@@ -162,7 +169,21 @@ class Int4ExpertsTensor(TorchAOBaseTensor):
 
     @property
     def out_features(self) -> int:
-        return int(self.scale.shape[1])
+        return int(self.packed.shape[1])
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-group scales ``[E, N, G]`` (see :attr:`Int4WeightTensor.scale`)."""
+        if self.qscale is not None:
+            return self.qscale
+        return torch.stack([self.slab(e).scale for e in range(self.num_experts)])
+
+    @property
+    def zero(self) -> torch.Tensor:
+        """Per-group integer zero points ``uint8 [E, N, G]``."""
+        if self.qzero is not None:
+            return self.qzero
+        return torch.stack([self.slab(e).zero for e in range(self.num_experts)])
 
     @property
     def in_features(self) -> int:
@@ -170,11 +191,13 @@ class Int4ExpertsTensor(TorchAOBaseTensor):
 
     def slab(self, e: int) -> Int4WeightTensor:
         """Expert ``e`` as an ``[out, in]`` :class:`Int4WeightTensor` (views of the storage)."""
-        sz = None if self.scales_and_zeros is None else self.scales_and_zeros[e]
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[e]
+
         return Int4WeightTensor(
-            self.packed[e], self.scale[e], self.zero[e], self.bits, self.group_size,
-            self.pack_layout, self.layout_variant,
-            torch.Size([self.out_features, self.in_features]), sz,
+            self.packed[e], self.bits, self.group_size, self.pack_layout, self.layout_variant,
+            torch.Size([self.out_features, self.in_features]), self.dtype,
+            pick(self.qscale), pick(self.qzero), pick(self.scales_and_zeros),
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
@@ -212,7 +235,7 @@ class Int4ExpertsTensor(TorchAOBaseTensor):
         """``y[r] = x[r] @ W[expert_ids[r]]`` as a linear (``[out, in]`` slabs); rows with an
         id outside ``[0, E)`` get zeros."""
         return torch.ops.awq_ao.w4a16_grouped_linear(
-            x, expert_ids, self.packed, self.scale, self.zero, self.bits, self.group_size,
+            x, expert_ids, self.packed, self.qscale, self.qzero, self.bits, self.group_size,
             self.in_features, self.pack_layout, self.layout_variant, self.scales_and_zeros,
         )
 
@@ -269,8 +292,8 @@ def w4a16_grouped_linear(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
@@ -287,19 +310,23 @@ def w4a16_grouped_linear(
             :class:`Int4ExpertsTensor` (leading dim E).
         bits, group_size, in_features, layout, variant: as for ``awq_ao::w4a16_linear``.
     """
-    num_experts, n = scale.shape[0], scale.shape[1]
+    num_experts, n = packed.shape[0], packed.shape[1]
     out = x.new_zeros(x.shape[0], n)
     for e, rows in _rows_by_expert(expert_ids, num_experts):
-        sz = None if scales_and_zeros is None else scales_and_zeros[e]
         out[rows] = torch.ops.awq_ao.w4a16_linear(
-            x[rows], packed[e], scale[e], zero[e], None, bits, group_size, in_features, layout, variant, sz
+            x[rows], packed[e], _pick(scale, e), _pick(zero, e), None, bits, group_size,
+            in_features, layout, variant, _pick(scales_and_zeros, e),
         )
     return out
 
 
+def _pick(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if t is None else t[e]
+
+
 @w4a16_grouped_linear.register_fake
 def _grouped_fake(x, expert_ids, packed, scale, zero, bits, group_size, in_features, layout, variant="", scales_and_zeros=None):
-    return x.new_empty(x.shape[0], scale.shape[1])
+    return x.new_empty(x.shape[0], packed.shape[1])
 
 
 @torch.library.custom_op("awq_ao::w4a16_grouped_linear_grad_input", mutates_args=())
@@ -307,38 +334,44 @@ def w4a16_grouped_linear_grad_input(
     grad: torch.Tensor,
     expert_ids: torch.Tensor,
     packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
     layout: str,
     variant: str = "",
+    scales_and_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Input gradient of ``awq_ao::w4a16_grouped_linear``: ``grad[r] @ dequant(W_e)``."""
     out = grad.new_zeros(grad.shape[0], in_features)
-    for e, rows in _rows_by_expert(expert_ids, scale.shape[0]):
-        w = torch.ops.awq_ao.dequantize(packed[e], scale[e], zero[e], bits, group_size, in_features, layout, variant, grad.dtype)
+    for e, rows in _rows_by_expert(expert_ids, packed.shape[0]):
+        w = torch.ops.awq_ao.dequantize(
+            packed[e], _pick(scale, e), _pick(zero, e), bits, group_size, in_features, layout,
+            variant, grad.dtype, _pick(scales_and_zeros, e),
+        )
         out[rows] = grad[rows] @ w
     return out
 
 
 @w4a16_grouped_linear_grad_input.register_fake
-def _grouped_grad_fake(grad, expert_ids, packed, scale, zero, bits, group_size, in_features, layout, variant=""):
+def _grouped_grad_fake(grad, expert_ids, packed, scale, zero, bits, group_size, in_features, layout, variant="", scales_and_zeros=None):
     return grad.new_empty(grad.shape[0], in_features)
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert_ids, packed, scale, zero, bits, group_size, in_features, layout, variant, _ = inputs
-    ctx.save_for_backward(expert_ids, packed, scale, zero)
+    x, expert_ids, packed, scale, zero, bits, group_size, in_features, layout, variant, sz = inputs
+    ctx.save_for_backward(expert_ids, packed, scale, zero, sz)
     ctx.meta = (bits, group_size, in_features, layout, variant)
 
 
 def _backward(ctx, grad):
-    expert_ids, packed, scale, zero = ctx.saved_tensors
+    expert_ids, packed, scale, zero, sz = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.awq_ao.w4a16_grouped_linear_grad_input(grad, expert_ids, packed, scale, zero, *ctx.meta)
+        grad_x = torch.ops.awq_ao.w4a16_grouped_linear_grad_input(
+            grad, expert_ids, packed, scale, zero, *ctx.meta, sz
+        )
     return grad_x, None, None, None, None, None, None, None, None, None, None
 
 

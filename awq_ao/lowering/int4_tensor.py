@@ -4,10 +4,12 @@ A wrapper tensor subclass in torchao's ``TorchAOBaseTensor`` style. It stands in
 ``nn.Linear`` weight: ``F.linear(x, w, b)`` runs the ``awq_ao::w4a16_linear`` custom op on the
 packed data, so eager, ``torch.compile(fullgraph=True)`` and ``torch.export`` all work.
 
-Inner tensors: ``packed`` (uint8, see :mod:`awq_ao.lowering.packing`), ``scale`` and ``zero``
-(``[N, G]`` in the weight's dtype; ``w_hat = (code - zero) * scale``) and, for the
-``cpu_tinygemm`` layout, ``scales_and_zeros`` (``[G_tg, N, 2]``, tinygemm's scale/offset
-form, precomputed so the CPU kernel is called without per-call preparation).
+Inner tensors: ``packed`` (uint8, see :mod:`awq_ao.lowering.packing`) and one copy of the
+quantization metadata: ``qscale`` (16-bit) and ``qzero`` (uint8), ``[N, G]`` with
+``w_hat = (code - zero) * scale``, or, for the ``cpu_tinygemm`` layout, only tinygemm's
+bfloat16 ``scales_and_zeros`` (``[G_tg, N, 2]`` scale/offset, what its kernel reads). Either
+way a 4-bit weight holds ``4 + 32 / group_size`` bits per element or less (plus padding of
+a ragged last group for tinygemm).
 
 The packing layout tag is ``pack_layout`` (``Tensor.layout`` is torch's own attribute).
 """
@@ -27,6 +29,7 @@ from awq_ao.lowering.packing import (
     choose_layout,
     cpu_tinygemm_variant,
     tinygemm_geometry,
+    tinygemm_qparams,
     tinygemm_scales_and_zeros,
     tinygemm_supported,
 )
@@ -37,64 +40,87 @@ from awq_ao.lowering.quant_math import (
     quantize_codes,
 )
 
-__all__ = ["Int4WeightTensor"]
+__all__ = ["Int4WeightTensor", "scale_storage_dtype", "round_scale"]
 
 aten = torch.ops.aten
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def scale_storage_dtype(
+    dtype: torch.dtype, layout: str, given: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype scales are stored (and rounded) in for a weight of ``dtype`` in ``layout``.
+
+    bfloat16 for the ``cpu_tinygemm`` layout (its fast kernel reads bfloat16). Elsewhere the
+    16-bit dtype the scales were ``given`` in (a checkpoint's float16 scales stay exact), else
+    the weight's own dtype if it is 16-bit, else bfloat16. Codes are always rounded against
+    the stored scale.
+    """
+    if layout == LAYOUT_CPU_TINYGEMM:
+        return torch.bfloat16
+    for d in (given, dtype):
+        if d in (torch.float16, torch.bfloat16):
+            return d
+    return torch.bfloat16
+
+
 class Int4WeightTensor(TorchAOBaseTensor):
     """Group-wise quantized ``[N, K]`` weight (2..8 bits) with a packed storage layout.
 
-    Logical shape ``[N, K]`` and dtype = the original float dtype (= ``scale.dtype``).
+    Logical shape ``[N, K]`` and dtype = the original float dtype (``dtype``).
 
-    Attributes:
+    Inner tensors (one copy of the quantization metadata, whatever the layout):
         packed: packed codes, uint8.
-        scale, zero: ``[N, G]`` per-group scale and (integer-valued) zero point.
-        bits: code width, 2..8.
-        group_size: group length along K, or -1 for one group per row.
-        pack_layout: ``"nibble"``, ``"byte"`` or ``"cpu_tinygemm"``.
-        layout_variant: cpu_tinygemm permutation (e.g. ``"b64i"``), ``""`` otherwise.
-        scales_and_zeros: tinygemm ``[G_tg, N, 2]`` tensor (cpu_tinygemm only) or ``None``.
+        qscale, qzero: ``[N, G]`` per-group scale (16-bit, see :func:`scale_storage_dtype`) and
+            integer zero point (uint8); ``w_hat = (code - zero) * scale``. ``None`` for the
+            ``cpu_tinygemm`` layout, which holds them as ``scales_and_zeros``.
+        scales_and_zeros: tinygemm ``[G_tg, N, 2]`` bfloat16 scale/offset (cpu_tinygemm only).
+
+    Attributes: ``bits`` (2..8), ``group_size`` (-1: one group per row), ``pack_layout``
+    (``"nibble"``, ``"byte"`` or ``"cpu_tinygemm"``), ``layout_variant`` (cpu_tinygemm
+    permutation, e.g. ``"b64i"``; ``""`` otherwise). :attr:`scale` and :attr:`zero` give the
+    ``[N, G]`` parameters for every layout.
     """
 
-    tensor_data_names = ["packed", "scale", "zero"]
-    tensor_attribute_names = ["bits", "group_size", "pack_layout", "layout_variant", "shape"]
-    optional_tensor_data_names = ["scales_and_zeros"]
+    tensor_data_names = ["packed"]
+    tensor_attribute_names = ["bits", "group_size", "pack_layout", "layout_variant", "shape", "dtype"]
+    optional_tensor_data_names = ["qscale", "qzero", "scales_and_zeros"]
 
     def __new__(
         cls,
         packed: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
         bits: int,
         group_size: int,
         pack_layout: str,
         layout_variant: str,
         shape: torch.Size,
+        dtype: torch.dtype,
+        qscale: torch.Tensor | None = None,
+        qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
     ):
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, shape, dtype=scale.dtype, device=packed.device, requires_grad=False
+            cls, shape, dtype=dtype, device=packed.device, requires_grad=False
         )
 
     def __init__(
         self,
         packed: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
         bits: int,
         group_size: int,
         pack_layout: str,
         layout_variant: str,
         shape: torch.Size,
+        dtype: torch.dtype,
+        qscale: torch.Tensor | None = None,
+        qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
     ):
         super().__init__()
         self.packed = packed
-        self.scale = scale
-        self.zero = zero
+        self.qscale = qscale
+        self.qzero = qzero
         self.bits = bits
         self.group_size = group_size
         self.pack_layout = pack_layout
@@ -117,10 +143,11 @@ class Int4WeightTensor(TorchAOBaseTensor):
     ) -> Int4WeightTensor:
         """Round-to-nearest quantize a float ``[N, K]`` weight (see ``quant_math.quantize``).
 
-        The scale is rounded to ``w.dtype`` *before* the codes are computed, so the stored scale
-        is the one the codes were rounded against. ``layout=None`` picks one for ``w.device``.
-        ``params``: per-group ``(scale, zero)`` ``[N, G]`` to round against instead of the
-        weight's min/max (e.g. chosen by error-feedback rounding).
+        The scale is rounded to its storage dtype (:func:`scale_storage_dtype`) *before* the
+        codes are computed, so the stored scale is the one the codes were rounded against.
+        ``layout=None`` picks one for ``w.device``. ``params``: per-group ``(scale, zero)``
+        ``[N, G]`` to round against instead of the weight's min/max (e.g. chosen by
+        error-feedback rounding).
         """
         if isinstance(w, Int4WeightTensor):
             raise TypeError("weight is already an Int4WeightTensor.")
@@ -130,23 +157,27 @@ class Int4WeightTensor(TorchAOBaseTensor):
             raise TypeError(f"expected a floating point weight, got {w.dtype}.")
         check_quant_args(bits, group_size)
         w = w.detach()
-        groups = num_groups(w.shape[1], group_size)
-        if params is not None and (params[0].shape != (w.shape[0], groups) or params[1].shape != params[0].shape):
+        n, k = w.shape
+        groups = num_groups(k, group_size)
+        if params is not None and (params[0].shape != (n, groups) or params[1].shape != params[0].shape):
             raise ValueError(
-                f"params must be (scale, zero) of shape {(w.shape[0], groups)}, got "
+                f"params must be (scale, zero) of shape {(n, groups)}, got "
                 f"{tuple(params[0].shape)} and {tuple(params[1].shape)}."
             )
+        if layout is None:
+            layout = choose_layout(w.device, bits, n, k, group_size)
+        sdt = scale_storage_dtype(w.dtype, layout)
         # row chunks: every quantity is per row, and the float32 temporaries stay small
         codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
         scales, zeros = [], []
-        for r0 in range(0, w.shape[0], 1024):
+        for r0 in range(0, n, 1024):
             wc = w[r0 : r0 + 1024]
             if params is None:
                 scale, zero = quant_params(wc, bits, group_size, zero_point)
             else:
                 scale = params[0][r0 : r0 + 1024].float().to(w.device)
                 zero = params[1][r0 : r0 + 1024].float().to(w.device)
-            scale = _round_scale(scale, w.dtype)
+            scale = round_scale(scale, sdt)
             codes[r0 : r0 + 1024] = quantize_codes(wc, scale, zero, bits, group_size)
             scales.append(scale)
             zeros.append(zero)
@@ -166,8 +197,9 @@ class Int4WeightTensor(TorchAOBaseTensor):
     ) -> Int4WeightTensor:
         """Build from integer codes ``uint8 [N, K]`` and per-group ``scale`` / ``zero`` ``[N, G]``.
 
-        ``dtype`` (default ``scale.dtype``) is the logical dtype; scale and zero are stored in
-        it. ``layout=None`` picks the layout for ``codes.device`` (:func:`choose_layout`).
+        ``dtype`` (default ``scale.dtype``) is the logical dtype; the scale is stored in
+        :func:`scale_storage_dtype` and the zero point as uint8. ``layout=None`` picks the
+        layout for ``codes.device`` (:func:`choose_layout`).
         """
         check_quant_args(bits, group_size)
         if codes.dim() != 2:
@@ -185,15 +217,14 @@ class Int4WeightTensor(TorchAOBaseTensor):
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}.")
         device = codes.device
-        scale_t = scale.to(device=device, dtype=dtype).contiguous()
-        zero_t = zero.to(device=device, dtype=dtype).contiguous()
         if device.type != "meta" and zero.numel():
             zf = zero.float()
             if not torch.equal(zf, zf.round()) or zf.min() < 0 or zf.max() > 2**bits - 1:
                 raise ValueError(f"zero must hold integers in [0, {2**bits - 1}].")
         layout = choose_layout(device, bits, n, k, group_size) if layout is None else layout
-        variant = ""
-        sz = None
+        sdt = scale_storage_dtype(dtype, layout, scale.dtype)
+        scale_t = round_scale(scale.to(device), sdt).to(sdt).contiguous()
+        zero_t = zero.to(device).float().round().to(torch.uint8).contiguous()
         if layout == LAYOUT_CPU_TINYGEMM:
             if device.type != "cpu":
                 raise ValueError(f"the cpu_tinygemm layout only exists on CPU, got {device}.")
@@ -205,14 +236,15 @@ class Int4WeightTensor(TorchAOBaseTensor):
                 )
             _, k_pad = tinygemm_geometry(k, group_size)
             if k_pad > k:  # pad with the zero point: padded weights dequantize to 0
-                fill = zero_t[:, -1:].to(torch.uint8).expand(n, k_pad - k)
+                fill = zero_t[:, -1:].expand(n, k_pad - k)
                 codes = torch.cat([codes, fill], dim=1)
             variant = cpu_tinygemm_variant()
-            sz = tinygemm_scales_and_zeros(scale_t, zero_t, k, group_size)
-        packed = packing.pack(codes, bits, layout, variant or None)
-        return cls(
-            packed, scale_t, zero_t, bits, group_size, layout, variant, torch.Size([n, k]), sz
-        )
+            sz = tinygemm_scales_and_zeros(scale_t.float(), zero_t, k, group_size).to(sdt)
+            packed = packing.pack(codes, bits, layout, variant)
+            return cls(packed, bits, group_size, layout, variant, torch.Size([n, k]), dtype,
+                       scales_and_zeros=sz)
+        packed = packing.pack(codes, bits, layout, None)
+        return cls(packed, bits, group_size, layout, "", torch.Size([n, k]), dtype, scale_t, zero_t)
 
     # ----------------------------------------------------------------------------------------
     # accessors
@@ -221,6 +253,26 @@ class Int4WeightTensor(TorchAOBaseTensor):
     @property
     def out_features(self) -> int:
         return self.shape[0]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-group scales ``[N, G]`` (stored dtype; derived from ``scales_and_zeros`` for
+        the cpu_tinygemm layout)."""
+        if self.qscale is not None:
+            return self.qscale
+        s, _ = tinygemm_qparams(self.scales_and_zeros, self.shape[1], self.group_size)
+        return s.to(self.scales_and_zeros.dtype)
+
+    @property
+    def zero(self) -> torch.Tensor:
+        """Per-group integer zero points ``uint8 [N, G]``."""
+        if self.qzero is not None:
+            return self.qzero
+        return tinygemm_qparams(self.scales_and_zeros, self.shape[1], self.group_size)[1]
+
+    def bits_per_weight(self) -> float:
+        """Bits held per logical weight element, everything included."""
+        return 8.0 * self.nbytes_packed() / max(1, self.shape[0] * self.shape[1])
 
     @property
     def in_features(self) -> int:
@@ -241,18 +293,19 @@ class Int4WeightTensor(TorchAOBaseTensor):
         """The dequantized weight ``(code - zero) * scale`` as a plain ``[N, K]`` tensor."""
         return torch.ops.awq_ao.dequantize(
             self.packed,
-            self.scale,
-            self.zero,
+            self.qscale,
+            self.qzero,
             self.bits,
             self.group_size,
             self.shape[1],
             self.pack_layout,
             self.layout_variant,
             self.dtype if dtype is None else dtype,
+            self.scales_and_zeros,
         )
 
     def nbytes_packed(self) -> int:
-        """Bytes held: packed codes + scale + zero (+ tinygemm scales_and_zeros if present)."""
+        """Bytes held by the inner tensors (packed codes and one copy of scale/zero)."""
         total = 0
         for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
@@ -295,8 +348,8 @@ class Int4WeightTensor(TorchAOBaseTensor):
         return torch.ops.awq_ao.w4a16_linear(
             x,
             self.packed,
-            self.scale,
-            self.zero,
+            self.qscale,
+            self.qzero,
             bias,
             self.bits,
             self.group_size,
@@ -344,23 +397,24 @@ class Int4WeightTensor(TorchAOBaseTensor):
         )
         if same_layout:
 
-            def mv(t: torch.Tensor) -> torch.Tensor:
-                return t.to(device, non_blocking=non_blocking)
+            def mv(t: torch.Tensor | None, dt: torch.dtype | None = None) -> torch.Tensor | None:
+                return None if t is None else t.to(device, dtype=dt, non_blocking=non_blocking)
 
-            def mvf(t: torch.Tensor) -> torch.Tensor:
-                return t.to(device, dtype=dtype, non_blocking=non_blocking)
-
-            sz = None if self.scales_and_zeros is None else mvf(self.scales_and_zeros)
+            qs = None
+            if self.qscale is not None:
+                sdt = scale_storage_dtype(dtype, layout, self.qscale.dtype)
+                qs = round_scale(self.qscale, sdt).to(device, dtype=sdt, non_blocking=non_blocking)
             return Int4WeightTensor(
                 mv(self.packed),
-                mvf(self.scale),
-                mvf(self.zero),
                 self.bits,
                 self.group_size,
                 self.pack_layout,
                 self.layout_variant,
                 self.shape,
-                sz,
+                dtype,
+                qs,
+                mv(self.qzero),
+                mv(self.scales_and_zeros),
             )
         codes = self.codes().to(device)
         return Int4WeightTensor.from_codes(
@@ -374,11 +428,11 @@ class Int4WeightTensor(TorchAOBaseTensor):
         )
 
 
-def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale`` rounded to ``dtype`` (kept float32), never rounded to zero."""
-    s = scale.to(dtype)
-    if dtype == torch.float16:
-        s = s.clamp(min=2.0**-24)
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to ``dtype`` (returned as float32), a nonzero scale never to zero."""
+    s = scale.float()
+    tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0**-24
+    s = torch.where(s > 0, s.clamp(min=tiny), s).to(dtype)
     return s.float()
 
 
@@ -454,7 +508,7 @@ def _(func, types, args, kwargs):
         dst.dtype,
     ):
         src = src._convert(dst.device, dst.dtype, layout=dst.pack_layout)
-    for name in ("packed", "scale", "zero", "scales_and_zeros"):
+    for name in ("packed", "qscale", "qzero", "scales_and_zeros"):
         d, s = getattr(dst, name), getattr(src, name)
         if (d is None) != (s is None) or (d is not None and d.shape != s.shape):
             raise ValueError(f"Int4WeightTensor copy_: {name} differs in shape.")

@@ -5,10 +5,11 @@
     preserved by ``torch.export``; fake (meta) and autograd (grad w.r.t. ``x`` and ``bias``,
     never the weight) formulas are registered.
 
-    * CPU: ``aten._weight_int4pack_mm_for_cpu`` (tinygemm) for bfloat16 ``x`` with at most
-      :data:`TINYGEMM_MAX_M` rows on the ``cpu_tinygemm`` layout; otherwise a vectorised
-      dequantization in row chunks followed by ``F.linear`` (chunking keeps the dequantized
-      block cache-sized and avoids page-faulting a full ``[N, K]`` buffer on every call).
+    * CPU, ``cpu_tinygemm`` layout: :mod:`awq_ao.lowering.cpu_kernels` (tinygemm in bfloat16
+      for up to :data:`TINYGEMM_MAX_M` rows, block-wise dequantization + float32 matmul
+      above), for float32, bfloat16 and float16 activations.
+    * CPU, other layouts: a vectorised dequantization in row chunks followed by ``F.linear``
+      (chunking keeps the dequantized block cache-sized).
     * CUDA: ``awq_ao.kernels.w4a16_linear`` when that module is importable, the layout is
       ``nibble`` and ``x`` is fp16/bf16; else dequantize + ``F.linear``.
 
@@ -25,14 +26,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from awq_ao.lowering import packing
+from awq_ao.lowering import cpu_kernels, packing
 from awq_ao.lowering.packing import (
     LAYOUT_BYTE,
     LAYOUT_CPU_TINYGEMM,
     LAYOUT_NIBBLE,
     cpu_tinygemm_variant,
     tinygemm_geometry,
-    tinygemm_scales_and_zeros,
 )
 from awq_ao.lowering.quant_math import effective_group_size, num_groups
 
@@ -40,11 +40,8 @@ __all__ = ["w4a16_linear", "dequantize_weight", "dequantize_packed", "TINYGEMM_M
 
 log = logging.getLogger(__name__)
 
-#: Largest number of activation rows sent to CPU tinygemm. Measured on a 2-core Xeon (AVX512),
-#: 4096x4096 g128 bf16, one thread: tinygemm 1.0 ms (M=1), 6.9 ms (16), 29 ms (64) vs chunked
-#: dequant + bf16 matmul 23-24 ms (M <= 16), 38 ms (64), 46 ms (256). Dense bf16 matmul beats
-#: tinygemm from M = 16 but needs the dequantized weight.
-TINYGEMM_MAX_M = 64
+#: Largest number of activation rows sent to CPU tinygemm (see :mod:`cpu_kernels`).
+TINYGEMM_MAX_M = cpu_kernels.DECODE_MAX_M
 
 #: Elements of the dequantized weight block materialised at a time on CPU.
 _CPU_CHUNK_ELEMS = 1 << 20
@@ -93,37 +90,56 @@ def _dequant_codes_(
 
 def dequantize_packed(
     packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
     layout: str,
     variant: str = "",
     dtype: torch.dtype = torch.float32,
+    scales_and_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantize a packed weight to a plain ``dtype [N, in_features]`` tensor (eager helper)."""
-    n = scale.shape[0]
+    """Dequantize a packed weight to a plain ``dtype [N, in_features]`` tensor (eager helper).
+
+    ``cpu_tinygemm`` weights pass ``scales_and_zeros`` (and ``None`` scale/zero): they
+    dequantize as the kernel does, ``(q - 8) * scale + offset`` in float32.
+    """
+    n = packed.shape[0]
+    if layout == LAYOUT_CPU_TINYGEMM:
+        if scales_and_zeros is None:
+            raise ValueError("a cpu_tinygemm weight needs its scales_and_zeros.")
+        tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
+        codes = packing.unpack(packed, bits, layout, n, k_pad, variant or None)
+        w = cpu_kernels.dequant_rows(codes, scales_and_zeros, tg)[:, :in_features]
+        return w.to(dtype).contiguous()
+    if scale is None or zero is None:
+        raise ValueError(f"a {layout} weight needs its scale and zero.")
     codes = _raw_codes(packed, bits, layout, n, in_features, variant)
     return _dequant_codes_(codes, scale, zero, group_size, dtype)
 
 
-def _check_args(x, packed, scale, zero, group_size, in_features, layout):
+def _check_args(x, packed, scale, zero, group_size, in_features, layout, scales_and_zeros=None):
     if x.shape[-1] != in_features:
         raise ValueError(
             f"w4a16_linear: input has {x.shape[-1]} features, weight expects {in_features}."
         )
     if layout not in packing.LAYOUTS:
         raise ValueError(f"w4a16_linear: unknown layout {layout!r}.")
+    n = packed.shape[0]
+    if layout == LAYOUT_CPU_TINYGEMM:
+        if scales_and_zeros is None or scales_and_zeros.dim() != 3 or scales_and_zeros.shape[1] != n:
+            raise ValueError(
+                f"w4a16_linear: a cpu_tinygemm weight needs scales_and_zeros [G, {n}, 2], got "
+                f"{None if scales_and_zeros is None else tuple(scales_and_zeros.shape)}."
+            )
+        return
     g = num_groups(in_features, group_size)
-    if scale.dim() != 2 or scale.shape[1] != g or zero.shape != scale.shape:
+    if scale is None or zero is None or scale.shape != (n, g) or zero.shape != scale.shape:
         raise ValueError(
-            f"w4a16_linear: scale/zero must be [N, {g}], got {tuple(scale.shape)} / "
-            f"{tuple(zero.shape)}."
-        )
-    if packed.shape[0] != scale.shape[0]:
-        raise ValueError(
-            f"w4a16_linear: packed has {packed.shape[0]} rows, scale has {scale.shape[0]}."
+            f"w4a16_linear: scale/zero must be [{n}, {g}], got "
+            f"{None if scale is None else tuple(scale.shape)} / "
+            f"{None if zero is None else tuple(zero.shape)}."
         )
 
 
@@ -146,7 +162,7 @@ def _linear_dequant(
     variant,
     chunk_elems: int | None,
 ) -> torch.Tensor:
-    n = scale.shape[0]
+    n = packed.shape[0]
     k = in_features
     dtype = x2d.dtype
     if chunk_elems is None or n * k <= 2 * chunk_elems:
@@ -163,23 +179,18 @@ def _linear_dequant(
     return _add_bias(y, bias)
 
 
-def _tinygemm_usable(x2d: torch.Tensor, layout: str, variant: str) -> bool:
-    return (
-        layout == LAYOUT_CPU_TINYGEMM
-        and x2d.dtype == torch.bfloat16
-        and 0 < x2d.shape[0] <= TINYGEMM_MAX_M
-        and variant == cpu_tinygemm_variant()
-    )
-
-
-def _linear_tinygemm(x2d, packed, scale, zero, bias, group_size, in_features, scales_and_zeros):
-    tg, k_pad = tinygemm_geometry(in_features, group_size)
-    if k_pad != in_features:
-        x2d = F.pad(x2d, (0, k_pad - in_features))
-    if scales_and_zeros is None:
-        scales_and_zeros = tinygemm_scales_and_zeros(scale, zero, in_features, group_size)
-    sz = scales_and_zeros.to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), packed, tg, sz)
+def _linear_cpu_tinygemm(x2d, packed, bias, group_size, in_features, variant, scales_and_zeros):
+    if x2d.dtype == torch.float64:  # reference precision: no bf16 / fp32 shortcuts
+        w = dequantize_packed(
+            packed, None, None, 4, group_size, in_features, LAYOUT_CPU_TINYGEMM, variant,
+            torch.float64, scales_and_zeros,
+        )
+        cpu_kernels._note(packed.shape[0], in_features, x2d.dtype, "any", "dequant + fp64 matmul")
+        return _add_bias(F.linear(x2d, w), bias)
+    if 0 < x2d.shape[0] <= TINYGEMM_MAX_M and variant == cpu_tinygemm_variant():
+        y = cpu_kernels.tinygemm_linear(x2d, packed, scales_and_zeros, in_features, group_size)
+    else:  # prefill, or packed for another CPU's tinygemm permutation
+        y = cpu_kernels.dequant_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
     return _add_bias(y, bias)
 
 
@@ -208,8 +219,8 @@ def _cuda_kernel():
 def w4a16_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
@@ -222,21 +233,21 @@ def w4a16_linear(
 
     Args:
         x: activations ``[..., in_features]`` (any float dtype).
-        packed: packed codes (see :mod:`awq_ao.lowering.packing`).
-        scale, zero: per-group ``[N, G]``.
+        packed: packed codes (see :mod:`awq_ao.lowering.packing`); ``N = packed.shape[0]``.
+        scale, zero: per-group ``[N, G]`` (``None`` for the cpu_tinygemm layout).
         bias: optional ``[N]``.
         bits, group_size, in_features: quantization parameters (``group_size=-1``: per channel).
         layout: ``"nibble"``, ``"byte"`` or ``"cpu_tinygemm"``.
         variant: cpu_tinygemm permutation the weight was packed with (``""`` otherwise).
-        scales_and_zeros: optional precomputed tinygemm ``[G_tg, N, 2]`` tensor.
+        scales_and_zeros: tinygemm ``[G_tg, N, 2]`` (the cpu_tinygemm layout's metadata).
     """
     # Generic implementation (devices without a dedicated kernel).
-    _check_args(x, packed, scale, zero, group_size, in_features, layout)
+    _check_args(x, packed, scale, zero, group_size, in_features, layout, scales_and_zeros)
     x2d = x.reshape(-1, in_features)
     y = _linear_dequant(
         x2d, packed, scale, zero, bias, bits, group_size, in_features, layout, variant, None
     )
-    return y.reshape(*x.shape[:-1], scale.shape[0])
+    return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
 @w4a16_linear.register_kernel("cpu")
@@ -253,16 +264,15 @@ def _w4a16_linear_cpu(
     variant="",
     scales_and_zeros=None,
 ):
-    _check_args(x, packed, scale, zero, group_size, in_features, layout)
-    n = scale.shape[0]
+    _check_args(x, packed, scale, zero, group_size, in_features, layout, scales_and_zeros)
+    n = packed.shape[0]
     x2d = x.reshape(-1, in_features)
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], n)
-    if _tinygemm_usable(x2d, layout, variant):
-        y = _linear_tinygemm(
-            x2d, packed, scale, zero, bias, group_size, in_features, scales_and_zeros
-        )
+    if layout == LAYOUT_CPU_TINYGEMM:
+        y = _linear_cpu_tinygemm(x2d, packed, bias, group_size, in_features, variant, scales_and_zeros)
     else:
+        cpu_kernels._note(n, in_features, x.dtype, "any", f"dequant + {x.dtype} matmul ({layout} layout)")
         y = _linear_dequant(
             x2d,
             packed,
@@ -293,8 +303,8 @@ def _w4a16_linear_cuda(
     variant="",
     scales_and_zeros=None,
 ):
-    _check_args(x, packed, scale, zero, group_size, in_features, layout)
-    n = scale.shape[0]
+    _check_args(x, packed, scale, zero, group_size, in_features, layout, scales_and_zeros)
+    n = packed.shape[0]
     x2d = x.reshape(-1, in_features)
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], n)
@@ -333,23 +343,23 @@ def _w4a16_linear_fake(
         x.shape[-1] == in_features,
         lambda: f"w4a16_linear: input has {x.shape[-1]} features, weight expects {in_features}.",
     )
-    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, scale, zero, bias, bits, group_size, in_features, layout, variant, _ = inputs
-    ctx.save_for_backward(packed, scale, zero)
+    x, packed, scale, zero, bias, bits, group_size, in_features, layout, variant, sz = inputs
+    ctx.save_for_backward(packed, scale, zero, sz)
     ctx.meta = (bits, group_size, in_features, layout, variant)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
-    packed, scale, zero = ctx.saved_tensors
+    packed, scale, zero, sz = ctx.saved_tensors
     bits, group_size, in_features, layout, variant = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         w = torch.ops.awq_ao.dequantize(
-            packed, scale, zero, bits, group_size, in_features, layout, variant, grad.dtype
+            packed, scale, zero, bits, group_size, in_features, layout, variant, grad.dtype, sz
         )
         grad_x = torch.matmul(grad, w)
     if ctx.needs_input_grad[4]:
@@ -368,23 +378,24 @@ w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("awq_ao::dequantize", mutates_args=())
 def dequantize_weight(
     packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
     layout: str,
     variant: str,
     dtype: torch.dtype,
+    scales_and_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dequantized weight ``(code - zero) * scale`` as ``dtype [N, in_features]``."""
+    """The dequantized weight as ``dtype [N, in_features]`` (see :func:`dequantize_packed`)."""
     return dequantize_packed(
-        packed, scale, zero, bits, group_size, in_features, layout, variant, dtype
+        packed, scale, zero, bits, group_size, in_features, layout, variant, dtype, scales_and_zeros
     )
 
 
 @dequantize_weight.register_fake
 def _dequantize_weight_fake(
-    packed, scale, zero, bits, group_size, in_features, layout, variant, dtype
+    packed, scale, zero, bits, group_size, in_features, layout, variant, dtype, scales_and_zeros=None
 ):
-    return scale.new_empty((scale.shape[0], in_features), dtype=dtype)
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)

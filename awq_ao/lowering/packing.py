@@ -50,6 +50,8 @@ __all__ = [
     "tinygemm_supported",
     "tinygemm_geometry",
     "tinygemm_scales_and_zeros",
+    "tinygemm_qparams",
+    "parse_variant",
     "packed_shape",
 ]
 
@@ -90,7 +92,7 @@ def _check_layout(layout: str, bits: int) -> None:
         raise ValueError(f"layout {layout!r} holds at most 4-bit codes, got bits={bits}.")
 
 
-def _parse_variant(variant: str) -> tuple[int, bool]:
+def parse_variant(variant: str) -> tuple[int, bool]:
     """``"b64i"`` -> ``(64, True)``; ``"b32p"`` -> ``(32, False)``."""
     if (
         len(variant) < 3
@@ -116,7 +118,7 @@ def _format_variant(block: int, interleaved: bool) -> str:
 
 def _pack_tinygemm(codes: torch.Tensor, variant: str) -> torch.Tensor:
     n, k = codes.shape
-    block, interleaved = _parse_variant(variant)
+    block, interleaved = parse_variant(variant)
     n_full = (n // block) * block
     parts = []
     if n_full:
@@ -138,7 +140,7 @@ def _pack_tinygemm(codes: torch.Tensor, variant: str) -> torch.Tensor:
 def _unpack_tinygemm(packed: torch.Tensor, variant: str) -> torch.Tensor:
     n, kh = packed.shape
     k = 2 * kh
-    block, interleaved = _parse_variant(variant)
+    block, interleaved = parse_variant(variant)
     n_full = (n // block) * block
     parts = []
     if n_full:
@@ -238,6 +240,34 @@ def tinygemm_scales_and_zeros(
     s = scale.float().index_select(1, idx)
     o = (8.0 - zero.float().index_select(1, idx)) * s
     return torch.stack([s, o], dim=-1).transpose(0, 1).contiguous().to(scale.dtype)
+
+
+def tinygemm_qparams(
+    scales_and_zeros: torch.Tensor, in_features: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`tinygemm_scales_and_zeros`: ``(scale float32 [N, G], zero uint8 [N, G])``.
+
+    The offset was rounded once from ``(8 - zero) * scale`` with ``|8 - zero| <= 8``; in
+    bfloat16 (unit roundoff ``2**-8``) or wider its relative error is at most ``2**-8``, so
+    ``8 - offset / scale`` lies within ``8 * 2**-8 = 1/32`` of the integer zero point and rounds
+    back to it exactly. A group whose scale is 0 (an all-zero group) dequantizes to 0 for every zero
+    point; it gets the midpoint ``2**(4-1) = 8``.
+    """
+    geom = tinygemm_geometry(in_features, group_size)
+    if geom is None:
+        raise ValueError(
+            f"no tinygemm geometry for in_features={in_features}, group_size={group_size}."
+        )
+    tg, _ = geom
+    g = num_groups(in_features, group_size)
+    gs = effective_group_size(in_features, group_size)
+    # the first tinygemm group of each of our groups
+    idx = torch.arange(g, device=scales_and_zeros.device) * gs // tg
+    sz = scales_and_zeros.index_select(0, idx).float()  # [G, N, 2]
+    s, o = sz[..., 0].t().contiguous(), sz[..., 1].t()
+    zero = torch.where(s != 0, 8.0 - o / torch.where(s != 0, s, 1.0), 8.0)
+    zero = zero.round_().clamp_(0, 15).to(torch.uint8)
+    return s, zero
 
 
 # --------------------------------------------------------------------------------------------

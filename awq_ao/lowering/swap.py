@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 
-__all__ = ["quantize_linear_module", "model_size_bytes", "is_quantizable_linear"]
+__all__ = ["quantize_linear_module", "model_size_bytes", "is_quantizable_linear", "footprint"]
 
 
 def _conv1d_type() -> type | None:
@@ -112,3 +112,32 @@ def model_size_bytes(model: nn.Module) -> int:
             seen_storage.add(key)
         total += _tensor_bytes(t)
     return total
+
+
+def footprint(model: nn.Module) -> dict:
+    """Where a model's bytes are: its quantized weights and everything kept in full precision.
+
+    Returns ``quantized_bytes`` (packed codes + scales + zeros of every
+    :class:`Int4WeightTensor` and other wrapper subclass), ``quantized_weights`` (their
+    logical element count), ``bits_per_weight``, ``full_precision_bytes`` (the rest, each
+    shared tensor once) and ``layouts`` (``{layout: count}``).
+    """
+    q_bytes, q_weights = 0, 0
+    layouts: dict[str, int] = {}
+    seen: set[int] = set()
+    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if t is None or id(t) in seen or not is_traceable_wrapper_subclass(t):
+            continue
+        seen.add(id(t))
+        q_bytes += _tensor_bytes(t)
+        q_weights += t.numel()
+        lay = getattr(t, "pack_layout", type(t).__name__)
+        layouts[lay] = layouts.get(lay, 0) + 1
+    total = model_size_bytes(model)
+    return {
+        "quantized_bytes": q_bytes,
+        "quantized_weights": q_weights,
+        "bits_per_weight": 8 * q_bytes / q_weights if q_weights else None,
+        "full_precision_bytes": total - q_bytes,
+        "layouts": layouts,
+    }

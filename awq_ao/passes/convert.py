@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.int4_tensor import _round_scale
+from awq_ao.lowering.int4_tensor import round_scale, scale_storage_dtype
+from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.observers.activation import RecordedCall
@@ -329,7 +330,8 @@ def apply_phase(
             # unclipped one (the grid's clamp does the clipping)
             w_now = weight_2d(mod, conv).detach()
             gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
-            gs = _round_scale(gs, w_now.dtype)
+            lay = choose_layout(w_now.device, config.bits, *w_now.shape, config.group_size)
+            gs = round_scale(gs, scale_storage_dtype(w_now.dtype, lay))
             q = error_feedback_round(w_target, gs, zs, full, config.bits, config.group_size, config.gptq_damp,
                                      act_order=config.gptq_act_order)
             q = q.to(w_now.dtype)
@@ -358,7 +360,7 @@ def apply_phase(
 
 def convert(model: nn.Module, config: AWQConfig, token: object = None) -> ConvertReport:
     """Quantize ``model`` in place with AWQ; return a :class:`ConvertReport`."""
-    from awq_ao.lowering.swap import model_size_bytes
+    from awq_ao.lowering.swap import footprint, model_size_bytes
 
     t_start = time.perf_counter()
     state = get_state(model)
@@ -439,6 +441,7 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     done = set(report.quantized)
     report.kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
     report.size_after = model_size_bytes(model)
+    report.footprint = footprint(model)
     report.times["total"] = time.perf_counter() - t_start
     if report.unseen:
         report.warnings.append(

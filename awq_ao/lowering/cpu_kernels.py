@@ -1,0 +1,209 @@
+"""CPU matmuls for the ``cpu_tinygemm`` layout (the layout every 4-bit CPU weight gets).
+
+The weight holds only the packed codes and tinygemm's ``scales_and_zeros`` (bfloat16
+``[G_tg, N, 2]``: scale and offset, ``w = (q - 8) * scale + offset``), so the footprint is
+``4 + 32 / group_size`` bits per weight. Two paths, chosen by the number of activation rows
+``M`` (measured in ``benchmarks/cpu_decode.py``; table in ``docs/cpu_kernels.md``):
+
+decode (``0 < M <= DECODE_MAX_M``)
+    ``aten._weight_int4pack_mm_for_cpu`` in bfloat16: activations are cast to bfloat16 and
+    the result back to the activation dtype. ATen's float32 and float16 variants of the same
+    kernel were measured 10-60x slower than its bfloat16 one, and slower than a dense matmul.
+
+prefill (``M > DECODE_MAX_M``)
+    The weight is dequantized in column blocks of about 2 MiB straight from the packed
+    layout to a transposed float32 ``[K, R]`` block (no unpacking to ``[N, K]`` codes and no
+    ``[N, K]`` buffer), each block multiplied by the float32 activations. Large weights use
+    an inductor-compiled dequantization (one vectorised pass); small weights, or machines
+    where inductor cannot compile, use the same function in eager mode. The matmul runs in
+    float32 for every activation dtype: on these CPUs it is as fast as or faster than a
+    bfloat16 matmul, and more exact.
+
+Both paths are logged once per (shape, dtype, path) and listed by :func:`chosen_paths`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from awq_ao.lowering.packing import parse_variant, tinygemm_geometry
+
+__all__ = [
+    "DECODE_MAX_M",
+    "COMPILE_MIN_ELEMS",
+    "tinygemm_linear",
+    "dequant_transposed",
+    "dequant_rows",
+    "chosen_paths",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest M sent to tinygemm. Measured (2-core Xeon, AVX512-BF16, no AMX; 8192x2048 g128):
+#: tinygemm 0.45 ms at M=1 vs dense fp32 1.16; 3.5 vs 4.1 ms at M=16; 13.7 vs 8.3 at M=64,
+#: where dequantize + fp32 matmul (~11 ms) is faster.
+DECODE_MAX_M = 32
+
+#: Weights with at least this many elements use the compiled dequantization.
+COMPILE_MIN_ELEMS = 1 << 20
+
+#: Target elements of one dequantized float32 block (8 MiB). Measured at M=512 (8192x2048,
+#: 2048x8192): 2 MiB blocks 93 / 109 ms, 4 MiB 95 / 93, 8 MiB 72 / 85, 16 MiB 79 / 123.
+_BLOCK_ELEMS = 1 << 21
+
+#: Dynamo's recompile limit while the dequantization runs: one graph per (K, block count).
+_RECOMPILE_LIMIT = 64
+
+_lock = threading.Lock()
+_seen: dict[tuple, str] = {}
+_compiled = None
+_compile_failed: str | None = None
+
+
+def chosen_paths() -> dict[tuple, str]:
+    """``{(N, K, activation dtype, "decode"|"prefill"): path}`` of every call so far."""
+    with _lock:
+        return dict(_seen)
+
+
+def _note(n: int, k: int, dtype: torch.dtype, kind: str, path: str) -> None:
+    key = (n, k, str(dtype).removeprefix("torch."), kind)
+    if key in _seen:
+        return
+    with _lock:
+        if key not in _seen:
+            _seen[key] = path
+            log.info("awq_ao CPU %s [%d x %d] %s: %s", kind, n, k, key[2], path)
+
+
+# --------------------------------------------------------------------------------------------
+# decode: tinygemm
+# --------------------------------------------------------------------------------------------
+
+
+def tinygemm_linear(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x2d @ W.T`` through ``aten._weight_int4pack_mm_for_cpu`` in bfloat16 (``x2d.dtype`` out)."""
+    tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
+    xb = x2d.to(torch.bfloat16)
+    if k_pad != in_features:
+        xb = F.pad(xb, (0, k_pad - in_features))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, tg, scales_and_zeros)
+    _note(packed.shape[0], in_features, x2d.dtype, "decode", "tinygemm bf16")
+    return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# dequantization straight from the tinygemm layout
+# --------------------------------------------------------------------------------------------
+
+
+def dequant_transposed(
+    packed_blocks: torch.Tensor, sz_cols: torch.Tensor, interleaved: bool, tg: int
+) -> torch.Tensor:
+    """Full tinygemm row blocks -> the transposed float32 weight ``[K_pad, nb * B]``.
+
+    Args:
+        packed_blocks: ``uint8 [nb, K_pad, B/2]`` (``nb`` blocks of ``B`` rows; byte ``(k, j)``
+            holds rows ``j`` and ``j + B/2`` when ``interleaved``, else rows ``2j`` and
+            ``2j + 1``; low nibble first).
+        sz_cols: the blocks' ``scales_and_zeros`` columns, ``[K_pad / tg, nb * B, 2]``.
+        interleaved: the variant's row order.
+        tg: tinygemm group size.
+    """
+    nb, kp, hb = packed_blocks.shape
+    b = 2 * hb
+    g = kp // tg
+    p = packed_blocks.view(nb, g, tg, 1, hb) if interleaved else packed_blocks.view(nb, g, tg, hb, 1)
+    shape = (nb, g, tg, 2, hb) if interleaved else (nb, g, tg, hb, 2)
+    shift = torch.tensor([0, 4], dtype=torch.int32, device=p.device)
+    shift = shift.view(1, 1, 1, 2, 1) if interleaved else shift.view(1, 1, 1, 1, 2)
+    q = ((p.expand(shape).to(torch.int32) >> shift) & 15).to(torch.float32).view(nb, g, tg, b)
+    s = sz_cols[..., 0].to(torch.float32).view(g, nb, b).permute(1, 0, 2).unsqueeze(2)
+    o = sz_cols[..., 1].to(torch.float32).view(g, nb, b).permute(1, 0, 2).unsqueeze(2)
+    w = (q - 8.0) * s + o  # [nb, g, tg, B]
+    return w.view(nb, kp, b).permute(1, 0, 2).reshape(kp, nb * b)
+
+
+def dequant_rows(codes: torch.Tensor, sz_rows: torch.Tensor, tg: int) -> torch.Tensor:
+    """Row-major codes ``uint8 [R, K_pad]`` and their ``scales_and_zeros`` ``[G_tg, R, 2]`` ->
+    float32 ``[R, K_pad]``."""
+    r, kp = codes.shape
+    g = kp // tg
+    s = sz_rows[..., 0].to(torch.float32).t().unsqueeze(2)
+    o = sz_rows[..., 1].to(torch.float32).t().unsqueeze(2)
+    return ((codes.view(r, g, tg).to(torch.float32) - 8.0) * s + o).view(r, kp)
+
+
+def _dequant_fn(elems: int):
+    """The compiled :func:`dequant_transposed` for big weights (eager if inductor fails)."""
+    global _compiled, _compile_failed
+    if elems < COMPILE_MIN_ELEMS or _compile_failed is not None:
+        return dequant_transposed, "eager"
+    if _compiled is None:
+        _compiled = torch.compile(dequant_transposed, dynamic=False, fullgraph=True)
+    return _compiled, "compiled"
+
+
+def _run_block(fn, how, *args):
+    global _compile_failed
+    if how == "compiled":
+        try:
+            limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return fn(*args), how
+        except Exception as e:  # no C++ compiler, unsupported platform, ...
+            _compile_failed = f"{type(e).__name__}: {e}"
+            log.warning(
+                "awq_ao: inductor could not compile the CPU dequantization (%s); using the "
+                "eager one (slower prefill).",
+                _compile_failed.splitlines()[0][:200],
+            )
+    return dequant_transposed(*args), "eager"
+
+
+def dequant_linear(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    variant: str,
+) -> torch.Tensor:
+    """``x2d @ W.T`` by block-wise dequantization and float32 matmuls (``x2d.dtype`` out)."""
+    tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
+    block, interleaved = parse_variant(variant)
+    n = packed.shape[0]
+    x32 = x2d.to(torch.float32)
+    y = x32.new_empty(x32.shape[0], n)
+    n_full = n // block * block
+    how = "eager"
+    if n_full:
+        nb = n_full // block
+        per = max(1, _BLOCK_ELEMS // (k_pad * block))
+        fn, how = _dequant_fn(n * k_pad)
+        blocks = packed[:n_full].view(nb, k_pad, block // 2)
+        per = min(per, nb)
+        for b0 in range(0, nb, per):
+            # every block of one shape (one compiled graph): the last one overlaps its neighbour
+            b0 = min(b0, nb - per)
+            b1 = b0 + per
+            wt, how = _run_block(fn, how, blocks[b0:b1], scales_and_zeros[:, b0 * block : b1 * block], interleaved, tg)
+            y[:, b0 * block : b1 * block] = x32 @ wt[:in_features]
+    if n_full < n:  # tail block (always in pairs order): unpack it row-major
+        t = n - n_full
+        b = packed[n_full:].reshape(k_pad, t // 2).t()
+        codes = torch.stack([b & 15, b >> 4], dim=1).reshape(t, k_pad)
+        w = dequant_rows(codes, scales_and_zeros[:, n_full:], tg)
+        y[:, n_full:] = x32 @ w[:, :in_features].t()
+    _note(n, in_features, x2d.dtype, "prefill", f"dequant ({how}) + fp32 matmul")
+    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)

@@ -1,0 +1,330 @@
+"""CPU decode and prefill speed: dense float32 / bfloat16 vs awq_ao INT4 vs torchao's CPU int4.
+
+Greedy decode (``generate``, a 16-token prompt, 128 new tokens; tokens/s over the decode
+steps, timed per step by a logits processor) and prefill (one forward over 512 tokens,
+tokens/s), in eager mode and under ``torch.compile`` (static KV cache for decode). Variants
+of one model are built once and measured interleaved (rep 1 of every variant, then rep 2,
+...), so ratios compare runs made under the same machine load.
+
+    python benchmarks/cpu_decode.py                                 # both models, everything
+    python benchmarks/cpu_decode.py --models llama1b --modes eager --reps 2
+    python benchmarks/cpu_decode.py --resume                        # continue a stopped run
+
+Models: ``smollm2`` (SmolLM2-135M, real weights from ../shared) and ``llama1b`` (Llama-3.2-1B
+shape: hidden 2048, MLP 8192, 16 layers, 32/8 heads, vocab 128256, tied embeddings; random
+weights, which is fine for speed). INT4 is round-to-nearest g128 (speed does not depend on
+how the codes were chosen); the embedding and the tied head stay in the model's dtype.
+
+Variants: ``fp32``, ``bf16`` (dense), ``awq_fp32`` / ``awq_bf16`` (awq_ao INT4 from a float32 /
+bfloat16 model), ``torchao_bf16`` (torchao's ``PrototypeInt4WeightOnlyConfig``: its CPU
+tinygemm tensor; on a float32 model it runs ATen's float32 tinygemm, measured 10x slower than
+the dense model per layer, so it is not run there).
+
+Rows go to ``benchmarks/results/cpu_decode.jsonl`` as they are measured; the summary (medians,
+ratios against the dense model of the same dtype, machine, CPU flags, versions) to
+``benchmarks/results/cpu_decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16"]
+MODES = ["eager", "compiled"]
+MODELS = ["llama1b", "smollm2"]
+
+
+# --------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    info: dict = {"python": platform.python_version(), "platform": platform.platform(),
+                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and "cpu" not in info:
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    info["isa"] = ("amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags
+                   else "avx2" if "avx2" in flags else "other")
+    return info
+
+
+def versions() -> dict:
+    import torchao
+    import transformers
+
+    import awq_ao
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "torchao": torchao.__version__, "awq_ao": getattr(awq_ao, "__version__", "dev")}
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+
+def build_dense(model_name: str, dtype: torch.dtype):
+    if model_name == "smollm2":
+        from awq_ao.evaluation import load_smollm2
+
+        model, _ = load_smollm2(torch.float32)
+        return model.to(dtype).eval()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                      num_key_value_heads=8, num_hidden_layers=16, vocab_size=128256,
+                      tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def _linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
+def to_awq_ao(model, group_size: int = 128):
+    from awq_ao.lowering.swap import quantize_linear_module
+
+    for name in _linears(model):
+        mod = model.get_submodule(name)
+        new = quantize_linear_module(mod, 4, group_size, True)
+        if new is not mod:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def to_torchao(model, group_size: int = 128):
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    names = set(_linears(model))
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn in names)
+    return model
+
+
+def build(model_name: str, variant: str):
+    dtype = torch.float32 if variant.endswith("fp32") else torch.bfloat16
+    model = build_dense(model_name, dtype)
+    if variant.startswith("awq"):
+        to_awq_ao(model)
+    elif variant.startswith("torchao"):
+        to_torchao(model)
+    return model
+
+
+def weight_bytes(model) -> dict:
+    quant, other = 0, 0
+    seen: set[int] = set()
+    for _, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if hasattr(p, "__tensor_flatten__"):
+            names, _ = p.__tensor_flatten__()
+            quant += sum(getattr(p, n).numel() * getattr(p, n).element_size() for n in names)
+        else:
+            other += p.numel() * p.element_size()
+    return {"quantized_mib": round(quant / 2**20, 1), "other_mib": round(other / 2**20, 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits arrive."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_tps(model, prompt: torch.Tensor, new_tokens: int, static: bool) -> float:
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    kw = {"cache_implementation": "static"} if static else {}
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             pad_token_id=0, **kw)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    steps = len(clock.times) - 1  # decode steps after the prompt's
+    return steps / (clock.times[-1] - clock.times[0])
+
+
+def prefill_tps(forward, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        forward(ids, use_cache=False)
+        return ids.shape[1] / (time.perf_counter() - t0)
+
+
+def prepare_mode(model, mode: str):
+    """Returns the forward used for prefill; for compiled mode also compiles generate's step."""
+    model.generation_config.disable_compile = True  # we compile ourselves, once
+    if mode == "eager":
+        return model.forward
+    if not hasattr(model, "_bench_compiled"):
+        model._bench_compiled = torch.compile(model.forward, dynamic=False)
+        model._bench_eager = model.forward
+    model.forward = model._bench_compiled
+    return model._bench_compiled
+
+
+def restore_mode(model) -> None:
+    if hasattr(model, "_bench_eager"):
+        model.forward = model._bench_eager
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if "value" in r:
+            groups.setdefault((r["model"], r["variant"], r["mode"], r["metric"]), []).append(r["value"])
+    out = []
+    for (model, variant, mode, metric), vals in sorted(groups.items()):
+        med = statistics.median(vals)
+        base = "fp32" if variant.endswith("fp32") else "bf16"
+        ref = groups.get((model, base, mode, metric))
+        row = {"model": model, "variant": variant, "mode": mode, "metric": metric,
+               "median_tok_s": round(med, 2), "runs": [round(v, 2) for v in vals]}
+        if ref and variant != base:
+            row[f"vs_{base}_dense"] = round(med / statistics.median(ref), 2)
+        fp = groups.get((model, "fp32", mode, metric))
+        if fp and variant != "fp32":
+            row["vs_fp32_dense"] = round(med / statistics.median(fp), 2)
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--out", default=str(RESULTS / "cpu_decode.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in the .jsonl")
+    args = ap.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64
+    out = Path(args.out)
+    rows_path = out.with_suffix(".jsonl")
+    rows: list[dict] = []
+    if args.resume and rows_path.exists():
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    elif rows_path.exists():
+        rows_path.unlink()
+    done = {(r["model"], r["variant"], r["mode"], r["metric"], r["rep"]) for r in rows}
+    header = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "date": dt.datetime.now().isoformat(timespec="seconds"),
+              "machine": machine_info(), "versions": versions(),
+              "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens,
+                           "prefill": args.prefill, "group_size": 128, "reps": args.reps}}
+    print(json.dumps(header["machine"]))
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    for model_name in args.models.split(","):
+        variants = [v for v in args.variants.split(",") if v]
+        models = {}
+        for v in variants:
+            if all((model_name, v, m, k, r) in done for m in args.modes.split(",")
+                   for k in ("decode", "prefill") for r in range(args.reps)):
+                continue
+            t0 = time.perf_counter()
+            try:
+                models[v] = build(model_name, v)
+            except Exception as e:  # a peer that cannot run here: say so in the results
+                record({"model": model_name, "variant": v, "mode": "-", "metric": "build",
+                        "rep": -1, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            record({"model": model_name, "variant": v, "mode": "-", "metric": "build", "rep": -1,
+                    "seconds": round(time.perf_counter() - t0, 1), **weight_bytes(models[v])})
+        gen = torch.Generator().manual_seed(0)
+        vocab = next(iter(models.values())).config.vocab_size if models else 1000
+        prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
+        long_ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
+        for mode in args.modes.split(","):
+            for v, model in models.items():  # warm-up / compile, not timed
+                fwd = prepare_mode(model, mode)
+                t0 = time.perf_counter()
+                decode_tps(model, prompt, 4, static=mode == "compiled")
+                prefill_tps(fwd, long_ids)
+                record({"model": model_name, "variant": v, "mode": mode, "metric": "warmup",
+                        "rep": -1, "seconds": round(time.perf_counter() - t0, 1)})
+                restore_mode(model)
+            for rep in range(args.reps):
+                for v, model in models.items():
+                    fwd = prepare_mode(model, mode)
+                    for metric in ("decode", "prefill"):
+                        if (model_name, v, mode, metric, rep) in done:
+                            continue
+                        if metric == "decode":
+                            val = decode_tps(model, prompt, args.new_tokens, static=mode == "compiled")
+                        else:
+                            val = prefill_tps(fwd, long_ids)
+                        record({"model": model_name, "variant": v, "mode": mode, "metric": metric,
+                                "rep": rep, "value": round(val, 3)})
+                    restore_mode(model)
+        del models
+        gc.collect()
+        torch._dynamo.reset()
+    from awq_ao.lowering.cpu_kernels import chosen_paths
+
+    summary = {**header, "cpu_paths": {" ".join(map(str, k)): v for k, v in chosen_paths().items()},
+               "builds": [r for r in rows if r["metric"] == "build"],
+               "results": _summary(rows)}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\n{'model':8} {'variant':13} {'mode':8} {'metric':7} {'tok/s':>9}  ratios")
+    for r in summary["results"]:
+        ratios = " ".join(f"{k}={v}" for k, v in r.items() if k.startswith("vs_"))
+        print(f"{r['model']:8} {r['variant']:13} {r['mode']:8} {r['metric']:7} {r['median_tok_s']:9.2f}  {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
