@@ -272,7 +272,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(report.summary())
     out = save_quantized(
         model, args.out, tokenizer=tok, format=args.format, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, progress=not args.no_progress,
+        max_shard_size=args.max_shard_size, progress=not args.no_progress, dtype=args.save_dtype,
     )
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"saved {args.format} checkpoint to {out} ({_human(size)}) in {time.perf_counter() - t0:.1f}s")
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (only one awq_ao saved, or an empty one)")
     q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    q.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype of the unquantized tensors in the checkpoint (default auto: the model's for "
+                        "awq_ao, float16 for autoawq / compressed-tensors)")
     q.add_argument("--gguf-file", default=None, help="which .gguf file to load when MODEL has several")
     q.add_argument("--allow-download", action="store_true", help="allow downloading MODEL from the Hugging Face Hub")
     q.set_defaults(func=cmd_quantize)

@@ -64,6 +64,13 @@ def machine_info() -> dict:
     info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
     info["isa"] = ("amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags
                    else "avx2" if "avx2" in flags else "other")
+    # kernels restricted below what the CPU has (e.g. ATEN_CPU_CAPABILITY=avx2 on an AVX512 CPU)
+    info["isa_limits"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                      "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    from awq_ao.lowering.packing import cpu_tinygemm_variant
+
+    info["tinygemm_variant"] = cpu_tinygemm_variant()
     return info
 
 
@@ -292,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             for v, model in models.items():  # warm-up / compile, not timed
                 fwd = prepare_mode(model, mode)
                 t0 = time.perf_counter()
-                decode_tps(model, prompt, 4, static=mode == "compiled")
+                # the full length: a static cache of another length would compile again when timed
+                decode_tps(model, prompt, args.new_tokens, static=mode == "compiled")
                 prefill_tps(fwd, long_ids)
                 record({"model": model_name, "variant": v, "mode": mode, "metric": "warmup",
                         "rep": -1, "seconds": round(time.perf_counter() - t0, 1)})

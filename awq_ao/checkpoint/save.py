@@ -29,6 +29,7 @@ from awq_ao.checkpoint.formats import (
     CONFIG_NAME,
     FORMAT_AUTOAWQ,
     FORMAT_AWQ_AO,
+    FORMAT_COMPRESSED_TENSORS,
     FORMAT_VERSION,
     FORMAT_VERSION_LINEAR,
     FORMATS,
@@ -768,6 +769,41 @@ def _existing_parent(p: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+_SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_save_dtype(dtype: torch.dtype | str | None, format: str) -> torch.dtype | None:
+    """The dtype :func:`save_quantized` writes unquantized tensors in (``None``: as they are)."""
+    if dtype is None or dtype == "auto":
+        return None if format == FORMAT_AWQ_AO else torch.float16
+    if isinstance(dtype, str):
+        if dtype.lower().removeprefix("torch.") not in _SAVE_DTYPES:
+            raise ValueError(
+                f"unknown save dtype {dtype!r}; use one of float16, bfloat16, float32 (or auto)."
+            )
+        return _SAVE_DTYPES[dtype.lower().removeprefix("torch.")]
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"save dtype must be float16, bfloat16 or float32, got {dtype}.")
+    return dtype
+
+
+def _cast_float(key: str, t: torch.Tensor, dtype: torch.dtype, format: str) -> torch.Tensor:
+    """Unquantized float tensors (and compressed-tensors' scales) in the save dtype; the
+    quantized layers' own tensors (codes, zeros, awq_ao / AutoAWQ scales) as they are."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    leaf = key.rpartition(".")[2]
+    if format == FORMAT_AWQ_AO and (leaf.startswith("weight_") or key.endswith(("_scale", "_zero"))):
+        return t  # awq_ao's 16-bit scales: kept exactly
+    if format == FORMAT_AUTOAWQ and leaf in ("scales", "qweight", "qzeros"):
+        return t
+    if format == FORMAT_COMPRESSED_TENSORS and leaf in ("weight_packed", "weight_zero_point", "weight_shape"):
+        return t
+    return t.to(dtype)
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -776,6 +812,7 @@ def save_quantized(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Save a model quantized by awq_ao as a transformers-style directory.
 
@@ -799,6 +836,12 @@ def save_quantized(
             target is always the complete old or the complete new one.
         max_shard_size: largest shard (bytes or e.g. ``"2GB"``); more shards get an index file.
         progress: show a progress bar while writing several shards.
+        dtype: dtype of everything that is not quantized (embeddings, norms, head, biases;
+            and of compressed-tensors' scales), also written as the config's ``dtype``:
+            ``"float16"``, ``"bfloat16"``, ``"float32"`` or a ``torch.dtype``. Default: the
+            model's own dtypes for ``"awq_ao"``; ``float16`` for ``"autoawq"`` and
+            ``"compressed-tensors"``, the formats vLLM serves (its AWQ kernels are
+            float16-first). The model in memory is not changed.
 
     Returns:
         The absolute path of the saved directory.
@@ -817,6 +860,7 @@ def save_quantized(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
+    save_dtype = resolve_save_dtype(dtype, format)
     max_bytes = parse_size(max_shard_size)
     sources = _source_dirs(model, tokenizer)
     target = check_output_dir(out_dir, overwrite, sources)
@@ -846,6 +890,9 @@ def save_quantized(
         items, _ = _float_tensors(model, layers, keep_aliases=False)
         items.extend(compressed_tensors.pack_quantized_tensors(layers).items())
     config = _config_dict(model, qc)
+    if save_dtype is not None:
+        items = [(k, _cast_float(k, t, save_dtype, format)) for k, t in items]
+        config["dtype"] = str(save_dtype).removeprefix("torch.")
     items.sort(key=lambda kv: kv[0])
     metadata = {"format": "pt", "quant_format": format}
     if format == FORMAT_AWQ_AO:

@@ -22,7 +22,7 @@ from awq_ao.evaluation import (
     perplexity,
     wikitext_test_text,
 )
-from awq_ao.lowering.swap import model_size_bytes
+from awq_ao.lowering.swap import footprint, model_size_bytes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,10 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(name: str, m: torch.nn.Module, qtime: float | None) -> None:
         t = time.perf_counter()
         ppl, n = perplexity(m, ids, 2048, args.windows, progress=True)
+        eval_s = time.perf_counter() - t
+        fp = footprint(m)
         rows.append({"method": name, "perplexity": ppl, "windows": n,
-                     "size_mib": model_size_bytes(m) / 2**20, "quant_s": qtime,
-                     "eval_s": time.perf_counter() - t})
-        print(f"  {name:5s} ppl {ppl:8.3f} ({n} windows)  size {rows[-1]['size_mib']:.1f} MiB"
+                     "size_mib": model_size_bytes(m) / 2**20, "quant_s": qtime, "eval_s": eval_s,
+                     "prefill_tok_s": n * 2048 / eval_s, "decode_tok_s": _decode_speed(m, ids),
+                     "bits_per_weight": fp["bits_per_weight"],
+                     "full_precision_mib": fp["full_precision_bytes"] / 2**20})
+        r = rows[-1]
+        bpw = f", {r['bits_per_weight']:.2f} bits/weight" if r["bits_per_weight"] else ""
+        print(f"  {name:5s} ppl {ppl:8.3f} ({n} windows)  size {r['size_mib']:.1f} MiB{bpw}  "
+              f"prefill {r['prefill_tok_s']:.0f} tok/s  decode {r['decode_tok_s']:.1f} tok/s"
               + (f"  quantized in {qtime:.0f}s" if qtime is not None else ""), flush=True)
 
     evaluate("FP32", model, None)
@@ -79,10 +86,25 @@ def main(argv: list[str] | None = None) -> dict:
     closed = (r - a) / (r - fp) if r != fp else float("nan")
     print(f"\nINT{args.bits} g{args.group_size}: FP {fp:.3f} | RTN {r:.3f} | awq_ao {a:.3f} "
           f"-> closes {100 * closed:.0f}% of the RTN-FP gap; total time {time.perf_counter() - t0:.0f}s")
+    f32, q = rows[0], rows[-1]
+    print(f"speed (eager, this CPU): decode {q['decode_tok_s']:.1f} vs {f32['decode_tok_s']:.1f} tok/s "
+          f"({q['decode_tok_s'] / f32['decode_tok_s']:.2f}x), prefill {q['prefill_tok_s']:.0f} vs "
+          f"{f32['prefill_tok_s']:.0f} tok/s; size {q['size_mib']:.1f} vs {f32['size_mib']:.1f} MiB")
     out = {"bits": args.bits, "group_size": args.group_size, "rows": rows, "gap_closed": closed}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
+
+
+def _decode_speed(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64) -> float:
+    """Greedy decode tokens/s (eager, 16-token prompt) after one warm-up call."""
+    prompt = ids[:16].unsqueeze(0)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0)
+    return new_tokens / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":
