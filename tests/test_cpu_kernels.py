@@ -100,11 +100,11 @@ def test_decode_path_within_bf16_of_reference(dtype):
 @needs_tinygemm
 def test_non_contiguous_and_empty_inputs():
     t = Int4WeightTensor.from_float(torch.randn(64, 128), 4, 32)
-    big = torch.randn(80, 256)
+    big = torch.randn(ops.TINYGEMM_MAX_M + 8, 256)
     x = big[:, ::2]  # non-contiguous rows
     assert not x.is_contiguous()
     ref = F.linear(x.double(), t.dequantize(torch.float64))
-    for rows in (slice(0, 5), slice(0, 80)):  # decode and prefill
+    for rows in (slice(0, 5), slice(0, ops.TINYGEMM_MAX_M + 8)):  # decode and prefill
         y = F.linear(x[rows], t)
         rel = ((y.double() - ref[rows]).abs().max() / ref[rows].abs().max()).item()
         assert rel < (1.6e-2 if y.shape[0] <= ops.TINYGEMM_MAX_M else 1e-5)
@@ -116,7 +116,7 @@ def test_non_contiguous_and_empty_inputs():
 def test_compiled_dequant_equals_eager(monkeypatch):
     """The inductor-compiled dequantization (used for big weights) is bit-identical."""
     t = Int4WeightTensor.from_float(torch.randn(128, 512), 4, 128)
-    x = torch.randn(40, 512)
+    x = torch.randn(ops.TINYGEMM_MAX_M + 8, 512)
     monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
     y_c = F.linear(x, t)
     assert ck.chosen_paths()[(128, 512, "float32", "prefill")].startswith("dequant (")
@@ -128,7 +128,7 @@ def test_compiled_dequant_equals_eager(monkeypatch):
 @needs_tinygemm
 def test_compile_failure_falls_back_to_eager_and_says_so(monkeypatch, caplog):
     t = Int4WeightTensor.from_float(torch.randn(64, 256), 4, 64)
-    x = torch.randn(40, 256)
+    x = torch.randn(ops.TINYGEMM_MAX_M + 8, 256)
     ref = F.linear(x, t)
 
     def broken(*a, **k):

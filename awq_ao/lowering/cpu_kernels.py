@@ -5,7 +5,7 @@ The weight holds only the packed codes and tinygemm's ``scales_and_zeros`` (bflo
 ``4 + 32 / group_size`` bits per weight. Two paths, chosen by the number of activation rows
 ``M`` (measured in ``benchmarks/cpu_decode.py``; table in ``docs/cpu_kernels.md``):
 
-decode (``0 < M <= DECODE_MAX_M``)
+decode (``0 < M <= DECODE_MAX_M`` = 128)
     ``aten._weight_int4pack_mm_for_cpu`` in bfloat16: activations are cast to bfloat16 and
     the result back to the activation dtype. ATen's float32 and float16 variants of the same
     kernel were measured 10-60x slower than its bfloat16 one, and slower than a dense matmul.
@@ -43,10 +43,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest M sent to tinygemm. Measured (2-core Xeon, AVX512-BF16, no AMX; 8192x2048 g128):
-#: tinygemm 0.45 ms at M=1 vs dense fp32 1.16; 3.5 vs 4.1 ms at M=16; 13.7 vs 8.3 at M=64,
-#: where dequantize + fp32 matmul (~11 ms) is faster.
-DECODE_MAX_M = 32
+#: Largest M sent to tinygemm. Measured (benchmarks/results/cpu_kernels.json: 2-core Xeon,
+#: AVX512-BF16, no AMX; 8192x2048 g128, bf16): tinygemm 0.45 ms at M=1 (dense fp32 1.10),
+#: 14.4 at M=64 and 26.5 at M=128 vs 23.6 and 29.3 for dequantization + fp32 matmul, which
+#: wins at M=512 (64.6 vs 108.7); the crossover is near M = 160.
+DECODE_MAX_M = 128
 
 #: Weights with at least this many elements use the compiled dequantization.
 COMPILE_MIN_ELEMS = 1 << 20
