@@ -82,9 +82,11 @@ class ConvertReport:
                 f"layouts: {lays}); {fp['full_precision_bytes'] / 2**20:.1f} MiB kept in full precision"
             )
             if "cpu_tinygemm" in fp.get("layouts", {}):
+                from awq_ao.lowering.cpu_kernels import DECODE_MAX_M
+
                 lines.append(
-                    "  CPU kernels: cpu_tinygemm layers decode (<= 32 rows) with tinygemm in bf16, "
-                    "prefill by block dequantization + fp32 matmul"
+                    f"  CPU kernels: cpu_tinygemm layers decode (<= {DECODE_MAX_M} rows) with tinygemm "
+                    "in bf16, prefill by block dequantization + fp32 matmul"
                 )
             if "nibble" in fp.get("layouts", {}) or "byte" in fp.get("layouts", {}):
                 lines.append(
