@@ -30,7 +30,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from awq_ao.lowering.packing import parse_variant, tinygemm_geometry
+from awq_ao.lowering.packing import LAYOUT_CPU_TINYGEMM, parse_variant, tinygemm_geometry, unpack
 
 __all__ = [
     "DECODE_MAX_M",
@@ -159,9 +159,7 @@ def _run_block(fn, how, *args):
     global _compile_failed
     if how == "compiled":
         try:
-            limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                return fn(*args), how
+            return fn(*args), how
         except Exception as e:  # no C++ compiler, unsupported platform, ...
             _compile_failed = f"{type(e).__name__}: {e}"
             log.warning(
@@ -194,16 +192,17 @@ def dequant_linear(
         fn, how = _dequant_fn(n * k_pad)
         blocks = packed[:n_full].view(nb, k_pad, block // 2)
         per = min(per, nb)
-        for b0 in range(0, nb, per):
-            # every block of one shape (one compiled graph): the last one overlaps its neighbour
-            b0 = min(b0, nb - per)
-            b1 = b0 + per
-            wt, how = _run_block(fn, how, blocks[b0:b1], scales_and_zeros[:, b0 * block : b1 * block], interleaved, tg)
-            y[:, b0 * block : b1 * block] = x32 @ wt[:in_features]
-    if n_full < n:  # tail block (always in pairs order): unpack it row-major
+        limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):  # one graph per (K, block count)
+            for b0 in range(0, nb, per):
+                # every block of one shape (one compiled graph): the last one overlaps its neighbour
+                b0 = min(b0, nb - per)
+                b1 = b0 + per
+                wt, how = _run_block(fn, how, blocks[b0:b1], scales_and_zeros[:, b0 * block : b1 * block], interleaved, tg)
+                y[:, b0 * block : b1 * block] = x32 @ wt[:in_features]
+    if n_full < n:  # tail block (fewer rows than a block): unpack it row-major
         t = n - n_full
-        b = packed[n_full:].reshape(k_pad, t // 2).t()
-        codes = torch.stack([b & 15, b >> 4], dim=1).reshape(t, k_pad)
+        codes = unpack(packed[n_full:], 4, LAYOUT_CPU_TINYGEMM, t, k_pad, variant)
         w = dequant_rows(codes, scales_and_zeros[:, n_full:], tg)
         y[:, n_full:] = x32 @ w[:, :in_features].t()
     _note(n, in_features, x2d.dtype, "prefill", f"dequant ({how}) + fp32 matmul")
