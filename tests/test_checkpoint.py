@@ -52,7 +52,7 @@ def test_roundtrip_identical_outputs(arch, tmp_path):
     assert _files(out) == [".awq_ao-checkpoint", "config.json", "generation_config.json", "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "awq_ao" and qc["format_version"] == 1
+    assert qc["quant_method"] == "awq_ao" and qc["format_version"] == 3
     assert (qc["bits"], qc["group_size"], qc["zero_point"]) == (4, 32, True)
     assert qc["quantized_modules"] == sorted(int4_layers(model))
     scaled = sorted(n for n, m in model.named_modules() if isinstance(m, ScaledInputLinear))
@@ -84,9 +84,9 @@ def test_tensors_are_packed_not_pickled(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
-        packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
-    assert meta["format"] == "pt" and meta["awq_ao_format_version"] == "1"
-    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+        packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert meta["format"] == "pt" and meta["awq_ao_format_version"] == "3"
+    assert "model.layers.0.self_attn.q_proj.weight_packed" not in keys  # the codes carry the weight's name
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (64, 32)  # nibbles: K/2 bytes
     w = model.model.layers[0].self_attn.q_proj.weight
     lo, hi = packed & 15, packed >> 4
@@ -187,7 +187,7 @@ def test_unknown_format_version(saved):
 
 def test_config_shape_mismatch(saved):
     _edit_config(saved, lambda c: c.update(intermediate_size=96))
-    with pytest.raises(CheckpointError, match=r"down_proj\.weight_packed. has shape \[64, 64\].*expects \[64, 48\]"):
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight. has shape \[64, 64\].*expects \[64, 48\]"):
         load_quantized(saved)
 
 

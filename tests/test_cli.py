@@ -63,7 +63,7 @@ def test_quantize_info_eval(model_dir, text_file, tmp_path, capsys):
 
     rc, out, _ = run(["info", q, "--layers"], capsys)
     assert rc == 0
-    assert "format:         awq_ao (version 1)" in out
+    assert "format:         awq_ao (version 3)" in out
     assert "bits:           4" in out and "group size:     32" in out
     assert "quantized:      14 layers" in out and "size on disk:" in out
     assert "model.layers.1.mlp.down_proj" in out

@@ -324,7 +324,7 @@ def test_checkpoint_roundtrip_int4_experts(name, tmp_path, capsys):
     assert before
     out = save_quantized(model, tmp_path / "ckpt")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 2
+    assert qc["format_version"] == 3
     assert sorted(qc["quantized_experts"]) == sorted(before)
     assert all(v["transposed"] == (name == "GptOssForCausalLM") for v in qc["quantized_experts"].values())
 

@@ -54,6 +54,8 @@ __all__ = [
     "FORMAT_AUTOAWQ",
     "FORMAT_COMPRESSED_TENSORS",
     "FORMAT_VERSION",
+    "quantized_keys",
+    "codes_shape",
     "CheckpointError",
     "CheckpointWriteError",
     "MARKER_NAME",
@@ -80,11 +82,26 @@ FORMAT_AUTOAWQ = "autoawq"
 FORMAT_COMPRESSED_TENSORS = "compressed-tensors"
 FORMATS = (FORMAT_AWQ_AO, FORMAT_AUTOAWQ, FORMAT_COMPRESSED_TENSORS)
 
-#: Newest version of the awq_ao on-disk format this code reads (and writes for models with
-#: INT4 MoE experts; models without them are written as version 1).
-FORMAT_VERSION = 2
-#: Version written for checkpoints without INT4 MoE experts.
-FORMAT_VERSION_LINEAR = 1
+#: Version of the awq_ao on-disk format this code writes, and the newest it reads.
+FORMAT_VERSION = 3
+#: First version whose codes carry the float parameter's own name (``m.weight``).
+FORMAT_VERSION_SAME_NAME = 3
+
+
+def quantized_keys(param: str, version: int = FORMAT_VERSION) -> tuple[str, str, str]:
+    """The file keys ``(codes, scale, zero)`` of quantized parameter ``param`` (``m.weight`` of
+    a linear, ``m.gate_up_proj`` of an experts module) in awq_ao format ``version``."""
+    codes = param if version >= FORMAT_VERSION_SAME_NAME else f"{param}_packed"
+    return codes, f"{param}_scale", f"{param}_zero"
+
+
+def codes_shape(lead: tuple[int, ...], n: int, k: int, bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
+    """On-disk shape of the codes of an ``[*lead, n, k]`` weight in awq_ao format ``version``:
+    nibbles ``[*lead, n, ceil(k/2)]`` for bits <= 4, else one byte per code (``[*lead, n, k, 1]``
+    since version 3, so the shape never equals the float weight's)."""
+    if bits <= 4:
+        return (*lead, n, (k + 1) // 2)
+    return (*lead, n, k, 1) if version >= FORMAT_VERSION_SAME_NAME else (*lead, n, k)
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -553,6 +570,8 @@ class LayerPlan:
     read: Any
     nibble_packed: bool = False
     scaled_input: bool = False
+    #: awq_ao format only: the file keys ``(codes, scale, zero)`` (see :func:`quantized_keys`)
+    keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -573,6 +592,8 @@ class ExpertsPlan:
     transposed: bool
     read: Any
     nibble_packed: bool = True
+    #: awq_ao format only: the file keys ``(codes, scale, zero)`` (see :func:`quantized_keys`)
+    keys: tuple[str, ...] = ()
 
 
 @dataclass

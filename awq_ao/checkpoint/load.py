@@ -32,7 +32,9 @@ from awq_ao.checkpoint.formats import (
     LayerPlan,
     LoadPlan,
     ShardSet,
+    codes_shape,
     detect_format,
+    quantized_keys,
     refuse_custom_code,
 )
 from awq_ao.lowering import packing
@@ -135,7 +137,10 @@ def _check_version(qc: dict[str, Any]) -> None:
 
 
 def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> LoadPlan:
+    """The :class:`LoadPlan` of an awq_ao checkpoint (every key's shape and dtype checked
+    against the model built from ``config.json``; no data read)."""
     _check_version(qc)
+    version = int(qc["format_version"])
     try:
         bits, gs = int(qc["bits"]), int(qc["group_size"])
         qmods = list(qc["quantized_modules"])
@@ -155,20 +160,19 @@ def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> Load
         b = int(overrides.get(name, {}).get("bits", bits))
         g = int(overrides.get(name, {}).get("group_size", gs))
         ng = num_groups(k, g)
-        pk = f"{name}.weight_packed"
-        shards.expect(pk, (n, (k + 1) // 2) if b <= 4 else (n, k), (torch.uint8,))
-        shards.expect(f"{name}.weight_scale", (n, ng), _FLOAT_DTYPES)
-        shards.expect(f"{name}.weight_zero", (n, ng), (torch.uint8,))
+        keys = quantized_keys(f"{name}.weight", version)
+        shards.expect(keys[0], codes_shape((), n, k, b, version), (torch.uint8,))
+        shards.expect(keys[1], (n, ng), _FLOAT_DTYPES)
+        shards.expect(keys[2], (n, ng), (torch.uint8,))
 
-        def read(name: str = name) -> tuple:
-            return (
-                shards.get(f"{name}.weight_packed"),
-                shards.get(f"{name}.weight_scale"),
-                shards.get(f"{name}.weight_zero"),
-            )
+        def read(keys: tuple[str, ...] = keys, n: int = n, k: int = k) -> tuple:
+            codes = shards.get(keys[0])
+            return (codes.reshape(n, k) if codes.dim() == 3 else codes), shards.get(keys[1]), shards.get(keys[2])
 
-        plan.layers[name] = LayerPlan(name, b, g, n, k, read, nibble_packed=b <= 4, scaled_input=name in scaled)
-        plan.consumed |= {pk, f"{name}.weight_scale", f"{name}.weight_zero"}
+        plan.layers[name] = LayerPlan(
+            name, b, g, n, k, read, nibble_packed=b <= 4, scaled_input=name in scaled, keys=keys
+        )
+        plan.consumed |= set(keys)
     _plan_awq_ao_experts(qc, shards, model, plan)
     return plan
 
@@ -196,15 +200,18 @@ def _plan_awq_ao_experts(qc: dict[str, Any], shards: ShardSet, model: nn.Module,
         e, a, c = (int(d) for d in p.shape)
         n, k = (c, a) if transposed else (a, c)
         ng = num_groups(k, g)
-        shards.expect(f"{key}_packed", (e, n, (k + 1) // 2) if b <= 4 else (e, n, k), (torch.uint8,))
-        shards.expect(f"{key}_scale", (e, n, ng), _FLOAT_DTYPES)
-        shards.expect(f"{key}_zero", (e, n, ng), (torch.uint8,))
+        version = int(qc["format_version"])
+        keys = quantized_keys(key, version)
+        shards.expect(keys[0], codes_shape((e,), n, k, b, version), (torch.uint8,))
+        shards.expect(keys[1], (e, n, ng), _FLOAT_DTYPES)
+        shards.expect(keys[2], (e, n, ng), (torch.uint8,))
 
-        def read(key: str = key) -> tuple:
-            return shards.get(f"{key}_packed"), shards.get(f"{key}_scale"), shards.get(f"{key}_zero")
+        def read(keys: tuple[str, ...] = keys, shape: tuple[int, ...] = (e, n, k)) -> tuple:
+            codes = shards.get(keys[0])
+            return (codes.reshape(shape) if codes.dim() == 4 else codes), shards.get(keys[1]), shards.get(keys[2])
 
-        plan.experts[key] = ExpertsPlan(key, b, g, e, n, k, transposed, read, nibble_packed=b <= 4)
-        plan.consumed |= {f"{key}_packed", f"{key}_scale", f"{key}_zero"}
+        plan.experts[key] = ExpertsPlan(key, b, g, e, n, k, transposed, read, nibble_packed=b <= 4, keys=keys)
+        plan.consumed |= set(keys)
 
 
 def _make_experts(
@@ -535,7 +542,8 @@ def _footprint(shards: ShardSet, layers: list[str], fmt: str, bits: int | None) 
     """Bytes of the quantized layers' tensors (codes, scales, zeros), the logical weights they
     hold, bits per weight, and the bytes of everything else (kept in full precision).
 
-    The weight count comes from ``weight_shape`` (compressed-tensors), or from the packed codes:
+    The weight count comes from ``weight_shape`` (compressed-tensors), or from the packed codes
+    (awq_ao: the uint8 ``m.weight``, ``m.weight_packed`` before format version 3):
     two per byte for awq_ao's nibble layout (bits <= 4; an odd K counts half a code more),
     one per byte above, eight per int32 ``qweight`` element (AutoAWQ).
     """
@@ -550,7 +558,7 @@ def _footprint(shards: ShardSet, layers: list[str], fmt: str, bits: int | None) 
             q_weights += int(math.prod(shards.get(key).tolist()))
         elif key.endswith(".qweight"):
             q_weights += 8 * math.prod(shards.shape(key))
-        elif key.endswith(".weight_packed") and fmt == FORMAT_AWQ_AO:
+        elif fmt == FORMAT_AWQ_AO and shards.dtype(key) == torch.uint8 and key.endswith((".weight", ".weight_packed")):
             q_weights += (2 if (bits or 4) <= 4 else 1) * math.prod(shards.shape(key))
     total = sum(math.prod(shards.shape(k)) * shards.dtype(k).itemsize for k in shards.keys())
     return {

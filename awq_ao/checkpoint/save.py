@@ -31,7 +31,6 @@ from awq_ao.checkpoint.formats import (
     FORMAT_AWQ_AO,
     FORMAT_COMPRESSED_TENSORS,
     FORMAT_VERSION,
-    FORMAT_VERSION_LINEAR,
     FORMATS,
     INDEX_FILE,
     MARKER_NAME,
@@ -46,6 +45,7 @@ from awq_ao.checkpoint.formats import (
     find_quantized_layers,
     float_linear_names,
     iter_chunks,
+    quantized_keys,
     tensor_aliases,
     zero_is_symmetric,
 )
@@ -588,23 +588,29 @@ def _canonical_packed(w: Int4WeightTensor) -> torch.Tensor:
     return w.packed if w.pack_layout == packing.LAYOUT_BYTE else w.codes()
 
 
+def _file_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Byte codes get a trailing unit dimension on disk (see :func:`codes_shape`)."""
+    return codes if bits <= 4 else codes.unsqueeze(-1)
+
+
 def _awq_ao_weight_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
     w = layer.weight
-    packed = _canonical_packed(w)
+    codes, scale, zero = quantized_keys(f"{layer.name}.weight")
     return {
-        f"{layer.name}.weight_packed": _cpu(packed),
-        f"{layer.name}.weight_scale": _cpu(w.scale),
-        f"{layer.name}.weight_zero": _cpu(w.zero.round().to(torch.uint8)),
+        codes: _cpu(_file_codes(_canonical_packed(w), w.bits)),
+        scale: _cpu(w.scale),
+        zero: _cpu(w.zero.round().to(torch.uint8)),
     }
 
 
 def _awq_ao_experts_tensors(qe: QuantExperts) -> dict[str, torch.Tensor]:
     w = qe.weight
     slabs = [w.slab(e) for e in range(qe.num_experts)]
+    codes, scale, zero = quantized_keys(qe.key)
     return {
-        f"{qe.key}_packed": _cpu(torch.stack([_canonical_packed(s) for s in slabs])),
-        f"{qe.key}_scale": _cpu(w.scale),
-        f"{qe.key}_zero": _cpu(w.zero.round().to(torch.uint8)),
+        codes: _cpu(_file_codes(torch.stack([_canonical_packed(s) for s in slabs]), w.bits)),
+        scale: _cpu(w.scale),
+        zero: _cpu(w.zero.round().to(torch.uint8)),
     }
 
 
@@ -695,7 +701,7 @@ def _awq_ao_config(
     qc: dict[str, Any] = {
         "quant_method": "awq_ao",
         "format": FORMAT_AWQ_AO,
-        "format_version": FORMAT_VERSION if experts else FORMAT_VERSION_LINEAR,
+        "format_version": FORMAT_VERSION,
         "awq_ao_version": __version__,
         "bits": bits,
         "group_size": gs,
