@@ -50,7 +50,7 @@ class AWQConfig(AOBaseConfig):
             the whole model's with ``sequential=False`` (which then checks the total
             against ``max_gram_gib`` before it starts).
         gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``, chosen on
-            held-out validation perplexity (see the README's settings sweep).
+            held-out validation perplexity (see the settings sweep in docs/results.md).
         max_gram_gib: with ``sequential=False`` and ``rounding="gptq"``, the most memory
             (GiB) the whole model's Grams may take; convert refuses beyond it and names the
             fixes (layer-by-layer mode, or ``rounding="nearest"``).

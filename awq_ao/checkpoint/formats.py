@@ -209,8 +209,22 @@ def detect_format(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     cfg = read_config(d)
     qc = cfg.get("quantization_config")
     if qc is None and (d / "quant_config.json").is_file():  # older AutoAWQ checkpoints
-        qc = json.loads((d / "quant_config.json").read_text(encoding="utf-8"))
-        qc.setdefault("quant_method", "awq")
+        qfile = d / "quant_config.json"
+        try:
+            qc = json.loads(qfile.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{qfile}: not valid JSON ({e}); an AutoAWQ quant_config.json is a JSON object such "
+                'as {"w_bit": 4, "q_group_size": 128, "zero_point": true, "version": "GEMM"}. '
+                "Fix the file, or add that object to config.json as quantization_config with "
+                '"quant_method": "awq".'
+            ) from e
+        if not isinstance(qc, dict):
+            raise CheckpointError(
+                f"{qfile}: expected a JSON object (w_bit, q_group_size, zero_point, version), "
+                f"got {type(qc).__name__}."
+            )
+        qc = {**qc, "quant_method": qc.get("quant_method", "awq")}
     if not isinstance(qc, dict):
         raise CheckpointError(
             f"{d / CONFIG_NAME}: no quantization_config; this is not a quantized checkpoint "

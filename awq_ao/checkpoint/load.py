@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_ao.checkpoint import autoawq, compressed_tensors
+from awq_ao.checkpoint import autoawq, compressed_tensors, validate
 from awq_ao.checkpoint.formats import (
     FORMAT_AUTOAWQ,
     FORMAT_AWQ_AO,
@@ -304,6 +304,7 @@ def load_quantized(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    verify: bool = False,
 ) -> nn.Module:
     """Load a quantized model saved by :func:`save_quantized` (or an AutoAWQ GEMM /
     compressed-tensors ``pack-quantized`` checkpoint) as a ready ``*ForCausalLM``.
@@ -315,6 +316,13 @@ def load_quantized(
         dtype: optional float dtype for activations, scales and float weights (default: the
             dtype recorded in ``config.json``).
         progress: show a progress bar.
+        verify: also check the sha256 of every shard against the checksums saved with the
+            checkpoint (``awq_ao_manifest.json``; catches flipped data bytes). Reads every byte
+            once more: about 30% of the load time, so off by default. Without it a load still
+            checks everything but the tensor data's checksums: the quantization fields of
+            ``config.json``, the shards' sizes and headers against the manifest, every layer's
+            bits and group size against the ones it was saved with, and every scale (finite,
+            > 0) and zero point (in range).
 
     Returns:
         The model in eval mode; ``model.config.quantization_config`` describes the checkpoint.
@@ -324,8 +332,11 @@ def load_quantized(
         CheckpointError: unknown format or version, missing or truncated shard, tensors that
             do not match the configuration (shape, dtype, missing or unknown keys), or a folder
             that asks for custom code (``auto_map`` in ``config.json`` or
-            ``tokenizer_config.json``: awq_ao never runs code shipped with a checkpoint). The
-            message names the problem.
+            ``tokenizer_config.json``: awq_ao never runs code shipped with a checkpoint), invalid
+            quantization fields (bits / group sizes that are not valid integers), metadata that
+            differs from what was saved, NaN/Inf or non-positive scales, zero points out of
+            range, or (with ``verify``) a checksum mismatch or no checksums to verify. The
+            message names the file, the field or tensor, and what to do.
     """
     path = Path(path)
     device = torch.device(device)
@@ -334,6 +345,8 @@ def load_quantized(
     shards = ShardSet(path)
     if fmt == FORMAT_AWQ_AO:
         _check_version(qc)  # fail before building the model
+    validate.check_config(path, fmt, qc)  # issue 15: types and ranges of the quantization fields
+    manifest = validate.check_manifest(path, fmt, qc, shards, verify=verify)  # what the save wrote
     model = build_empty_model(path)
     if fmt == FORMAT_AWQ_AO:
         plan = _plan_awq_ao(qc, shards, model)
@@ -341,6 +354,7 @@ def load_quantized(
         plan = autoawq.plan_load(qc, shards, model)
     else:
         plan = compressed_tensors.plan_load(qc, shards, model)
+    validate.check_plan(path, plan, manifest)  # before any weight is built
 
     # ---- validate every key before reading any data --------------------------------------------
     qweights = {f"{n}.weight" for n in plan.layers} | set(plan.experts)

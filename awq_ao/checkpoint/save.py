@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from awq_ao.checkpoint import autoawq, compressed_tensors
+from awq_ao.checkpoint import autoawq, checksums, compressed_tensors
 from awq_ao.checkpoint.formats import (
     CONFIG_NAME,
     FORMAT_AUTOAWQ,
@@ -906,7 +906,8 @@ def save_quantized(
     needed = sum(t.numel() * t.element_size() for _, t in items)
     try:
         with atomic_directory(target, overwrite, format, sources) as tmp:
-            _write_shards(tmp, items, max_bytes, metadata, progress)
+            shard_names = _write_shards(tmp, items, max_bytes, metadata, progress)
+            checksums.write_manifest(tmp, shard_names, format, config["quantization_config"], layers, experts)
             gen = getattr(model, "generation_config", None)
             if gen is not None and hasattr(gen, "to_dict"):
                 _write_json(tmp / "generation_config.json", gen.to_dict())

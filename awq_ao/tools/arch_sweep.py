@@ -602,7 +602,7 @@ def render_markdown(results: list[ArchResult], meta: dict[str, Any]) -> str:
         "*folded* groups had their scales folded into a producer; *mult* counts explicit "
         "per-channel input multiplies left where no fold is legal; *experts* counts 3-D expert "
         "weights left in full precision (experts following transformers' experts protocol are "
-        "quantized to INT4; see README, MoE experts); "
+        "quantized to INT4; see [MoE experts](moe.md#moe-experts)); "
         "*fold err* is the fold-only check (float64 unless the model only runs in float32; "
         "a wrong fold gives errors of order 0.1-1 since the random scales lie in [0.25, 4], "
         f"float rounding far less; pass threshold {FOLD_TOL:.0e}; largest here: {max_fold:.1e}); "

@@ -1,0 +1,422 @@
+"""Load-time validation: a checkpoint whose metadata or data is wrong is refused, never loaded.
+
+``load_quantized`` calls this module at three points:
+
+1. :func:`check_config` right after the format is detected: the quantization fields of
+   ``config.json`` have the right types and ranges (integer bits and group sizes; no bool,
+   float, string, 0 or negative), for all three formats.
+2. :func:`check_manifest` before the model is built: where the checkpoint has awq_ao's
+   manifest (:mod:`awq_ao.checkpoint.checksums`), the shard list, sizes and header digests
+   match it and the load-relevant quantization fields equal the ones saved; with ``verify``
+   also every shard's sha256.
+3. :func:`check_plan` once the format reader has planned the quantized layers (and before any
+   of them is built): every layer's bits and group size are valid and, with a manifest, equal
+   to the ones its data was written with. Its ``read`` is wrapped so that the tensors it
+   returns are checked just before the weight is built: shapes ``[N, G]`` with
+   ``G = ceil(K / group_size)``, finite and positive scales, zero points in
+   ``[0, 2**bits - 1]``.
+
+Every failure is a :class:`~awq_ao.checkpoint.formats.CheckpointError` naming the file, the
+field or tensor, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from awq_ao.checkpoint import checksums
+from awq_ao.checkpoint.formats import (
+    CONFIG_NAME,
+    FORMAT_AUTOAWQ,
+    FORMAT_AWQ_AO,
+    FORMAT_COMPRESSED_TENSORS,
+    CheckpointError,
+    ExpertsPlan,
+    LayerPlan,
+    LoadPlan,
+    ShardSet,
+    detect_format,
+    shard_files,
+)
+from awq_ao.lowering.quant_math import SUPPORTED_BITS, num_groups
+
+__all__ = ["check_config", "check_manifest", "check_plan", "verify_checkpoint", "LOAD_RELEVANT_KEYS"]
+
+#: ``quantization_config`` keys whose value changes how each format's tensors are read; a load
+#: compares them with the manifest (other keys are informational and may be edited).
+LOAD_RELEVANT_KEYS: dict[str, tuple[str, ...]] = {
+    FORMAT_AWQ_AO: (
+        "quant_method", "format_version", "bits", "group_size", "quantized_modules",
+        "scaled_input_modules", "module_overrides", "tied_weights", "quantized_experts",
+    ),
+    FORMAT_AUTOAWQ: (
+        "quant_method", "version", "bits", "w_bit", "group_size", "q_group_size", "zero_point",
+        "modules_to_not_convert", "desc_act",
+    ),
+    FORMAT_COMPRESSED_TENSORS: ("quant_method", "format", "quantization_status", "config_groups", "ignore"),
+}
+
+_RESTORE = "restore the value the checkpoint was saved with, or re-save the checkpoint with awq_ao"
+_MISSING = object()
+
+
+def _kind(v: Any) -> str:
+    return "a bool" if isinstance(v, bool) else f"a {type(v).__name__}"
+
+
+def _fail(file: Path, field: str, value: Any, expected: str) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return CheckpointError(f"{file}: {field} is {shown} ({_kind(value)}); expected {expected}. Fix: {_RESTORE}.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _bits(file: Path, field: str, v: Any, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
+    if not _is_int(v) or int(v) not in allowed:
+        raise _fail(file, field, v, f"an integer in {', '.join(map(str, allowed))}")
+
+
+def _group_size(file: Path, field: str, v: Any) -> None:
+    if not _is_int(v) or not (int(v) == -1 or int(v) >= 1):
+        raise _fail(file, field, v, "an integer >= 1, or -1 for one group per row")
+
+
+def _bool(file: Path, field: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise _fail(file, field, v, "true or false")
+
+
+def _str_list(file: Path, field: str, v: Any, optional: bool = True) -> None:
+    if v is None and optional:
+        return
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _fail(file, field, v, "a list of module names (strings)")
+
+
+def _mapping(file: Path, field: str, v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _fail(file, field, v, "an object mapping names to settings")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. config.json fields
+# ------------------------------------------------------------------------------------------------
+
+
+def check_config(path: str | os.PathLike, fmt: str, qc: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless the quantization fields of ``qc`` (read from
+    ``path``'s ``config.json``, or AutoAWQ's ``quant_config.json``) have valid types and ranges.
+
+    Checked: bits (integers the format supports), group sizes (integers >= 1, or -1), flags
+    (booleans) and module lists, including per-layer overrides and MoE experts entries. No
+    value is coerced: ``4.0``, ``"4"``, ``true`` and ``0`` are all refused.
+    """
+    d = Path(path)
+    file = d / CONFIG_NAME
+    if fmt == FORMAT_AUTOAWQ and "quantization_config" not in _raw_config(d):
+        file = d / "quant_config.json"
+    p = "quantization_config."
+    if fmt == FORMAT_AWQ_AO:
+        _bits(file, p + "bits", qc.get("bits"))
+        _group_size(file, p + "group_size", qc.get("group_size"))
+        if "zero_point" in qc:
+            _bool(file, p + "zero_point", qc["zero_point"])
+        _str_list(file, p + "quantized_modules", qc.get("quantized_modules"), optional=False)
+        _str_list(file, p + "scaled_input_modules", qc.get("scaled_input_modules"))
+        for name, o in _mapping(file, p + "module_overrides", qc.get("module_overrides")).items():
+            if not isinstance(o, dict):
+                raise _fail(file, f"{p}module_overrides[{name!r}]", o, "an object with bits and/or group_size")
+            if "bits" in o:
+                _bits(file, f"{p}module_overrides[{name!r}].bits", o["bits"])
+            if "group_size" in o:
+                _group_size(file, f"{p}module_overrides[{name!r}].group_size", o["group_size"])
+        tied = _mapping(file, p + "tied_weights", qc.get("tied_weights"))
+        for k, v in tied.items():
+            if not isinstance(v, str):
+                raise _fail(file, f"{p}tied_weights[{k!r}]", v, "the name of the tensor it shares (a string)")
+        for key, o in _mapping(file, p + "quantized_experts", qc.get("quantized_experts")).items():
+            f = f"{p}quantized_experts[{key!r}]"
+            if not isinstance(o, dict):
+                raise _fail(file, f, o, "an object with bits, group_size and transposed")
+            _bits(file, f + ".bits", o.get("bits"))
+            _group_size(file, f + ".group_size", o.get("group_size"))
+            _bool(file, f + ".transposed", o.get("transposed"))
+    elif fmt == FORMAT_AUTOAWQ:
+        for key in ("bits", "w_bit"):
+            if key in qc:
+                _bits(file, p + key, qc[key], allowed=(4,))
+        for key in ("group_size", "q_group_size"):
+            if key in qc:
+                _group_size(file, p + key, qc[key])
+        if "zero_point" in qc:
+            _bool(file, p + "zero_point", qc["zero_point"])
+        if "version" in qc and not isinstance(qc["version"], str):
+            raise _fail(file, p + "version", qc["version"], "a string such as 'gemm'")
+        _str_list(file, p + "modules_to_not_convert", qc.get("modules_to_not_convert"))
+    elif fmt == FORMAT_COMPRESSED_TENSORS:
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise _fail(file, p + "config_groups", groups, "an object of quantization schemes")
+        _str_list(file, p + "ignore", qc.get("ignore"))
+        for gname, g in groups.items():
+            f = f"{p}config_groups[{gname!r}]"
+            if not isinstance(g, dict):
+                raise _fail(file, f, g, "a scheme object (targets, weights)")
+            _str_list(file, f + ".targets", g.get("targets"))
+            w = g.get("weights")
+            if not isinstance(w, dict):
+                raise _fail(file, f + ".weights", w, "an object with num_bits, strategy and group_size")
+            _bits(file, f + ".weights.num_bits", w.get("num_bits"))
+            strategy = w.get("strategy")
+            if strategy not in ("group", "channel"):
+                raise _fail(file, f + ".weights.strategy", strategy, "'group' or 'channel'")
+            gs = w.get("group_size")
+            if strategy == "group" or gs is not None:
+                if not _is_int(gs) or int(gs) < 1:
+                    raise _fail(file, f + ".weights.group_size", gs, "an integer >= 1")
+            if "symmetric" in w:
+                _bool(file, f + ".weights.symmetric", w["symmetric"])
+
+
+def _raw_config(d: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the manifest (what the save wrote)
+# ------------------------------------------------------------------------------------------------
+
+
+def _canonical(v: Any) -> str:
+    return "<absent>" if v is _MISSING else json.dumps(v, sort_keys=True)
+
+
+def _short(v: Any) -> str:
+    t = _canonical(v)
+    return t if len(t) <= 80 else t[:77] + "..."
+
+
+def _difference(now: Any, then: Any) -> str:
+    """How a config value differs from the saved one, in words (list items and dict keys named)."""
+    if isinstance(now, list) and isinstance(then, list):
+        added = [x for x in now if x not in then]
+        removed = [x for x in then if x not in now]
+        if added or removed:
+            parts = ([f"adds {_short(added)}"] if added else []) + ([f"drops {_short(removed)}"] if removed else [])
+            return " and ".join(parts) + " compared with the saved list"
+    if isinstance(now, dict) and isinstance(then, dict):
+        keys = sorted(k for k in set(now) | set(then) if _canonical(now.get(k, _MISSING)) != _canonical(then.get(k, _MISSING)))
+        shown = "; ".join(f"[{k!r}] is {_short(now.get(k, _MISSING))}, saved {_short(then.get(k, _MISSING))}" for k in keys[:3])
+        return f"differs from the saved one: {shown}"
+    return f"is {_short(now)}, but the checkpoint was saved with {_short(then)}"
+
+
+def check_manifest(
+    path: str | os.PathLike, fmt: str, qc: dict[str, Any], shards: ShardSet, verify: bool = False
+) -> dict[str, Any] | None:
+    """Check ``path`` against its manifest; return the manifest (``None`` if it has none).
+
+    Always (no tensor data read): the shard files, their sizes and safetensors headers are the
+    ones saved, and the load-relevant quantization fields (:data:`LOAD_RELEVANT_KEYS`) of
+    ``config.json`` equal the saved ones. With ``verify``: also every shard's sha256. A
+    checkpoint without a manifest passes, except with ``verify`` (nothing to verify against).
+    """
+    d = Path(path)
+    manifest = checksums.read_manifest(d)
+    if manifest is None:
+        if verify:
+            raise CheckpointError(
+                f"{d}: no {checksums.MANIFEST_NAME}, so there are no checksums to verify (the "
+                "checkpoint was written by another tool or an older awq_ao). Load it without "
+                "verify=True (its metadata is still checked), or re-save it with awq_ao's "
+                "save_quantized to record checksums."
+            )
+        return None
+    mfile = d / checksums.MANIFEST_NAME
+    if manifest.get("format") != fmt:
+        raise CheckpointError(
+            f"{d / CONFIG_NAME} describes a {fmt} checkpoint, but it was saved as "
+            f"{manifest.get('format')!r} (recorded in {mfile}); {_RESTORE}."
+        )
+    saved = manifest["quantization_config"]
+    for key in LOAD_RELEVANT_KEYS.get(fmt, ()):
+        now, then = qc.get(key, _MISSING), saved.get(key, _MISSING)
+        if _canonical(now) != _canonical(then):
+            raise CheckpointError(
+                f"{d / CONFIG_NAME}: quantization_config.{key} {_difference(now, then)} (recorded in "
+                f"{mfile}); the tensors were written for the saved value. Fix: {_RESTORE}."
+            )
+    checksums.verify_shards(d, manifest, shards.files, full=verify)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. the load plan
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_layer_settings(d: Path, name: str, bits: Any, gs: Any, dims: dict[str, Any]) -> None:
+    where = f"{d}: {name}"
+    if not _is_int(bits) or int(bits) not in SUPPORTED_BITS:
+        raise CheckpointError(f"{where}: bits={bits!r}; expected an integer in {SUPPORTED_BITS}. Fix: {_RESTORE}.")
+    if not _is_int(gs) or not (gs == -1 or gs >= 1):
+        raise CheckpointError(f"{where}: group_size={gs!r}; expected an integer >= 1 or -1. Fix: {_RESTORE}.")
+    for k, v in dims.items():
+        if not _is_int(v) or v < 1:
+            raise CheckpointError(f"{where}: {k}={v!r} in the model built from config.json; expected >= 1.")
+
+
+def check_plan(path: str | os.PathLike, plan: LoadPlan, manifest: dict[str, Any] | None) -> None:
+    """Check every planned quantized layer before any weight is built, and wrap its ``read``
+    so that the tensors it returns are checked before the weight is built from them.
+
+    With a manifest, every layer's ``(bits, group_size, out_features, in_features)`` must be
+    the one its data was written with: a group size that gives the same number of groups
+    (40 instead of 32 for ``in_features=64``) is refused, as is a layer missing or added.
+    """
+    d = Path(path)
+    for name, lp in plan.layers.items():
+        _check_layer_settings(d, name, lp.bits, lp.group_size, {"out_features": lp.out_features, "in_features": lp.in_features})
+        lp.read = _checked_read(d, lp)
+    for key, ep in plan.experts.items():
+        _check_layer_settings(
+            d, key, ep.bits, ep.group_size,
+            {"num_experts": ep.num_experts, "out_features": ep.out_features, "in_features": ep.in_features},
+        )
+        ep.read = _checked_read(d, ep)
+    if manifest is None:
+        return
+    mfile = d / checksums.MANIFEST_NAME
+    for what, planned, rows in (
+        ("layer", {n: [lp.bits, lp.group_size, lp.out_features, lp.in_features] for n, lp in plan.layers.items()},
+         manifest.get("layers", {})),
+        ("experts parameter", {k: [ep.bits, ep.group_size, ep.num_experts, ep.out_features, ep.in_features]
+                               for k, ep in plan.experts.items()}, manifest.get("experts", {})),
+    ):
+        extra = sorted(set(planned) - set(rows))
+        missing = sorted(set(rows) - set(planned))
+        if extra or missing:
+            parts = ([f"not saved as quantized: {', '.join(extra[:4])}"] if extra else []) + (
+                [f"saved but not found: {', '.join(missing[:4])}"] if missing else []
+            )
+            raise CheckpointError(
+                f"{d}: the quantized {what}s read from config.json differ from the ones saved "
+                f"(recorded in {mfile}): {'; '.join(parts)}. Fix: {_RESTORE}."
+            )
+        labels = ("bits", "group_size", "num_experts", "out_features", "in_features") if what != "layer" else (
+            "bits", "group_size", "out_features", "in_features")
+        for n, now in planned.items():
+            then = rows[n]
+            if [int(x) for x in now] != then:
+                diff = ", ".join(f"{lab} {a} (saved: {b})" for lab, a, b in zip(labels, now, then, strict=True) if a != b)
+                raise CheckpointError(
+                    f"{d}: {n}: config.json gives {diff}; its tensors were written with the saved "
+                    f"values (recorded in {mfile}). Fix: {_RESTORE}."
+                )
+
+
+def _first_bad(mask: torch.Tensor) -> str:
+    idx = torch.nonzero(mask)[0].tolist()
+    return "[" + ", ".join(map(str, idx)) + "]"
+
+
+def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
+    """``p.read`` followed by checks of what it returns (shapes, dtypes, scale and zero values)."""
+    read = p.read
+    name = p.name if isinstance(p, LayerPlan) else p.key
+    lead = () if isinstance(p, LayerPlan) else (p.num_experts,)
+    n, k, bits = p.out_features, p.in_features, p.bits
+    g = num_groups(k, p.group_size)
+    codes_shape = (*lead, n, (k + 1) // 2) if p.nibble_packed else (*lead, n, k)
+    qmax = 2**bits - 1
+    where = f"{d}: {name}"
+    damaged = (
+        "the checkpoint is damaged or was edited; re-save it from the original model, or run "
+        f"'awq-ao info {d} --verify' to check its shards against the checksums saved with it"
+    )
+
+    def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        data, scale, zero = read()
+        if tuple(data.shape) != codes_shape or data.dtype != torch.uint8:
+            raise CheckpointError(
+                f"{where}: codes are {str(data.dtype).removeprefix('torch.')} {list(data.shape)}; a "
+                f"{bits}-bit [{n}, {k}] weight needs uint8 {list(codes_shape)}; {damaged}."
+            )
+        for t, what in ((scale, "scales"), (zero, "zero points")):
+            if tuple(t.shape) != (*lead, n, g):
+                raise CheckpointError(
+                    f"{where}: {what} of shape {list(t.shape)} do not fit a [{n}, {k}] weight with "
+                    f"group_size={p.group_size} (expected {list((*lead, n, g))}, ceil({k} / "
+                    f"{p.group_size if p.group_size != -1 else k}) = {g} groups); {damaged}."
+                )
+        if not scale.is_floating_point():
+            raise CheckpointError(f"{where}: scales are {scale.dtype}, not floating point; {damaged}.")
+        if scale.numel():
+            bad = ~torch.isfinite(scale)
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
+                )
+            bad = scale <= 0
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"{where}: {int(bad.sum())} scale(s) are zero or negative (first at "
+                    f"{_first_bad(bad)}, value {float(scale[bad][0]):g}); scales must be > 0; {damaged}."
+                )
+        if zero.numel():
+            z = zero if not zero.is_floating_point() else zero.float()
+            bad = (z < 0) | (z > qmax)
+            if zero.is_floating_point():
+                bad |= ~torch.isfinite(z) | (z != torch.round(z))
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"{where}: {int(bad.sum())} zero point(s) outside the integers 0..{qmax} of "
+                    f"{bits}-bit codes (first at {_first_bad(bad)}, value {float(z[bad][0]):g}); {damaged}."
+                )
+        return data, scale, zero
+
+    return checked
+
+
+# ------------------------------------------------------------------------------------------------
+# awq-ao info --verify
+# ------------------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint against the checksums saved with it, without loading the model.
+
+    Runs :func:`check_config` and :func:`check_manifest` with ``verify=True`` (every shard's
+    sha256). Returns ``{"format", "shards", "bytes", "seconds"}``; raises
+    :class:`CheckpointError` naming what is wrong (including "no checksums recorded").
+    """
+    t0 = time.perf_counter()
+    d = Path(path)
+    fmt, qc = detect_format(d)
+    check_config(d, fmt, qc)
+    shards = ShardSet(d)
+    check_manifest(d, fmt, qc, shards, verify=True)
+    files, _ = shard_files(d)
+    return {
+        "format": fmt,
+        "shards": len(files),
+        "bytes": sum((d / f).stat().st_size for f in files),
+        "seconds": time.perf_counter() - t0,
+    }
