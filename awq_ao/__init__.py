@@ -20,6 +20,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 from awq_ao.api import quantize  # noqa: E402
 from awq_ao.checkpoint import load_quantized, save_quantized  # noqa: E402
 from awq_ao.config import AWQConfig, awq_config  # noqa: E402
+from awq_ao.integrations.transformers_quantizer import register_with_transformers as _register  # noqa: E402
 from awq_ao.observers.attach import prepare  # noqa: E402
 from awq_ao.passes.capture import CaptureError  # noqa: E402
 from awq_ao.passes.convert import CalibrationError, convert  # noqa: E402
@@ -41,3 +42,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# ``AutoModelForCausalLM.from_pretrained`` builds awq_ao checkpoints once awq_ao is imported
+_register()

@@ -43,7 +43,7 @@ from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_sto
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 
-__all__ = ["load_quantized", "build_empty_model", "checkpoint_summary"]
+__all__ = ["load_quantized", "build_empty_model", "checkpoint_summary", "quantized_linear"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -267,6 +267,35 @@ def _make_weight(
         raise CheckpointError(f"{lp.name}: invalid quantized weight ({e}).") from e
 
 
+def quantized_linear(
+    lp: LayerPlan,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,
+) -> nn.Module:
+    """The eval-mode ``nn.Linear`` (or :class:`ScaledInputLinear` where ``lp.scaled_input``)
+    holding the :class:`Int4WeightTensor` built from a layer's stored tensors.
+
+    ``bias`` / ``input_scale`` may be meta tensors, filled later by the caller.
+    """
+    w = _make_weight(lp, data, scale, zero, device, dtype)
+    lin = nn.Linear(lp.in_features, lp.out_features, bias=False, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(dtype=dtype), requires_grad=bool(getattr(bias, "requires_grad", False)))
+    new: nn.Module = lin
+    if lp.scaled_input:
+        if input_scale is None:
+            raise CheckpointError(f"{lp.name}: recorded as a ScaledInputLinear, but no input_scale was given.")
+        new = ScaledInputLinear(lin, input_scale)
+    new.train(False)
+    return new
+
+
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     mod_name, _, attr = key.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -413,13 +442,10 @@ def load_quantized(
         data, scale, zero = lp.read()
         # the logical dtype is the model's (config.json); scales are stored in 16 bits
         wdtype = dtype if dtype is not None else old.weight.dtype
-        w = _make_weight(lp, data, scale, zero, device, wdtype)
-        lin = nn.Linear(lp.in_features, lp.out_features, bias=has_bias, device="meta", dtype=wdtype)
-        lin.weight = nn.Parameter(w, requires_grad=False)
-        new: nn.Module = lin
-        if lp.scaled_input:
-            new = ScaledInputLinear(lin, torch.empty(lp.in_features, device="meta", dtype=wdtype))
-        new.train(False)
+        # bias and input_scale are filled with the other tensors below
+        bias = torch.empty(lp.out_features, device="meta", dtype=wdtype) if has_bias else None
+        input_scale = torch.empty(lp.in_features, device="meta", dtype=wdtype) if lp.scaled_input else None
+        new = quantized_linear(lp, data, scale, zero, device, wdtype, bias, input_scale)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         if bar is not None:

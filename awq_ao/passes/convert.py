@@ -438,6 +438,9 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     state.convert_token = token
     state.report = report
     set_state(model, state)
+    from awq_ao.integrations.transformers_quantizer import attach_to_model
+
+    attach_to_model(model)  # model.save_pretrained writes the awq_ao format
     done = set(report.quantized)
     report.kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
     report.size_after = model_size_bytes(model)
