@@ -1,5 +1,7 @@
 """README quick start: AWQ INT4 on a small Llama built from a config (CPU, ~1 minute)."""
 
+import tempfile
+
 import torch
 from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -20,3 +22,10 @@ quantize_(model, awq_config(bits=4, group_size=64))   # prints the report
 print(get_state(model).report.kind_counts())           # {'norm': 4, 'linear': 4}
 compiled = torch.compile(model, fullgraph=True)
 print(compiled(calibration[0], use_cache=False).logits.shape)
+
+# save and load with the usual transformers calls (awq_ao is imported, so transformers knows it)
+with tempfile.TemporaryDirectory() as out:
+    model.save_pretrained(out)
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        print(torch.equal(reloaded(calibration[0]).logits, model(calibration[0]).logits))  # True
