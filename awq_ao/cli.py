@@ -4,7 +4,7 @@
 
     awq-ao quantize MODEL --out DIR [--bits 4] [--group-size 128] [--calib FILE] ...
     awq-ao eval DIR --text FILE [--windows N] [--seq-len 2048]
-    awq-ao info DIR [--layers] [--json]
+    awq-ao info DIR [--layers] [--json] [--verify]
 
 Failures exit with status 1 and a one-line ``awq-ao: error: ...`` on stderr (``--debug``
 shows the traceback); bad arguments exit with status 2.
@@ -35,6 +35,63 @@ class CLIError(Exception):
 # ------------------------------------------------------------------------------------------------
 # helpers (importable for scripts and tests)
 # ------------------------------------------------------------------------------------------------
+
+
+def _int_type(lo: int, accepted: str, also: tuple[int, ...] = ()) -> Any:
+    """An argparse ``type=``: an integer >= ``lo`` (or one of ``also``); the message says what
+    is accepted (argparse prefixes the option's name)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; accepted: {accepted}") from None
+        if value < lo and value not in also:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; accepted: {accepted}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _bits_type(text: str) -> int:
+    """argparse ``type=`` for ``--bits``."""
+    from awq_ao.lowering.quant_math import SUPPORTED_BITS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in SUPPORTED_BITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted: an integer in {', '.join(map(str, SUPPORTED_BITS))}")
+    return value
+
+
+def _size_type(text: str) -> int:
+    """argparse ``type=`` for ``--max-shard-size`` (checked when parsing, before any work)."""
+    from awq_ao.checkpoint.save import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; accepted: a positive number of bytes or e.g. 2GB, 500MB, 64KiB"
+        ) from None
+
+
+def _check_device(device: str) -> None:
+    """Fail before loading anything for a device name torch does not know or cannot use here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1, ...") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
 
 
 def _torch_dtype(name: str, device: str) -> Any:
@@ -225,6 +282,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ao.checkpoint.save import check_output_dir
     from awq_ao.evaluation import batches, calibration_blocks
 
+    # every argument is checked before the (slow) model load
+    if args.sequential and args.in_memory:
+        raise CLIError("--sequential and --in-memory exclude each other: pick one (or neither: automatic).")
+    if args.spill_dir and args.in_memory:
+        raise CLIError("--spill-dir needs layer-by-layer convert: drop --in-memory.")
+    if args.fallback == "multiply" and args.format != "awq_ao":
+        raise CLIError(
+            f"--fallback multiply adds input scales that --format {args.format} cannot hold; "
+            "use --fallback skip or --format awq_ao."
+        )
+    if args.calib is not None and not Path(args.calib).expanduser().exists():
+        raise CLIError(f"calibration data {Path(args.calib).expanduser()} does not exist.")
+    _check_device(args.device)
     source = Path(args.model).expanduser()
     source = source.parent if source.is_file() else source
     check_output_dir(args.out, args.overwrite, [source] if source.is_dir() else [])
@@ -232,10 +302,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
     model, tok = load_source_model(args.model, dtype, args.allow_download, args.gguf_file)
-    if args.sequential and args.in_memory:
-        raise CLIError("--sequential and --in-memory exclude each other: pick one (or neither: automatic).")
-    if args.spill_dir and args.in_memory:
-        raise CLIError("--spill-dir needs layer-by-layer convert: drop --in-memory.")
     # layer-by-layer: the model stays on the CPU and each block visits the device in turn
     home = "cpu" if args.sequential else args.device
     model.to(home)
@@ -291,9 +357,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text_path = Path(args.text).expanduser()
     if not text_path.is_file():
         raise CLIError(f"text file {text_path} does not exist.")
+    _check_device(args.device)
     dtype = None if args.dtype is None else _torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
-    model = load_quantized(args.dir, device=args.device, dtype=dtype, progress=not args.no_progress)
+    model = load_quantized(args.dir, device=args.device, dtype=dtype, progress=not args.no_progress, verify=args.verify)
     tok_src = args.tokenizer or args.dir
     refuse_custom_code(Path(tok_src).expanduser())
     try:
@@ -318,6 +385,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from awq_ao.checkpoint import checkpoint_summary
 
     s = checkpoint_summary(args.dir)
+    if args.verify:
+        from awq_ao.checkpoint.validate import verify_checkpoint
+
+        v = verify_checkpoint(args.dir)  # raises (exit 1, one line) on any mismatch
+        s["verified"] = {"shards": v["shards"], "bytes": v["bytes"], "seconds": round(v["seconds"], 3)}
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
@@ -341,6 +413,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"for {s['quantized_weights'] / 1e6:.1f} M weights, codes + scales + zeros); "
               f"{_human(s['full_precision_bytes'])} in full precision (embeddings, norms, head, biases)")
     print(f"size on disk:   {_human(s['size_bytes'])} ({s['size_bytes']} bytes; tensors {s['tensor_bytes']} bytes in {len(s['shards'])} shard(s))")
+    if s.get("verified"):
+        v = s["verified"]
+        print(f"verified:       {v['shards']} shard(s), {_human(v['bytes'])}: sha256, headers and "
+              f"quantization fields match what was saved ({v['seconds']:.2f}s)")
     if args.layers:
         scaled = set(s.get("scaled_input_layers") or [])
         for n in s["quantized_layers"]:
@@ -379,14 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a causal LM with AWQ and save it as a checkpoint directory.")
     q.add_argument("model", metavar="MODEL", help="local model dir, dir/file with a .gguf, or a Hub id (with --allow-download)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    q.add_argument("--bits", type=int, default=4, help="weight bits (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="group size along in_features, -1 = per channel (default 128)")
+    q.add_argument("--bits", type=_bits_type, default=4, help="weight bits, 2..8 (default 4)")
+    q.add_argument("--group-size", type=_int_type(1, "an integer >= 1, or -1 for per channel", also=(-1,)), default=128,
+                   help="group size along in_features, -1 = per channel (default 128)")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
     q.add_argument("--calib", metavar="PATH", help="calibration text: .txt, .jsonl/.json/.parquet/.csv, a folder of them, or a datasets save_to_disk folder (default: shared wiki.valid.tokens)")
     q.add_argument("--text-field", default="text", help="dataset column holding the text (default 'text')")
-    q.add_argument("--n-samples", type=int, default=64, help="calibration sequences (default 64)")
-    q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
-    q.add_argument("--search-samples", type=int, default=16, help="calibration sequences kept for the scale/clip search (default 16)")
+    q.add_argument("--n-samples", type=_int_type(1, "an integer >= 1"), default=64, help="calibration sequences (default 64)")
+    q.add_argument("--seq-len", type=_int_type(1, "an integer >= 1 (tokens)"), default=512, help="calibration sequence length (default 512)")
+    q.add_argument("--search-samples", type=_int_type(1, "an integer >= 1"), default=16, help="calibration sequences kept for the scale/clip search (default 16)")
     q.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
                    help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
     q.add_argument("--sequential", action="store_true",
@@ -396,15 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the whole model at once instead of layer by layer")
     q.add_argument("--spill-dir", default=None, metavar="DIR",
                    help="layer-by-layer convert: keep the full-precision originals (for rollback) in a temporary folder here instead of in memory")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    q.add_argument("--batch-size", type=_int_type(1, "an integer >= 1"), default=8, help="calibration batch size (default 8)")
     q.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda, cuda:1, ...)")
-    q.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, float16 on GPU), float32, bfloat16, float16")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype: auto (float32 on CPU, float16 on GPU), float32, bfloat16, float16")
     q.add_argument("--format", default="awq_ao", choices=["awq_ao", "autoawq", "compressed-tensors"], help="checkpoint format (default awq_ao)")
     q.add_argument("--fallback", choices=["multiply", "skip"], default=None,
                    help="where AWQ scales cannot be folded: explicit input multiply (awq_ao format only) or skip scaling; default: multiply for awq_ao, skip otherwise")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (only one awq_ao saved, or an empty one)")
-    q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    q.add_argument("--max-shard-size", type=_size_type, default="2GB", help="largest safetensors shard (default 2GB)")
     q.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="dtype of the unquantized tensors in the checkpoint (default auto: the model's for "
                         "awq_ao, float16 for autoawq / compressed-tensors)")
@@ -418,11 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, metavar="FILE", help="evaluation text file")
     e.add_argument("--text-format", choices=["auto", "raw", "wikitext"], default="auto",
                    help="wikitext: rows joined with blank lines as in the AWQ paper (auto: for wiki*.raw files)")
-    e.add_argument("--windows", type=int, default=None, metavar="N", help="evaluate at most N windows")
-    e.add_argument("--seq-len", type=int, default=2048, metavar="L", help="window length (default 2048)")
+    e.add_argument("--windows", type=_int_type(1, "an integer >= 1"), default=None, metavar="N", help="evaluate at most N windows")
+    e.add_argument("--seq-len", type=_int_type(2, "an integer >= 2 (a window predicts its tokens after the first)"), default=2048, metavar="L", help="window length (default 2048)")
     e.add_argument("--device", default="cpu", help="device (default cpu)")
-    e.add_argument("--dtype", default=None, help="override the checkpoint dtype (float32, bfloat16, float16)")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the checkpoint dtype (float32, bfloat16, float16)")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory if DIR has none")
+    e.add_argument("--verify", action="store_true", help="check every shard's sha256 against the checksums saved with DIR before loading")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", parents=[common], help="describe a checkpoint (no weights loaded)",
@@ -430,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", metavar="DIR", help="checkpoint directory")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--verify", action="store_true",
+                   help="check every shard's sha256, the headers and the quantization fields against what was saved (awq_ao_manifest.json); exit 1 on a mismatch")
     i.set_defaults(func=cmd_info)
     return p
 

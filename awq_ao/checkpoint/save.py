@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -58,17 +59,34 @@ DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 
 def parse_size(size: int | str) -> int:
-    """``"2GB"`` / ``"500MB"`` / ``"64KiB"`` / ``12345`` -> bytes."""
+    """``"2GB"`` / ``"500MB"`` / ``"64KiB"`` / ``12345`` -> bytes.
+
+    Raises ``ValueError`` naming the value and the accepted forms for anything else (``"lots"``,
+    ``0``, negative sizes, ``True``, NaN or infinite numbers).
+    """
+    accepted = "a positive number of bytes, or a size such as '2GB', '500MB', '64KiB'"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size={size!r} is not a size; accepted: {accepted}.")
     if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"shard size must be positive, got {size}.")
-        return size
-    s = size.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(s)
+        n = size
+    else:
+        s = size.strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+        number, mult = s, 1
+        for u, m in units.items():
+            if s.endswith(u):
+                number, mult = s[: -len(u)], m
+                break
+        try:
+            value = float(number)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value):
+            raise ValueError(f"max_shard_size={size!r} is not a size; accepted: {accepted}.")
+        n = int(value * mult)
+    if n <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be positive; accepted: {accepted}.")
+    return n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -94,8 +94,12 @@ def select_targets(model: nn.Module, config: AWQConfig) -> list[str]:
             )
         if w.is_meta:
             raise ValueError(
-                f"module {name!r} has its weight on the meta device; load real weights first "
-                "(or use the layer-by-layer mode)."
+                f"module {name!r} has its weight on the meta device (no values: a model built "
+                "under torch.device('meta') / init_empty_weights, or loaded with a device_map that "
+                "offloads it); AWQ needs every weight's values, in every mode. Load the real "
+                "weights first, e.g. AutoModelForCausalLM.from_pretrained(path) without device_map; "
+                "to quantize a model larger than the GPU, keep it on the CPU and pass device='cuda' "
+                "(layer by layer, one block on the GPU at a time)."
             )
         targets.append(name)
     return targets
