@@ -27,16 +27,42 @@ def _call(model: nn.Module, batch: Any) -> None:
 
 def quantize(
     model: nn.Module,
-    calibration: Iterable[Any] | None,
+    calibration: Iterable[Any] | None = None,
+    *,
+    tokenizer: Any = None,
+    dataset: Any = None,
+    n_samples: int = 64,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    chat_template: bool = False,
+    text_field: str = "text",
     **options: Any,
 ) -> ConvertReport:
     """Quantize ``model`` in place with AWQ and return the convert report.
 
     ``calibration`` yields model inputs: a tensor (``model(t)``), a tuple (``model(*t)``) or a
-    dict (``model(**d)``), e.g. ``[ids[i:i+8] for i in range(0, 64, 8)]``. ``options`` are
-    :func:`awq_config` keywords (``bits``, ``group_size``, ``zero_point``, ...). The steps are
-    exactly those of the ``quantize_`` flow: prepare, the calibration loop, convert.
+    dict (``model(**d)``), e.g. ``[ids[i:i+8] for i in range(0, 64, 8)]``. Instead of batches,
+    pass ``tokenizer=`` and optionally ``dataset=`` (a text file or folder, a list of strings, a
+    ``datasets.Dataset`` or a hub dataset name; default WikiText-2 validation from the hub):
+    ``n_samples`` sequences of ``seq_len`` tokens are cut from it, in batches of
+    ``batch_size``, each row put through the tokenizer's chat template if ``chat_template``
+    (see :mod:`awq_ao.calibration`). ``options`` are :func:`awq_config` keywords (``bits``,
+    ``group_size``, ``zero_point``, ...). The steps are exactly those of the ``quantize_`` flow:
+    prepare, the calibration loop, convert.
     """
+    if tokenizer is not None:
+        if calibration is not None:
+            raise CalibrationError("pass either calibration batches or tokenizer= (with dataset=), not both.")
+        from awq_ao.calibration import calibration_batches
+
+        calibration = calibration_batches(
+            tokenizer, dataset, n_samples, seq_len, batch_size, chat_template=chat_template, text_field=text_field
+        )
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+        if device is not None and device.type != "cpu":
+            calibration = [b.to(device) for b in calibration]
+    elif dataset is not None:
+        raise CalibrationError("dataset= needs tokenizer= to turn the text into tokens.")
     cfg_prepare = awq_config(step="prepare", **options)
     cfg_convert = awq_config(**options)
     if cfg_convert.needs_calibration:
