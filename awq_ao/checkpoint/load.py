@@ -37,6 +37,7 @@ from awq_ao.checkpoint.formats import (
     quantized_keys,
     refuse_custom_code,
 )
+from awq_ao.checkpoint.hub import resolve_checkpoint
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
 from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
@@ -339,7 +340,8 @@ def load_quantized(
     compressed-tensors ``pack-quantized`` checkpoint) as a ready ``*ForCausalLM``.
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory, or a Hugging Face hub id (``owner/name``, read
+            through the hub cache; only data files are fetched).
         device: where the model should live (``"cpu"``, ``"cuda"``, ...). Quantized weights
             are packed in the layout that device's kernels read.
         dtype: optional float dtype for activations, scales and float weights (default: the
@@ -367,7 +369,7 @@ def load_quantized(
             range, or (with ``verify``) a checksum mismatch or no checksums to verify. The
             message names the file, the field or tensor, and what to do.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)  # a folder, or a hub id through the Hugging Face cache
     device = torch.device(device)
     refuse_custom_code(path)  # before anything reads the folder with transformers
     fmt, qc = detect_format(path)
@@ -521,7 +523,7 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     """
     from awq_ao.checkpoint.formats import read_config
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     fmt, qc = detect_format(path)
     cfg = read_config(path)
     shards = ShardSet(path)
