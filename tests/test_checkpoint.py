@@ -49,7 +49,7 @@ def _assert_same_quantization(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_roundtrip_identical_outputs(arch, tmp_path):
     model = quantized(arch)
     out = save_quantized(model, tmp_path / "ckpt")
-    assert _files(out) == [".awq_ao-checkpoint", "awq_ao_manifest.json", "config.json", "generation_config.json", "model.safetensors"]
+    assert _files(out) == [".awq_ao-checkpoint", "README.md", "awq_ao_manifest.json", "config.json", "generation_config.json", "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "awq_ao" and qc["format_version"] == 3
