@@ -532,3 +532,24 @@ def test_fuzz_safetensors_header(pristine, reference, fmt, data):
             (d / MANIFEST_NAME).unlink()
         _rewrite_header(d / "model.safetensors", edit)
         _outcome(d, reference[fmt], strict=manifest)
+
+
+def test_int4_moe_experts_are_checked_too(tmp_path):
+    from test_moe import tiny_moe
+
+    model = tiny_moe("Qwen3MoeForCausalLM")
+    awq_ao.quantize(model, None, group_size=32, scale_search=False, clip=False, progress=False, verbose=False)
+    out = save_quantized(model, tmp_path / "ckpt")
+    key = sorted(json.loads((out / "config.json").read_text())["quantization_config"]["quantized_experts"])[0]
+    bad = _copy(out, tmp_path / "nan")
+    _patch_tensor(bad / "model.safetensors", quantized_keys(key)[1], lambda t: t.view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(CheckpointError, match=rf"{key}: 1 scale\(s\) are NaN or infinite \(first at \[0, 1, 1\]\)"):
+        load_quantized(bad)
+    bad = _copy(out, tmp_path / "gs")
+    _edit_qc(bad, lambda qc: qc["quantized_experts"][key].update(group_size=40))
+    with pytest.raises(CheckpointError, match=rf"quantized_experts differs from the saved one: \['{key}'\]"):
+        load_quantized(bad)
+    (bad / MANIFEST_NAME).unlink()
+    _edit_qc(bad, lambda qc: qc["quantized_experts"][key].update(group_size=True))
+    with pytest.raises(CheckpointError, match=rf"quantized_experts\['{key}'\]\.group_size is True \(a bool\)"):
+        load_quantized(bad)

@@ -364,6 +364,7 @@ def test_checkpoint_int4_experts_dtype_override_and_bad_files(tmp_path):
 
     key = sorted(_expert_params(model))[0]
     f = out / "model.safetensors"
+    (out / "awq_ao_manifest.json").unlink()  # rewritten as another tool would: the reader's own checks answer
     tensors = load_file(f)
     tensors[f"{key}_scale"] = tensors[f"{key}_scale"][:, :-1].contiguous()
     save_file(tensors, f, metadata={"format": "pt"})

@@ -23,6 +23,7 @@ field or tensor, and what to do.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import time
@@ -155,9 +156,9 @@ def check_config(path: str | os.PathLike, fmt: str, qc: dict[str, Any]) -> None:
             _group_size(file, f + ".group_size", o.get("group_size"))
             _bool(file, f + ".transposed", o.get("transposed"))
     elif fmt == FORMAT_AUTOAWQ:
-        for key in ("bits", "w_bit"):
-            if key in qc:
-                _bits(file, p + key, qc[key], allowed=(4,))
+        for key in ("bits", "w_bit"):  # the value (4 only) is the format reader's to refuse
+            if key in qc and not _is_int(qc[key]):
+                raise _fail(file, p + key, qc[key], "the integer 4 (AutoAWQ GEMM is 4-bit)")
         for key in ("group_size", "q_group_size"):
             if key in qc:
                 _group_size(file, p + key, qc[key])
@@ -368,24 +369,26 @@ def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
                 )
         if not scale.is_floating_point():
             raise CheckpointError(f"{where}: scales are {scale.dtype}, not floating point; {damaged}.")
+        # fast path: one min/max per tensor (NaN propagates into both); details only on failure
         if scale.numel():
-            bad = ~torch.isfinite(scale)
-            if bool(bad.any()):
-                raise CheckpointError(
-                    f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
-                )
-            bad = scale <= 0
-            if bool(bad.any()):
+            lo, hi = torch.aminmax(scale)
+            if not (float(lo) > 0 and float(hi) < math.inf):
+                bad = ~torch.isfinite(scale)
+                if bool(bad.any()):
+                    raise CheckpointError(
+                        f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
+                    )
+                bad = scale <= 0
                 raise CheckpointError(
                     f"{where}: {int(bad.sum())} scale(s) are zero or negative (first at "
                     f"{_first_bad(bad)}, value {float(scale[bad][0]):g}); scales must be > 0; {damaged}."
                 )
         if zero.numel():
-            z = zero if not zero.is_floating_point() else zero.float()
-            bad = (z < 0) | (z > qmax)
-            if zero.is_floating_point():
-                bad |= ~torch.isfinite(z) | (z != torch.round(z))
-            if bool(bad.any()):
+            lo, hi = torch.aminmax(zero)
+            integral = not zero.is_floating_point() or torch.equal(zero, torch.round(zero))
+            if not (float(lo) >= 0 and float(hi) <= qmax and integral):
+                z = zero.float()
+                bad = ~torch.isfinite(z) | (z < 0) | (z > qmax) | (z != torch.round(z))
                 raise CheckpointError(
                     f"{where}: {int(bad.sum())} zero point(s) outside the integers 0..{qmax} of "
                     f"{bits}-bit codes (first at {_first_bad(bad)}, value {float(z[bad][0]):g}); {damaged}."
