@@ -16,7 +16,7 @@ A load always checks (cheaply: no tensor data is read) the shard list, sizes and
 header digests, and compares ``config.json``'s quantization fields and every layer's bits and
 group size with the ones recorded (:mod:`awq_ao.checkpoint.validate`). The full ``sha256`` of
 every shard, which catches flipped data bytes, is checked with ``load_quantized(...,
-verify=True)`` or ``awq-ao info DIR --verify`` (it costs about 30% of a load, see
+verify=True)`` or ``awq-ao info DIR --verify`` (it costs about 40% of a load, see
 docs/checkpoints.md). Checkpoints without a manifest (other tools, older awq_ao) still load;
 only the checks that need it are skipped.
 """

@@ -349,7 +349,7 @@ def load_quantized(
         progress: show a progress bar.
         verify: also check the sha256 of every shard against the checksums saved with the
             checkpoint (``awq_ao_manifest.json``; catches flipped data bytes). Reads every byte
-            once more: about 30% of the load time, so off by default. Without it a load still
+            once more: about 40% of a load's time, so off by default. Without it a load still
             checks everything but the tensor data's checksums: the quantization fields of
             ``config.json``, the shards' sizes and headers against the manifest, every layer's
             bits and group size against the ones it was saved with, and every scale (finite,
