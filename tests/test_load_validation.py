@@ -553,3 +553,14 @@ def test_int4_moe_experts_are_checked_too(tmp_path):
     _edit_qc(bad, lambda qc: qc["quantized_experts"][key].update(group_size=True))
     with pytest.raises(CheckpointError, match=rf"quantized_experts\['{key}'\]\.group_size is True \(a bool\)"):
         load_quantized(bad)
+
+
+def test_sharded_checkpoint_verifies_and_swapped_shards_are_refused(tmp_path, reference):
+    out = save_quantized(quantized("llama"), tmp_path / "ckpt", max_shard_size="30KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and len(json.loads((out / MANIFEST_NAME).read_text())["shards"]) == len(shards)
+    assert torch.equal(logits(load_quantized(out, verify=True)), reference["awq_ao"])
+    # a shard replaced by a copy of another one, index untouched
+    shutil.copyfile(shards[0], shards[1])
+    with pytest.raises(CheckpointError, match=rf"shard .*{shards[1].name}|tensor .* appears in both|index lists tensor"):
+        load_quantized(out)

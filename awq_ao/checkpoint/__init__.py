@@ -3,7 +3,7 @@
 Public API::
 
     save_quantized(model, out_dir, tokenizer=None, format="awq_ao", overwrite=False)
-    load_quantized(path, device="cpu", dtype=None) -> *ForCausalLM
+    load_quantized(path, device="cpu", dtype=None, verify=False) -> *ForCausalLM   # checks: validate.py
     checkpoint_summary(path) -> dict      # what a checkpoint holds, without loading it
     detect_format(path) -> (format, quantization_config)
 
