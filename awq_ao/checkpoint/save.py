@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,7 @@ from awq_ao.checkpoint.formats import (
     zero_is_symmetric,
 )
 from awq_ao.checkpoint.model_card import model_card as make_model_card
+from awq_ao.checkpoint.vllm_compat import describe_issues, marlin_issues
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 
@@ -916,6 +918,12 @@ def save_quantized(
         raise CheckpointError("the model has no quantized (Int4WeightTensor) layers; quantize it first.")
     if experts and format != FORMAT_AWQ_AO:
         raise experts_format_error(sorted(experts), format)
+    if format != FORMAT_AWQ_AO:  # the formats vLLM serves: say which layers its kernels refuse
+        issues = marlin_issues(
+            (n, q.out_features, q.in_features, q.weight.bits, q.weight.group_size) for n, q in layers.items()
+        )
+        if issues:
+            warnings.warn(describe_issues(issues, format), stacklevel=2)
     float_linears = float_linear_names(model, layers)
     extra_json: dict[str, Any] = {}
     if format == FORMAT_AWQ_AO:
