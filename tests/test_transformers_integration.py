@@ -89,8 +89,9 @@ def test_from_pretrained_int4_experts(name, tmp_path):
                 assert torch.equal(m(ids, use_cache=False).logits, want)
 
 
-def test_dtype_and_device_map(tmp_path):
-    out = save_quantized(quantized("llama"), tmp_path / "ckpt")
+def test_dtype_device_map_and_shards(tmp_path):
+    out = save_quantized(quantized("llama"), tmp_path / "ckpt", max_shard_size="20KB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
     hf = _from_pretrained(out, dtype=torch.bfloat16, device_map="cpu")
     ref = load_quantized(out, dtype=torch.bfloat16)
     w = hf.model.layers[0].self_attn.q_proj.weight

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -631,19 +630,3 @@ def check_layer_geometry(
             f"{name}: scales of shape {list(scale_shape)} do not match a [{n}, {k}] weight with "
             f"group_size={group_size} (expected [{n}, {g}])."
         )
-
-
-def iter_chunks(items: list[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Split ``(name, tensor)`` pairs into consecutive chunks of at most ``max_bytes`` each
-    (a tensor larger than ``max_bytes`` gets a chunk of its own)."""
-    cur: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in items:
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > max_bytes:
-            yield cur
-            cur, size = [], 0
-        cur.append((name, t))
-        size += nb
-    if cur:
-        yield cur

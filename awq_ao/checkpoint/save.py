@@ -46,7 +46,6 @@ from awq_ao.checkpoint.formats import (
     find_quantized_experts,
     find_quantized_layers,
     float_linear_names,
-    iter_chunks,
     quantized_keys,
     tensor_aliases,
     zero_is_symmetric,
@@ -561,11 +560,18 @@ def atomic_directory(
 def _write_shards(
     tmp: Path, items: list[tuple[str, torch.Tensor]], max_shard_size: int, metadata: dict[str, str], progress: bool
 ) -> list[str]:
-    chunks = list(iter_chunks(items, max_shard_size))
-    if not chunks:
-        chunks = [[]]
+    """Write ``items`` as safetensors shards of at most ``max_shard_size`` bytes (a bigger
+    tensor gets a shard of its own), split by ``huggingface_hub`` the way transformers does,
+    plus the index file when there are several; returns the shard file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    by_name = dict(items)
+    split = split_torch_state_dict_into_shards(
+        by_name, filename_pattern=SINGLE_FILE.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size
+    )
+    names = list(split.filename_to_tensors) or [SINGLE_FILE]
+    chunks = [[(k, by_name[k]) for k in split.filename_to_tensors.get(f, [])] for f in names]
     n = len(chunks)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     bar = None
     if progress and n > 1:
         from tqdm.auto import tqdm
