@@ -422,6 +422,14 @@ def test_meta_device_error_gives_advice_that_works(tmp_path):
     assert len(int4_layers(model)) == 14
 
 
+@pytest.mark.gpu
+def test_meta_device_advice_model_on_cpu_blocks_on_gpu():
+    """The other half of the advice: a model kept on the CPU, quantized with device='cuda'."""
+    model = tied_llama()
+    awq_ao.quantize(model, token_batches(2), group_size=32, device="cuda", verbose=False, progress=False)
+    assert len(int4_layers(model)) == 14
+
+
 # ------------------------------------------------------------------------------------------------
 # fuzzers: "a clear CheckpointError, or a model whose logits equal the original's"
 # ------------------------------------------------------------------------------------------------
