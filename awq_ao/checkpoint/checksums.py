@@ -189,10 +189,14 @@ def verify_shards(d: str | os.PathLike, manifest: dict[str, Any], shard_names: I
     recorded: dict[str, dict[str, Any]] = manifest["shards"]
     names = sorted(shard_names)
     where = f"(recorded in {d / MANIFEST_NAME})"
+    redo = (
+        "Re-save or re-download the checkpoint (if you rewrote its shards on purpose with another "
+        f"tool, delete the stale {MANIFEST_NAME})."
+    )
     if names != sorted(recorded):
         raise CheckpointError(
             f"{d}: the checkpoint's shards {names} are not the ones it was saved with {sorted(recorded)} "
-            f"{where}; a shard or the index was replaced. Re-save the checkpoint."
+            f"{where}; a shard or the index was replaced. {redo}"
         )
     hashed = 0
     for name in names:
@@ -201,19 +205,18 @@ def verify_shards(d: str | os.PathLike, manifest: dict[str, Any], shard_names: I
         if size != rec["bytes"]:
             raise CheckpointError(
                 f"shard {p} has {size} bytes, but it was saved with {rec['bytes']} {where}: it was "
-                "truncated, extended or replaced. Re-save or re-download the checkpoint."
+                f"truncated, extended or replaced. {redo}"
             )
         if header_sha256(p) != rec["header_sha256"]:
             raise CheckpointError(
                 f"shard {p}: its safetensors header (tensor names, dtypes, shapes, offsets) differs "
-                f"from the one saved {where}; it was edited or damaged. Re-save or re-download the "
-                "checkpoint."
+                f"from the one saved {where}; it was edited or damaged. {redo}"
             )
         if full:
             if file_sha256(p) != rec["sha256"]:
                 raise CheckpointError(
                     f"shard {p}: sha256 mismatch, its tensor data differs from what was saved {where} "
-                    "(flipped bytes or a damaged copy). Re-save or re-download the checkpoint."
+                    f"(flipped bytes or a damaged copy). {redo}"
                 )
             hashed += size
     return hashed
