@@ -155,3 +155,33 @@ def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "float")
     with pytest.raises(ValueError, match="pre-quantized"):
         _from_pretrained(tmp_path / "float", quantization_config=AwqAoQuantizationConfig())
+
+
+def test_import_awq_ao_and_help_import_no_torch():
+    """``import awq_ao`` and ``awq-ao --help`` load neither torch nor transformers."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import awq_ao\n"
+        "from awq_ao.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "assert 'usage: awq-ao' in out.getvalue(), out.getvalue()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'torchao') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("first", ["import awq_ao\nimport transformers", "from transformers import LlamaForCausalLM\nimport awq_ao"])
+def test_registered_whatever_the_import_order(first, tmp_path):
+    out = save_quantized(quantized("llama"), tmp_path / "ckpt")
+    code = (
+        f"{first}\n"
+        "import transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        "print(type(m.model.layers[0].self_attn.q_proj.weight).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "Int4WeightTensor"

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from awq_ao.checkpoint.formats import (
@@ -277,3 +277,7 @@ def register_with_transformers() -> bool:
     register_quantization_config(QUANT_METHOD)(AwqAoQuantizationConfig)
     register_quantizer(QUANT_METHOD)(AwqAoHfQuantizer)
     return True
+
+
+# importing this module means transformers is loaded: make sure the method is registered
+register_with_transformers()
