@@ -61,8 +61,12 @@ def quantize(
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
         if device is not None and device.type != "cpu":
             calibration = [b.to(device) for b in calibration]
-    elif dataset is not None:
-        raise CalibrationError("dataset= needs tokenizer= to turn the text into tokens.")
+    else:
+        given = [n for n, v, d in (("dataset", dataset, None), ("n_samples", n_samples, 64), ("seq_len", seq_len, 512),
+                                   ("batch_size", batch_size, 8), ("chat_template", chat_template, False),
+                                   ("text_field", text_field, "text")) if v != d]
+        if given:
+            raise CalibrationError(f"{', '.join(given)} need tokenizer= (they describe how text becomes calibration batches).")
     cfg_prepare = awq_config(step="prepare", **options)
     cfg_convert = awq_config(**options)
     if cfg_convert.needs_calibration:

@@ -92,5 +92,10 @@ def test_quantize_with_tokenizer_and_dataset(tok):
     assert wa and all(torch.equal(wa[n].dequantize(), wb[n].dequantize()) for n in wa)
     with pytest.raises(CalibrationError, match="not both"):
         awq_ao.quantize(tiny_model("llama"), [torch.zeros(1, 4, dtype=torch.long)], tokenizer=tok)
-    with pytest.raises(CalibrationError, match="needs tokenizer"):
+    with pytest.raises(CalibrationError, match="dataset need tokenizer"):
         awq_ao.quantize(tiny_model("llama"), None, dataset=[SAMPLE_TEXT])
+
+
+def test_text_options_without_a_tokenizer_are_an_error():
+    with pytest.raises(CalibrationError, match="n_samples, seq_len need tokenizer"):
+        awq_ao.quantize(tiny_model("llama"), [torch.zeros(1, 4, dtype=torch.long)], n_samples=8, seq_len=64)

@@ -185,3 +185,32 @@ def test_registered_whatever_the_import_order(first, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "Int4WeightTensor"
+
+
+def test_from_pretrained_runs_the_load_checks(tmp_path):
+    """from_pretrained refuses what load_quantized refuses: edited metadata, damaged values."""
+    from awq_ao.checkpoint import CheckpointError
+
+    out = save_quantized(quantized("llama"), tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 40  # same number of groups for in_features 64
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="group_size"):
+        _from_pretrained(out)
+
+    out = save_quantized(quantized("llama"), tmp_path / "nan")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight_scale"][3, 1] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "awq_ao_manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"up_proj: 1 scale\(s\) are NaN"):
+        _from_pretrained(out)
+
+
+def test_save_pretrained_over_a_save_quantized_folder(tmp_path):
+    model = quantized("llama")
+    out = save_quantized(model, tmp_path / "ckpt")
+    _from_pretrained(out).save_pretrained(out)  # rewrites the shards; the manifest is now stale
+    with pytest.warns(UserWarning, match="ignoring awq_ao_manifest.json: the shards were rewritten by save_pretrained"):
+        got = load_quantized(out)
+    assert torch.equal(logits(got), logits(model))

@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,19 @@ from awq_ao.checkpoint.formats import (
     LoadPlan,
     ShardSet,
     detect_format,
+    read_safetensors_header,
     shard_files,
 )
 from awq_ao.lowering.quant_math import SUPPORTED_BITS, num_groups
 
-__all__ = ["check_config", "check_manifest", "check_plan", "verify_checkpoint", "LOAD_RELEVANT_KEYS"]
+__all__ = [
+    "check_config", "check_manifest", "check_plan", "check_quantized_tensors", "verify_checkpoint",
+    "LOAD_RELEVANT_KEYS", "REWRITTEN_BY_KEY",
+]
+
+#: safetensors metadata key that ``save_pretrained`` (awq_ao's transformers quantizer) writes into
+#: every shard: a manifest next to such shards describes an earlier save and is ignored.
+REWRITTEN_BY_KEY = "awq_ao_written_by_save_pretrained"
 
 #: ``quantization_config`` keys whose value changes how each format's tensors are read; a load
 #: compares them with the manifest (other keys are informational and may be edited).
@@ -251,6 +260,15 @@ def check_manifest(
             )
         return None
     mfile = d / checksums.MANIFEST_NAME
+    rewritten = [f for f in shards.files if read_safetensors_header(d / f)[1].get(REWRITTEN_BY_KEY)]
+    if rewritten:  # transformers' save_pretrained wrote these shards over a save_quantized folder
+        warnings.warn(
+            f"{d}: ignoring {checksums.MANIFEST_NAME}: the shards were rewritten by save_pretrained "
+            f"after it was written ({rewritten[0]}); the other checks still apply. Delete the file, "
+            "or save with awq_ao.save_quantized to record a fresh one.",
+            stacklevel=3,
+        )
+        return None
     if manifest.get("format") != fmt:
         raise CheckpointError(
             f"{d / CONFIG_NAME} describes a {fmt} checkpoint, but it was saved as "
@@ -339,8 +357,20 @@ def _first_bad(mask: torch.Tensor) -> str:
 
 
 def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
-    """``p.read`` followed by checks of what it returns (shapes, dtypes, scale and zero values)."""
+    """``p.read`` followed by :func:`check_quantized_tensors` of what it returns."""
     read = p.read
+
+    def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return check_quantized_tensors(d, p, *read())
+
+    return checked
+
+
+def check_quantized_tensors(
+    d: Path, p: LayerPlan | ExpertsPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the stored tensors of one planned layer (shapes, dtypes, finite positive scales,
+    integer zero points in range) and return them; :class:`CheckpointError` otherwise."""
     name = p.name if isinstance(p, LayerPlan) else p.key
     lead = () if isinstance(p, LayerPlan) else (p.num_experts,)
     n, k, bits = p.out_features, p.in_features, p.bits
@@ -352,50 +382,45 @@ def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
         "the checkpoint is damaged or was edited; re-save it from the original model, or run "
         f"'awq-ao info {d} --verify' to check its shards against the checksums saved with it"
     )
-
-    def checked() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        data, scale, zero = read()
-        if tuple(data.shape) != codes_shape or data.dtype != torch.uint8:
+    if tuple(data.shape) != codes_shape or data.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{where}: codes are {str(data.dtype).removeprefix('torch.')} {list(data.shape)}; a "
+            f"{bits}-bit [{n}, {k}] weight needs uint8 {list(codes_shape)}; {damaged}."
+        )
+    for t, what in ((scale, "scales"), (zero, "zero points")):
+        if tuple(t.shape) != (*lead, n, g):
             raise CheckpointError(
-                f"{where}: codes are {str(data.dtype).removeprefix('torch.')} {list(data.shape)}; a "
-                f"{bits}-bit [{n}, {k}] weight needs uint8 {list(codes_shape)}; {damaged}."
+                f"{where}: {what} of shape {list(t.shape)} do not fit a [{n}, {k}] weight with "
+                f"group_size={p.group_size} (expected {list((*lead, n, g))}, ceil({k} / "
+                f"{p.group_size if p.group_size != -1 else k}) = {g} groups); {damaged}."
             )
-        for t, what in ((scale, "scales"), (zero, "zero points")):
-            if tuple(t.shape) != (*lead, n, g):
+    if not scale.is_floating_point():
+        raise CheckpointError(f"{where}: scales are {scale.dtype}, not floating point; {damaged}.")
+    # fast path: one min/max per tensor (NaN propagates into both); details only on failure
+    if scale.numel():
+        lo, hi = torch.aminmax(scale)
+        if not (float(lo) > 0 and float(hi) < math.inf):
+            bad = ~torch.isfinite(scale)
+            if bool(bad.any()):
                 raise CheckpointError(
-                    f"{where}: {what} of shape {list(t.shape)} do not fit a [{n}, {k}] weight with "
-                    f"group_size={p.group_size} (expected {list((*lead, n, g))}, ceil({k} / "
-                    f"{p.group_size if p.group_size != -1 else k}) = {g} groups); {damaged}."
+                    f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
                 )
-        if not scale.is_floating_point():
-            raise CheckpointError(f"{where}: scales are {scale.dtype}, not floating point; {damaged}.")
-        # fast path: one min/max per tensor (NaN propagates into both); details only on failure
-        if scale.numel():
-            lo, hi = torch.aminmax(scale)
-            if not (float(lo) > 0 and float(hi) < math.inf):
-                bad = ~torch.isfinite(scale)
-                if bool(bad.any()):
-                    raise CheckpointError(
-                        f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
-                    )
-                bad = scale <= 0
-                raise CheckpointError(
-                    f"{where}: {int(bad.sum())} scale(s) are zero or negative (first at "
-                    f"{_first_bad(bad)}, value {float(scale[bad][0]):g}); scales must be > 0; {damaged}."
-                )
-        if zero.numel():
-            lo, hi = torch.aminmax(zero)
-            integral = not zero.is_floating_point() or torch.equal(zero, torch.round(zero))
-            if not (float(lo) >= 0 and float(hi) <= qmax and integral):
-                z = zero.float()
-                bad = ~torch.isfinite(z) | (z < 0) | (z > qmax) | (z != torch.round(z))
-                raise CheckpointError(
-                    f"{where}: {int(bad.sum())} zero point(s) outside the integers 0..{qmax} of "
-                    f"{bits}-bit codes (first at {_first_bad(bad)}, value {float(z[bad][0]):g}); {damaged}."
-                )
-        return data, scale, zero
-
-    return checked
+            bad = scale <= 0
+            raise CheckpointError(
+                f"{where}: {int(bad.sum())} scale(s) are zero or negative (first at "
+                f"{_first_bad(bad)}, value {float(scale[bad][0]):g}); scales must be > 0; {damaged}."
+            )
+    if zero.numel():
+        lo, hi = torch.aminmax(zero)
+        integral = not zero.is_floating_point() or torch.equal(zero, torch.round(zero))
+        if not (float(lo) >= 0 and float(hi) <= qmax and integral):
+            z = zero.float()
+            bad = ~torch.isfinite(z) | (z < 0) | (z > qmax) | (z != torch.round(z))
+            raise CheckpointError(
+                f"{where}: {int(bad.sum())} zero point(s) outside the integers 0..{qmax} of "
+                f"{bits}-bit codes (first at {_first_bad(bad)}, value {float(z[bad][0]):g}); {damaged}."
+            )
+    return data, scale, zero
 
 
 # ------------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class AwqAoHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._plan: LoadPlan | None = None
+        self._folder = Path()
         self._dtype: torch.dtype | None = None
 
     # ---- before loading -------------------------------------------------------------------------
@@ -121,14 +122,19 @@ class AwqAoHfQuantizer(HfQuantizer):
         The plan is :func:`awq_ao.checkpoint.load` 's: every key's shape and dtype is checked
         against the shard headers before transformers reads any data.
         """
+        from awq_ao.checkpoint import validate
         from awq_ao.checkpoint.load import _plan_awq_ao
 
         qc = self.quantization_config.to_dict()
         if qc.get("format", FORMAT_AWQ_AO) != FORMAT_AWQ_AO:
             raise CheckpointError(f"quant_method 'awq_ao' with format {qc.get('format')!r}; expected {FORMAT_AWQ_AO!r}.")
-        shards = ShardSet(_checkpoint_dir(kwargs.get("checkpoint_files")))
+        folder = _checkpoint_dir(kwargs.get("checkpoint_files"))
+        validate.check_config(folder, FORMAT_AWQ_AO, qc)  # the same checks as load_quantized's
+        shards = ShardSet(folder)
         try:
+            manifest = validate.check_manifest(folder, FORMAT_AWQ_AO, qc, shards)
             plan = _plan_awq_ao(qc, shards, model)
+            validate.check_plan(folder, plan, manifest)
             for name, lp in plan.layers.items():
                 mod = model.get_submodule(name)
                 _stand_in(mod, "weight", lp.keys)
@@ -147,6 +153,7 @@ class AwqAoHfQuantizer(HfQuantizer):
         finally:
             shards.close()
         self._plan = plan
+        self._folder = folder
         return model
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
@@ -157,6 +164,7 @@ class AwqAoHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         """Turn each module's loaded codes, scale and zero into the INT4 weight its device reads."""
+        from awq_ao.checkpoint import validate
         from awq_ao.checkpoint.load import (
             _make_experts,
             _use_int4_experts_implementation,
@@ -173,6 +181,7 @@ class AwqAoHfQuantizer(HfQuantizer):
                 raise CheckpointError(f"{name}: its quantized tensors were not loaded from the checkpoint.")
             if data.dim() == 3:  # byte codes are stored [N, K, 1]
                 data = data.reshape(lp.out_features, lp.in_features)
+            data, scale, zero = validate.check_quantized_tensors(self._folder, lp, data, scale, zero)
             dtype = self._dtype or scale.dtype
             bias = old._parameters.get("bias")
             input_scale = old._buffers.get("input_scale") if lp.scaled_input else None
@@ -186,6 +195,7 @@ class AwqAoHfQuantizer(HfQuantizer):
             data, scale, zero = (mod._parameters.pop(_attr(k)) for k in ep.keys)
             if data.dim() == 4:
                 data = data.reshape(ep.num_experts, ep.out_features, ep.in_features)
+            data, scale, zero = validate.check_quantized_tensors(self._folder, ep, data, scale, zero)
             w = _make_experts(ep, data, scale, zero, data.device, self._dtype or scale.dtype)
             mod._buffers.pop(_attr(key), None)  # the stand-in of versions 1-2
             mod._parameters[_attr(key)] = nn.Parameter(w, requires_grad=False)
@@ -219,7 +229,9 @@ class AwqAoHfQuantizer(HfQuantizer):
         qc = _awq_ao_config(model, layers, {}, experts)
         self.quantization_config = AwqAoQuantizationConfig(**qc)
         model.config.quantization_config = self.quantization_config
-        return state, {"awq_ao_format_version": str(FORMAT_VERSION)}
+        from awq_ao.checkpoint.validate import REWRITTEN_BY_KEY
+
+        return state, {"awq_ao_format_version": str(FORMAT_VERSION), REWRITTEN_BY_KEY: "1"}
 
     def is_serializable(self, **kwargs: Any) -> bool:
         """``save_pretrained`` writes the awq_ao format."""
