@@ -1,13 +1,16 @@
-"""The ``awq-ao`` command line: quantize a model, evaluate a saved one, describe a checkpoint.
+"""The ``awq-ao`` command line: quantize a model, evaluate, generate, convert, describe.
 
 ::
 
-    awq-ao quantize MODEL --out DIR [--bits 4] [--group-size 128] [--calib FILE] ...
+    awq-ao quantize MODEL --out DIR [--bits 4] [--group-size 128] [--calib PATH|HUB_DATASET] ...
     awq-ao eval DIR --text FILE [--windows N] [--seq-len 2048]
+    awq-ao generate DIR --prompt TEXT [--max-new-tokens 64] [--chat] [--sample ...]
+    awq-ao convert DIR --format {awq_ao,autoawq,compressed-tensors} --out OUT
     awq-ao info DIR [--layers] [--json] [--verify]
 
 Failures exit with status 1 and a one-line ``awq-ao: error: ...`` on stderr (``--debug``
-shows the traceback); bad arguments exit with status 2.
+shows the traceback); bad arguments exit with status 2. Progress and log lines go to stderr;
+stdout carries the results (reports, perplexity, generated text).
 """
 
 from __future__ import annotations
@@ -15,18 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser", "load_source_model", "load_calibration_text"]
-
-_TEXT_BUILDERS = {".txt": "text", ".text": "text", ".raw": "text", ".tokens": "text",
-                  ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
@@ -51,6 +50,23 @@ def _int_type(lo: int, accepted: str, also: tuple[int, ...] = ()) -> Any:
         return value
 
     parse.__name__ = "integer"
+    return parse
+
+
+def _float_type(lo: float, hi: float | None, accepted: str) -> Any:
+    """An argparse ``type=``: a finite number ``> lo`` and ``<= hi`` (``hi`` None: no upper
+    bound); the message says what is accepted."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; accepted: {accepted}") from None
+        if not (value > lo and (hi is None or value <= hi)) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; accepted: {accepted}")
+        return value
+
+    parse.__name__ = "number"
     return parse
 
 
@@ -169,51 +185,74 @@ def load_source_model(
     return model.eval(), tok
 
 
-def load_calibration_text(path: str | None, text_field: str = "text") -> str:
-    """Calibration text from a text file, a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a
-    folder of such files, or a folder written by ``datasets.save_to_disk``.
+#: calibration.DEFAULT_DATASET, spelled out so that ``--help`` needs no torch import (a test
+#: checks that the two agree).
+_DEFAULT_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1"
 
-    Dataset rows (the ``text_field`` column) are joined with blank lines. ``None`` uses the
-    project's default calibration text (``shared/data/calibration/wiki.valid.tokens``).
+
+def _default_calibration() -> str:
+    """The default calibration source: the project's shared WikiText-2 validation text when it
+    is present (``shared/data/calibration/wiki.valid.tokens``), else the hub dataset
+    :data:`awq_ao.calibration.DEFAULT_DATASET`."""
+    from awq_ao.evaluation import data_file
+
+    try:
+        return str(data_file("calibration", "wiki.valid.tokens"))
+    except FileNotFoundError:
+        return _DEFAULT_DATASET
+
+
+def _read_calibration_rows(source: str, text_field: str, split: str | None) -> list[Any]:
+    """:func:`awq_ao.calibration.load_texts` with its errors as one-line :class:`CLIError`."""
+    from awq_ao.calibration import CalibrationDataError, load_texts
+
+    try:
+        return load_texts(source, text_field, split)
+    except CalibrationDataError as e:
+        raise CLIError(str(e)) from e
+
+
+def load_calibration_text(path: str | None, text_field: str = "text", split: str | None = None) -> str:
+    """Calibration text of a data source, as one string (rows joined with blank lines).
+
+    A thin wrapper of :func:`awq_ao.calibration.load_texts` (which the CLI itself uses):
+    ``path`` is a text file, a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a folder of such
+    files, a ``datasets.save_to_disk`` folder, or a hub dataset name (``name`` or
+    ``name:config``; ``split`` picks its split). ``None`` uses the default: the shared
+    ``wiki.valid.tokens`` when present, else WikiText-2 from the hub. Chat rows (``messages``
+    lists) give their turns' contents.
+
+    Raises:
+        CLIError: the data cannot be read (one line saying why).
     """
-    if path is None:
-        from awq_ao.evaluation import calibration_text
+    rows = _read_calibration_rows(path if path is not None else _default_calibration(), text_field, split)
+    texts = []
+    for r in rows:
+        if isinstance(r, list):
+            r = "\n\n".join(str(m.get("content", "")) for m in r if isinstance(m, dict))
+        texts.append(str(r))
+    return "\n\n".join(texts)
 
-        try:
-            return calibration_text()
-        except FileNotFoundError as e:
-            raise CLIError("no default calibration text found; pass --calib FILE.") from e
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CLIError(f"calibration data {p} does not exist.")
-    import datasets
 
-    def rows_of(ds: Any) -> str:
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        if text_field not in ds.column_names:
-            raise CLIError(f"{p}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); pass --text-field.")
-        return "\n\n".join(str(r) for r in ds[text_field] if r)
+def _has_chat_template(tok: Any) -> bool:
+    return getattr(tok, "chat_template", None) is not None
 
-    if p.is_dir():
-        if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return rows_of(datasets.load_from_disk(str(p)))
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_BUILDERS)
-        if not files:
-            raise CLIError(f"{p}: no text/json/jsonl/parquet/csv files.")
-        builders = {_TEXT_BUILDERS[f.suffix.lower()] for f in files}
-        if len(builders) > 1:
-            raise CLIError(f"{p}: mixes file types ({', '.join(sorted(builders))}); keep one kind.")
-        builder = builders.pop()
-        data_files = [str(f) for f in files]
-    else:
-        builder = _TEXT_BUILDERS.get(p.suffix.lower(), "plain")
-        if builder in ("text", "plain"):
-            return p.read_text(encoding="utf-8", errors="replace")
-        data_files = [str(p)]
-    with tempfile.TemporaryDirectory(prefix="awq_ao_ds_") as cache:
-        ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache)
-        return rows_of(ds)
+
+def _precheck_chat_template(spec: str) -> None:
+    """``--chat-template`` on a local model folder whose tokenizer files carry no chat
+    template: fail before the model load (other sources are checked once loaded)."""
+    p = Path(spec).expanduser()
+    cfg = p / "tokenizer_config.json"
+    if not p.is_dir() or not cfg.is_file() or any(p.glob("*.gguf")):
+        return
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return
+    try:
+        has = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") is not None
+    except (OSError, ValueError, AttributeError):
+        return
+    if not has:
+        raise CLIError(f"--chat-template: the tokenizer in {p} has no chat template; drop --chat-template.")
 
 
 def _eval_text(path: Path, mode: str) -> str:
@@ -232,6 +271,26 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _linear_shapes(model: Any) -> list[tuple[str, int, int]]:
+    """``(name, out_features, in_features)`` of every linear the CLI's quantize will quantize
+    (the model's quantizable linears but the head and linears tied to the embedding)."""
+    from awq_ao.lowering.swap import is_quantizable_linear
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = []
+    for name, mod in model.named_modules():
+        if not is_quantizable_linear(mod) or name.endswith("lm_head"):
+            continue
+        if emb is not None and getattr(mod, "weight", None) is getattr(emb, "weight", 0):
+            continue
+        if hasattr(mod, "in_features"):
+            k, n = mod.in_features, mod.out_features
+        else:  # transformers Conv1D: weight [in, out]
+            k, n = mod.weight.shape[0], mod.weight.shape[1]
+        out.append((name, int(n), int(k)))
+    return out
+
+
 def _precheck_format(model: Any, fmt: str, bits: int, group_size: int) -> None:
     """Fail before the (long) quantization when the target format cannot hold the result."""
     if fmt == "awq_ao":
@@ -248,24 +307,102 @@ def _precheck_format(model: Any, fmt: str, bits: int, group_size: int) -> None:
         raise CLIError(f"--format autoawq stores 4-bit weights only (got --bits {bits}).")
     if group_size == -1:
         return
-    from awq_ao.lowering.swap import is_quantizable_linear
-
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    bad = []
-    for name, mod in model.named_modules():
-        if not is_quantizable_linear(mod) or name.endswith("lm_head"):
-            continue
-        if emb is not None and getattr(mod, "weight", None) is getattr(emb, "weight", 0):
-            continue
-        k = mod.in_features if hasattr(mod, "in_features") else mod.weight.shape[0]
-        if k % group_size:
-            bad.append(f"{name} (in_features={k})")
+    bad = [f"{name} (in_features={k})" for name, _, k in _linear_shapes(model) if k % group_size]
     if bad:
         raise CLIError(
             f"--format {fmt} needs in_features divisible by --group-size {group_size}; not so for "
             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Use --format awq_ao (ragged groups are fine) "
             "or another group size."
         )
+
+
+def _warn(msg: str) -> None:
+    """A warning line on stderr (shown even with --quiet: the CLI silences Python warnings)."""
+    print(f"awq-ao: warning: {msg}", file=sys.stderr)
+
+
+def _marlin_warning(layers: list[tuple[str, int, int, int, int]], fmt: str) -> None:
+    """Warn which layers vLLM's Marlin kernels will refuse (autoawq / compressed-tensors)."""
+    if fmt == "awq_ao":
+        return
+    from awq_ao.checkpoint.vllm_compat import describe_issues, marlin_issues
+
+    issues = marlin_issues(layers)
+    if issues:
+        _warn(describe_issues(issues, fmt))
+
+
+class _Phases:
+    """One stderr line per finished phase with its time, and the total at the end."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.start = self.last = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def done(self, phase: str, detail: str = "", since: float | None = None) -> None:
+        now = time.perf_counter()
+        dt = now - (self.last if since is None else since)
+        self.times[phase] = self.times.get(phase, 0.0) + dt
+        self.last = now
+        _log(self.args, f"{phase}: {detail + ', ' if detail else ''}{dt:.1f}s")
+
+    def total(self) -> float:
+        t = time.perf_counter() - self.start
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in self.times.items())
+        _log(self.args, f"total: {t:.1f}s ({parts})")
+        return t
+
+
+def _resolve_dir(spec: str) -> Path:
+    """A checkpoint folder, or a hub id through the Hugging Face cache (one-line errors)."""
+    from awq_ao.checkpoint.hub import resolve_checkpoint
+
+    return resolve_checkpoint(spec)
+
+
+def _is_quantized_dir(p: Path) -> bool:
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "quantization_config" in json.loads(cfg.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+
+
+def _load_tokenizer(src: str | Path, flag: str = "--tokenizer") -> Any:
+    """The tokenizer of a local folder (never running shipped code)."""
+    from transformers import AutoTokenizer
+
+    from awq_ao.checkpoint.formats import refuse_custom_code
+
+    p = Path(src).expanduser()
+    if p.is_dir():
+        refuse_custom_code(p)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"no tokenizer in {src}; pass {flag} PATH.") from e
+
+
+#: tokenizer files ``convert`` copies as they are
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                    "chat_template.jinja", "chat_template.json")
+
+
+class _TokenizerFiles:
+    """Stands in for a tokenizer in ``save_quantized``: copies a folder's tokenizer files
+    byte for byte (inside the save's atomic temporary folder)."""
+
+    def __init__(self, src: Path) -> None:
+        self.name_or_path = str(src)
+        self.files = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+
+    def save_pretrained(self, out: str | os.PathLike) -> None:
+        for f in self.files:
+            shutil.copyfile(f, Path(out) / f.name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,9 +415,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     import awq_ao
+    from awq_ao.calibration import CalibrationDataError, token_blocks
     from awq_ao.checkpoint import save_quantized
     from awq_ao.checkpoint.save import check_output_dir
-    from awq_ao.evaluation import batches, calibration_blocks
 
     # every argument is checked before the (slow) model load
     if args.sequential and args.in_memory:
@@ -292,28 +429,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--fallback multiply adds input scales that --format {args.format} cannot hold; "
             "use --fallback skip or --format awq_ao."
         )
-    if args.calib is not None and not Path(args.calib).expanduser().exists():
-        raise CLIError(f"calibration data {Path(args.calib).expanduser()} does not exist.")
+    calib = args.calib if args.calib is not None else _default_calibration()
+    calib_is_path = Path(calib).expanduser().exists()
+    if args.calib_split is not None and calib_is_path:
+        raise CLIError(f"--calib-split picks the split of a hub dataset; {calib} is a local path (drop --calib-split).")
     _check_device(args.device)
     source = Path(args.model).expanduser()
     source = source.parent if source.is_file() else source
     check_output_dir(args.out, args.overwrite, [source] if source.is_dir() else [])
+    if args.chat_template:
+        _precheck_chat_template(args.model)
     dtype = _torch_dtype(args.dtype, args.device)
-    t0 = time.perf_counter()
+    phases = _Phases(args)
+    rows = _read_calibration_rows(calib, args.text_field, args.calib_split)  # fails fast on bad data
+    t_calib = time.perf_counter() - phases.last
+    phases.last = time.perf_counter()
+
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
     model, tok = load_source_model(args.model, dtype, args.allow_download, args.gguf_file)
     # layer-by-layer: the model stays on the CPU and each block visits the device in turn
     home = "cpu" if args.sequential else args.device
     model.to(home)
+    phases.done("loading", f"{type(model).__name__} on {home}")
     _precheck_format(model, args.format, args.bits, args.group_size)
-    text = load_calibration_text(args.calib, args.text_field)
+    if args.chat_template and not _has_chat_template(tok):
+        raise CLIError(f"--chat-template: the tokenizer of {args.model} has no chat template; drop --chat-template.")
+
+    t = time.perf_counter()
     try:
-        blocks = calibration_blocks(tok, text, args.n_samples, args.seq_len)
-    except ValueError as e:
+        blocks = token_blocks(tok, rows, args.n_samples, args.seq_len, chat_template=args.chat_template)
+    except CalibrationDataError as e:
         raise CLIError(str(e)) from e
-    _log(args, f"calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens; loaded in {time.perf_counter() - t0:.1f}s")
+    label = Path(calib).name if calib_is_path else calib + (f" (split {args.calib_split})" if args.calib_split else "")
+    phases.done("calibration data", f"{blocks.shape[0]} x {blocks.shape[1]} tokens from {label}"
+                + (" through the chat template" if args.chat_template else ""), since=t - t_calib)
+    _marlin_warning([(n, o, k, args.bits, args.group_size) for n, o, k in _linear_shapes(model)], args.format)
+
     fallback = args.fallback or ("multiply" if args.format == "awq_ao" else "skip")
-    calib = [b.to(home) for b in batches(blocks, args.batch_size)]
+    batches = [blocks[i : i + args.batch_size].to(home) for i in range(0, blocks.shape[0], args.batch_size)]
     if args.sequential:
         layerwise = dict(sequential=True, device=None if args.device == "cpu" else args.device, spill_dir=args.spill_dir)
     elif args.in_memory:
@@ -323,7 +476,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with torch.no_grad():
         report = awq_ao.quantize(
             model,
-            calib,
+            batches,
             bits=args.bits,
             group_size=args.group_size,
             zero_point=not args.no_zero_point,
@@ -334,49 +487,178 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             verbose=False,
             **layerwise,
         )
+    phases.done("quantization", f"{len(report.quantized)} linears quantized")
     if not args.quiet:
         print(report.summary())
+    card = {
+        "calibration": label,
+        "calibration samples": f"{args.n_samples} x {args.seq_len} tokens",
+        "chat template": "yes" if args.chat_template else "no",
+    }
     out = save_quantized(
         model, args.out, tokenizer=tok, format=args.format, overwrite=args.overwrite,
         max_shard_size=args.max_shard_size, progress=not args.no_progress, dtype=args.save_dtype,
+        model_card=card,
     )
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"saved {args.format} checkpoint to {out} ({_human(size)}) in {time.perf_counter() - t0:.1f}s")
+    phases.done("saving", f"{args.format}, {_human(size)}")
+    print(f"saved {args.format} checkpoint to {out} ({_human(size)}) in {time.perf_counter() - phases.start:.1f}s")
+    phases.total()
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``awq-ao eval``: perplexity of a saved quantized model."""
+    """``awq-ao eval``: perplexity of a saved quantized model, or of an unquantized one (the
+    full-precision baseline)."""
     import torch
-    from transformers import AutoTokenizer
 
     from awq_ao.checkpoint import load_quantized
-    from awq_ao.checkpoint.formats import refuse_custom_code
     from awq_ao.evaluation import perplexity
 
     text_path = Path(args.text).expanduser()
     if not text_path.is_file():
         raise CLIError(f"text file {text_path} does not exist.")
     _check_device(args.device)
-    dtype = None if args.dtype is None else _torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
-    model = load_quantized(args.dir, device=args.device, dtype=dtype, progress=not args.no_progress, verify=args.verify)
-    tok_src = args.tokenizer or args.dir
-    refuse_custom_code(Path(tok_src).expanduser())
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"no tokenizer in {tok_src}; pass --tokenizer PATH.") from e
+    p = Path(args.dir).expanduser()
+    if not p.exists():
+        p = _resolve_dir(args.dir)  # a hub id, through the Hugging Face cache
+    if p.is_dir() and _is_quantized_dir(p):
+        dtype = None if args.dtype is None else _torch_dtype(args.dtype, args.device)
+        tok = _load_tokenizer(args.tokenizer or p)
+        model = load_quantized(p, device=args.device, dtype=dtype, progress=not args.no_progress, verify=args.verify)
+        kind = None
+    else:  # no quantization_config: the full-precision baseline
+        if args.verify:
+            raise CLIError(f"--verify checks a quantized checkpoint's checksums; {args.dir} is not quantized.")
+        dtype = _torch_dtype(args.dtype or "auto", args.device)
+        model, tok = load_source_model(str(p), dtype)
+        model.to(args.device)
+        if args.tokenizer:
+            tok = _load_tokenizer(args.tokenizer)
+        kind = f"model: unquantized ({str(dtype).removeprefix('torch.')}, full precision): baseline perplexity"
     _log(args, f"loaded {args.dir} in {time.perf_counter() - t0:.1f}s")
     text = _eval_text(text_path, args.text_format)
-    ids = tok(text, return_tensors="pt").input_ids[0]
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
     with torch.no_grad():
         try:
             ppl, n = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.windows, progress=not args.no_progress)
         except ValueError as e:
             raise CLIError(str(e)) from e
+    if kind:
+        print(kind)
     print(f"windows: {n} x {args.seq_len} tokens ({ids.numel()} tokens in text)")
     print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def _generate_once(model: Any, tok: Any, enc: Any, args: argparse.Namespace) -> str:
+    """The new text ``model.generate`` writes after the encoded prompt."""
+    import torch
+
+    ids = enc["input_ids"].to(model.device)
+    mask = enc.get("attention_mask")
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    if mask is not None:
+        kwargs["attention_mask"] = mask.to(model.device)
+    if args.sample:
+        if args.temperature is not None:
+            kwargs["temperature"] = args.temperature
+        if args.top_p is not None:
+            kwargs["top_p"] = args.top_p
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+    else:  # greedy: no sampling settings from generation_config
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if tok.pad_token_id is not None:
+        kwargs["pad_token_id"] = tok.pad_token_id
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``awq-ao generate``: text from a quantized checkpoint (one prompt, or a chat on stdin)."""
+    from awq_ao.checkpoint import load_quantized
+
+    if args.prompt is None and not args.chat:
+        raise CLIError("pass --prompt TEXT, or --chat for an interactive chat reading lines from stdin.")
+    if not args.sample:
+        given = [f for f, v in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} need --sample (the default is greedy decoding).")
+    _check_device(args.device)
+    dtype = None if args.dtype is None else _torch_dtype(args.dtype, args.device)
+    t0 = time.perf_counter()
+    path = _resolve_dir(args.dir)
+    if not _is_quantized_dir(path):
+        raise CLIError(f"{args.dir} has no quantization_config; awq-ao generate runs quantized checkpoints.")
+    tok = _load_tokenizer(args.tokenizer or path)
+    if args.chat and not _has_chat_template(tok):
+        raise CLIError(f"--chat: the tokenizer of {args.tokenizer or args.dir} has no chat template; drop --chat.")
+    model = load_quantized(path, device=args.device, dtype=dtype, progress=not args.no_progress)
+    _log(args, f"loaded {args.dir} in {time.perf_counter() - t0:.1f}s")
+
+    def chat_turn(messages: list[dict[str, str]]) -> str:
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return _generate_once(model, tok, enc, args)
+
+    if not args.chat:
+        print(_generate_once(model, tok, tok(args.prompt, return_tensors="pt"), args), flush=True)
+        return 0
+    if args.prompt is not None:
+        print(chat_turn([{"role": "user", "content": args.prompt}]), flush=True)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _log(args, "chat: type a message and press Enter; Ctrl-D ends")
+    messages: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = chat_turn(messages)
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``awq-ao convert``: re-save a quantized checkpoint in another format (no re-quantizing)."""
+    from awq_ao.checkpoint import checkpoint_summary, load_quantized, save_quantized
+    from awq_ao.checkpoint.formats import find_quantized_layers
+    from awq_ao.checkpoint.save import check_output_dir
+
+    phases = _Phases(args)
+    src = _resolve_dir(args.dir)
+    if not _is_quantized_dir(src):
+        raise CLIError(f"{args.dir} has no quantization_config; quantize it with awq-ao quantize.")
+    src_fmt = checkpoint_summary(src)["format"]
+    check_output_dir(args.out, args.overwrite, [src])
+    tok = _TokenizerFiles(src)
+    if not tok.files:
+        _log(args, f"note: {args.dir} has no tokenizer files; the converted checkpoint has none either")
+    _log(args, f"loading {args.dir} ({src_fmt}) ...")
+    model = load_quantized(src, device="cpu", progress=not args.no_progress)
+    phases.done("loading", f"{src_fmt}, {len(find_quantized_layers(model))} quantized layers")
+    layers = find_quantized_layers(model)
+    _marlin_warning([(n, q.out_features, q.in_features, q.weight.bits, q.weight.group_size) for n, q in layers.items()],
+                    args.format)
+    out = save_quantized(
+        model, args.out, tokenizer=tok if tok.files else None, format=args.format, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, progress=not args.no_progress, dtype=args.save_dtype,
+        model_card={"converted from": f"{src.name} ({src_fmt} format)"},
+    )
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    phases.done("saving", f"{args.format}, {_human(size)}")
+    print(f"converted {src_fmt} -> {args.format}: saved to {out} ({_human(size)})")
+    phases.total()
     return 0
 
 
@@ -445,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="awq-ao",
-        description="AWQ 4-bit weight quantization for PyTorch / torchao: quantize, evaluate, inspect.",
+        description="AWQ 4-bit weight quantization for PyTorch / torchao: quantize, evaluate, generate, convert, inspect.",
         epilog="Run 'awq-ao COMMAND --help' for the options of each command.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -459,8 +741,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_int_type(1, "an integer >= 1, or -1 for per channel", also=(-1,)), default=128,
                    help="group size along in_features, -1 = per channel (default 128)")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
-    q.add_argument("--calib", metavar="PATH", help="calibration text: .txt, .jsonl/.json/.parquet/.csv, a folder of them, or a datasets save_to_disk folder (default: shared wiki.valid.tokens)")
-    q.add_argument("--text-field", default="text", help="dataset column holding the text (default 'text')")
+    q.add_argument("--calib", metavar="PATH|DATASET",
+                   help="calibration data: a text file, .jsonl/.json/.parquet/.csv, a folder of them, a datasets "
+                        "save_to_disk folder, or a hub dataset name ('name' or 'name:config', through the datasets "
+                        "cache). Default: shared/data/calibration/wiki.valid.tokens when present, else the hub "
+                        f"dataset {_DEFAULT_DATASET} (validation split)")
+    q.add_argument("--calib-split", default=None, metavar="SPLIT",
+                   help="split of a hub --calib dataset (default: train; validation for the default dataset)")
+    q.add_argument("--text-field", default="text", help="dataset column holding the text (default 'text'; a 'messages' column of chat turns is used when there is none)")
+    q.add_argument("--chat-template", action="store_true",
+                   help="put each calibration row through the tokenizer's chat template (instruct models)")
     q.add_argument("--n-samples", type=_int_type(1, "an integer >= 1"), default=64, help="calibration sequences (default 64)")
     q.add_argument("--seq-len", type=_int_type(1, "an integer >= 1 (tokens)"), default=512, help="calibration sequence length (default 512)")
     q.add_argument("--search-samples", type=_int_type(1, "an integer >= 1"), default=16, help="calibration sequences kept for the scale/clip search (default 16)")
@@ -489,19 +779,49 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-download", action="store_true", help="allow downloading MODEL from the Hugging Face Hub")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity of a saved quantized model",
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a saved model (quantized, or the full-precision baseline)",
                        description="Perplexity (exp mean NLL over non-overlapping windows) of a saved model in any supported format. The last line is 'perplexity: <value>'.")
-    e.add_argument("dir", metavar="DIR", help="checkpoint directory (awq_ao, autoawq or compressed-tensors)")
+    e.add_argument("dir", metavar="DIR", help="checkpoint directory (awq_ao, autoawq or compressed-tensors) or hub id; "
+                   "a model without quantization_config (folder, .gguf, cached hub id) is evaluated in full precision as the baseline")
     e.add_argument("--text", required=True, metavar="FILE", help="evaluation text file")
     e.add_argument("--text-format", choices=["auto", "raw", "wikitext"], default="auto",
                    help="wikitext: rows joined with blank lines as in the AWQ paper (auto: for wiki*.raw files)")
     e.add_argument("--windows", type=_int_type(1, "an integer >= 1"), default=None, metavar="N", help="evaluate at most N windows")
     e.add_argument("--seq-len", type=_int_type(2, "an integer >= 2 (a window predicts its tokens after the first)"), default=2048, metavar="L", help="window length (default 2048)")
     e.add_argument("--device", default="cpu", help="device (default cpu)")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the checkpoint dtype (float32, bfloat16, float16)")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the checkpoint dtype (float32, bfloat16, float16; unquantized default: float32 on CPU, float16 on GPU)")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory if DIR has none")
     e.add_argument("--verify", action="store_true", help="check every shard's sha256 against the checksums saved with DIR before loading")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", parents=[common], help="generate text with a quantized checkpoint (or chat)",
+                       description="Generate text with a quantized checkpoint. Only the new text goes to stdout; "
+                                   "log lines go to stderr. With --chat and no --prompt: an interactive chat that "
+                                   "reads one message per line from stdin until EOF, keeping the conversation.")
+    g.add_argument("dir", metavar="DIR", help="checkpoint directory or hub id (through the Hugging Face cache)")
+    g.add_argument("--prompt", default=None, metavar="TEXT", help="the prompt (with --chat: the user message)")
+    g.add_argument("--max-new-tokens", type=_int_type(1, "an integer >= 1"), default=64, metavar="N", help="tokens to generate (default 64)")
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template; without --prompt, chat on stdin")
+    g.add_argument("--device", default="cpu", help="device (default cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the checkpoint dtype")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory if DIR has none")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (the default)")
+    g.add_argument("--temperature", type=_float_type(0.0, None, "a number > 0"), default=None, metavar="T", help="sampling temperature (with --sample)")
+    g.add_argument("--top-p", type=_float_type(0.0, 1.0, "a number in (0, 1]"), default=None, metavar="P", help="nucleus sampling threshold (with --sample)")
+    g.add_argument("--seed", type=_int_type(0, "an integer >= 0"), default=None, metavar="S", help="random seed (with --sample)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", parents=[common], help="re-save a quantized checkpoint in another format",
+                       description="Re-save a quantized checkpoint in another format without re-quantizing: the "
+                                   "codes, scales and zeros are carried over; tokenizer files are copied as they are.")
+    c.add_argument("dir", metavar="DIR", help="quantized checkpoint directory or hub id")
+    c.add_argument("--format", required=True, choices=["awq_ao", "autoawq", "compressed-tensors"], help="target format")
+    c.add_argument("--out", required=True, metavar="OUT", help="output directory")
+    c.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype of the unquantized tensors (default auto: as loaded for awq_ao, float16 for autoawq / compressed-tensors)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory (only one awq_ao saved, or an empty one)")
+    c.add_argument("--max-shard-size", type=_size_type, default="2GB", help="largest safetensors shard (default 2GB)")
+    c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", parents=[common], help="describe a checkpoint (no weights loaded)",
                        description="Format, layers, bits, group size and size on disk of a checkpoint.")

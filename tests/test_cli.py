@@ -45,7 +45,8 @@ def _ppl(d: Path, text: str, seq_len: int, windows: int) -> float:
     return perplexity(model, ids, seq_len=seq_len, max_windows=windows)[0]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["info", "--help"],
+                                  ["generate", "--help"], ["convert", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as ei:
         main(argv)
@@ -120,7 +121,7 @@ def test_errors_are_one_line(model_dir, text_file, tmp_path, capsys):
         (["eval", model_dir, "--text", tmp_path / "none.txt"], "does not exist"),
         (["quantize", "someone/not-a-cached-model", "--out", tmp_path / "o"], "pass --allow-download"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--bits", 3, "--format", "autoawq", "--calib", text_file], "4-bit weights only"),
-        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "need 500 x 512"),
+        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "500 x 512 = 256000 are needed"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--group-size", 48, "--format", "autoawq", "--calib", text_file], "divisible by --group-size 48"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--spill-dir", tmp_path, "--in-memory"], "drop --in-memory"),
     ]
@@ -161,7 +162,7 @@ def test_calibration_sources(tmp_path):
     folder.mkdir()
     (folder / "1.txt").write_text("alpha\nbeta\n")
     (folder / "2.txt").write_text("gamma\n")
-    assert load_calibration_text(str(folder)) == "alpha\n\nbeta\n\ngamma"
+    assert load_calibration_text(str(folder)) == "alpha\nbeta\n\n\ngamma\n"  # one row per text file
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": ["x y", "z"]}).save_to_disk(str(saved))
     assert load_calibration_text(str(saved)) == "x y\n\nz"
