@@ -354,6 +354,14 @@ class _Phases:
         return t
 
 
+def _library_progress(args: argparse.Namespace) -> None:
+    """``--no-progress`` also turns off transformers' own bars (e.g. "Loading weights")."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _resolve_dir(spec: str) -> Path:
     """A checkpoint folder, or a hub id through the Hugging Face cache (one-line errors)."""
     from awq_ao.checkpoint.hub import resolve_checkpoint
@@ -446,6 +454,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     phases.last = time.perf_counter()
 
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
+    _library_progress(args)
     model, tok = load_source_model(args.model, dtype, args.allow_download, args.gguf_file)
     # layer-by-layer: the model stays on the CPU and each block visits the device in turn
     home = "cpu" if args.sequential else args.device
@@ -532,6 +541,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.verify:
             raise CLIError(f"--verify checks a quantized checkpoint's checksums; {args.dir} is not quantized.")
         dtype = _torch_dtype(args.dtype or "auto", args.device)
+        _library_progress(args)
         model, tok = load_source_model(str(p), dtype)
         model.to(args.device)
         if args.tokenizer:
