@@ -280,7 +280,7 @@ def test_convert_failure_restores_model(monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     configs = [m.config for m in experts_modules(model)]
     calls = {"n": 0}
-    real = Int4ExpertsTensor.from_float.__func__
+    real = Int4ExpertsTensor.from_slabs.__func__  # every expert weight is built through it
 
     def flaky(cls, *a, **kw):
         calls["n"] += 1
@@ -288,7 +288,7 @@ def test_convert_failure_restores_model(monkeypatch):
             raise RuntimeError("boom")
         return real(cls, *a, **kw)
 
-    monkeypatch.setattr(Int4ExpertsTensor, "from_float", classmethod(flaky))
+    monkeypatch.setattr(Int4ExpertsTensor, "from_slabs", classmethod(flaky))
     with pytest.raises(RuntimeError, match="boom"):
         tq(model, awq_config(**opts))
     assert calls["n"] == 3
@@ -395,3 +395,24 @@ def test_cli_refuses_export_formats_for_moe_before_quantizing():
         with pytest.raises(CLIError, match=rf"--format {fmt} cannot hold INT4 MoE experts \(model\.layers\.0\.mlp\.experts.*use --format awq_ao"):
             _precheck_format(model, fmt, 4, 32)
     _precheck_format(model, "awq_ao", 4, 32)
+
+
+@pytest.mark.parametrize("name", ["MixtralForCausalLM", "GptOssForCausalLM"])
+def test_rounding_option_applies_to_experts(name):
+    """rounding='gptq' rounds expert weights with error feedback (it used to be ignored for
+    experts); 'nearest' keeps round-to-nearest; the report says which."""
+    weights, notes, counts = {}, {}, {}
+    for rounding in ("nearest", "gptq"):
+        model = tiny_moe(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = awq_ao.quantize(model, batches(3), group_size=32, n_grid=3, progress=False, verbose=False, rounding=rounding)
+        weights[rounding] = {k: v.dequantize() for k, v in _expert_params(model).items()}
+        notes[rounding] = [g.note for g in report.groups if g.kind == "experts" or "rounded with" in g.note]
+        counts[rounding] = report.error_feedback
+    assert weights["gptq"].keys() == weights["nearest"].keys() and weights["gptq"]
+    assert any(not torch.equal(weights["gptq"][k], weights["nearest"][k]) for k in weights["gptq"])
+    assert notes["gptq"] and all("rounded with error feedback (gptq)" in n for n in notes["gptq"])
+    assert notes["nearest"] and all("rounded with nearest" in n for n in notes["nearest"])
+    n_experts = sum(p.shape[0] for p in weights["gptq"].values())
+    assert counts["gptq"] - counts["nearest"] >= n_experts  # every expert slab counted

@@ -513,7 +513,8 @@ def _layer_by_layer(model: nn.Module, targets: list[str], config: AWQConfig, rep
 def _check_gram_budget(model: nn.Module, targets: list[str], config: AWQConfig) -> None:
     """Refuse whole-model GPTQ rounding whose [K, K] Grams would exceed ``config.max_gram_gib``.
 
-    Upper bound: one float32 Gram per quantized linear (linears sharing an input share one).
+    Upper bound: one float32 Gram per quantized linear (linears sharing an input share one),
+    and two per MoE expert (its up and down inputs).
     """
     if config.rounding != "gptq" or not config.needs_calibration:
         return
@@ -525,6 +526,10 @@ def _check_gram_budget(model: nn.Module, targets: list[str], config: AWQConfig) 
             continue
         k = w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1]
         total += k * k * 4
+    from awq_ao.passes.experts import find_experts
+
+    for info in find_experts(model, config).values():  # one up and one down Gram per expert
+        total += info.num_experts * (info.hidden**2 + info.inter**2) * 4
     if total > config.max_gram_gib * 2**30:
         raise MemoryError(
             f"rounding='gptq' searching the whole model at once would keep up to {total / 2**30:.1f} GiB of "

@@ -42,10 +42,13 @@ from torch import nn
 
 from awq_ao.config import AWQConfig
 from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
-from awq_ao.lowering.quant_math import fake_quantize
+from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
+from awq_ao.lowering.packing import choose_layout
+from awq_ao.lowering.quant_math import fake_quantize, quant_params
 from awq_ao.observers.activation import first_tensor
 from awq_ao.passes.fold import Transaction, _scale_along
 from awq_ao.passes.replay import replay_call, snapshot_call
+from awq_ao.passes.rounding import error_feedback_round, full_gram, group_blocks
 from awq_ao.passes.search import (
     GroupResult,
     apply_clip,
@@ -189,6 +192,9 @@ class ExpertsResult:
     s_down: list[torch.Tensor | None]
     clip_up: list[torch.Tensor | None]
     clip_down: list[torch.Tensor | None]
+    #: rounding="gptq": each expert's input Grams (of the scaled inputs; CPU, float32)
+    gram_up: list[torch.Tensor | None] = field(default_factory=list)
+    gram_down: list[torch.Tensor | None] = field(default_factory=list)
     loss_rtn: float = 0.0
     loss_best: float = 0.0
     scaled: int = 0
@@ -485,7 +491,8 @@ class _ExpertsSearch:
         info = self.plan.experts[name]
         mod = self.modules[name]
         e_n = info.num_experts
-        res = ExpertsResult([0] * e_n, [None] * e_n, [None] * e_n, [None] * e_n)
+        gptq = cfg.rounding == "gptq"
+        res = ExpertsResult([0] * e_n, [None] * e_n, [None] * e_n, [None] * e_n, [None] * e_n, [None] * e_n)
         self.plan.results[name] = res
         call = self.calls.get(name)
         if call is None:
@@ -510,13 +517,18 @@ class _ExpertsSearch:
                 s_e = None
                 if cfg.scale_search and info.up_index is not None:
                     s_e = self._search_down(h, w_dn[e], res)
+                # the inputs the folded weights will see: x / s_in for up, h / s_e for down
+                xu = xe if s_in_d is None else xe / s_in_d
+                xd = h if s_e is None else h / s_e
+                hu = hd = None
+                if gptq:  # error-feedback rounding needs the full Grams; clipping reads their blocks
+                    hu, hd = full_gram(xu, cfg.clip_tokens), full_gram(xd, cfg.clip_tokens)
+                    res.gram_up[e], res.gram_down[e] = hu.cpu(), hd.cpu()
                 if cfg.clip:
                     wu = w_up[e] if s_in_d is None else w_up[e] * s_in_d
-                    xu = xe if s_in_d is None else xe / s_in_d
-                    res.clip_up[e] = self._clip(wu, xu)
+                    res.clip_up[e] = self._clip(wu, xu, hu)
                     wd = w_dn[e] if s_e is None else w_dn[e] * s_e
-                    xd = h if s_e is None else h / s_e
-                    res.clip_down[e] = self._clip(wd, xd)
+                    res.clip_down[e] = self._clip(wd, xd, hd)
                 res.s_down[e] = s_e
 
     def _search_down(self, h: torch.Tensor, w: torch.Tensor, res: ExpertsResult) -> torch.Tensor | None:
@@ -537,9 +549,9 @@ class _ExpertsSearch:
             res.scaled += 1
         return best[1]
 
-    def _clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _clip(self, w: torch.Tensor, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
-        h = group_gram(x, cfg.group_size, cfg.clip_tokens)
+        h = group_blocks(full, cfg.group_size) if full is not None else group_gram(x, cfg.group_size, cfg.clip_tokens)
         return clip_ratios(w, h, cfg.bits, cfg.group_size, cfg.zero_point, cfg.clip_grid, cfg.max_shrink, mode=cfg.clip_mode)
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -617,6 +629,30 @@ def _set_param(txn: Transaction, mod: nn.Module, attr: str, value: torch.Tensor,
         txn.set_param(mod, attr, value)
 
 
+def _error_feedback_experts(
+    w: torch.Tensor, target: torch.Tensor, grams: list[torch.Tensor | None], config: AWQConfig, transposed: bool
+) -> Int4ExpertsTensor:
+    """Round each expert ``[N, K]`` slab with error feedback, as a linear's weight is rounded:
+    the grid (scale, zero) of the clipped slab ``w[e]``, the codes chosen on the unclipped
+    scaled slab ``target[e]`` with the expert's input Gram (RTN for an expert without one)."""
+    n, k = w.shape[1:]
+    layout = choose_layout(w.device, config.bits, n, k, config.group_size)
+    slabs = []
+    for e in range(w.shape[0]):
+        w_now = w[e].contiguous()
+        if grams[e] is None:
+            slabs.append(Int4WeightTensor.from_float(w_now, config.bits, config.group_size, config.zero_point, layout=layout))
+            continue
+        gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
+        gs = round_scale(gs, scale_storage_dtype(w_now.dtype, layout))
+        q = error_feedback_round(
+            target[e].to(w_now.dtype), gs, zs, grams[e].to(w_now.device), config.bits, config.group_size,
+            config.gptq_damp, act_order=config.gptq_act_order,
+        ).to(w_now.dtype)
+        slabs.append(Int4WeightTensor.from_float(q, config.bits, config.group_size, config.zero_point, params=(gs, zs), layout=layout))
+    return Int4ExpertsTensor.from_slabs(slabs, transposed)
+
+
 def quantize_experts(
     root: nn.Module,
     analysis: Any,
@@ -692,9 +728,14 @@ def quantize_experts(
                 logical = w.transpose(1, 2) if info.transposed else w
                 _set_param(txn, mod, attr, logical.contiguous().to(getattr(mod, attr).dtype))
             continue
-        for attr, w in ((info.up_attr, up_t), ("down_proj", dn_t)):
-            logical = w.transpose(1, 2) if info.transposed else w
-            q = Int4ExpertsTensor.from_float(logical.contiguous(), config.bits, config.group_size, config.zero_point, transposed=info.transposed)
+        grams = {info.up_attr: res.gram_up if res is not None else [], "down_proj": res.gram_down if res is not None else []}
+        for attr, w, target in ((info.up_attr, up_t, up), ("down_proj", dn_t, dn)):
+            if config.rounding == "gptq" and any(g is not None for g in grams[attr]):
+                q = _error_feedback_experts(w, target, grams[attr], config, info.transposed)
+                report.error_feedback += info.num_experts
+            else:
+                logical = w.transpose(1, 2) if info.transposed else w
+                q = Int4ExpertsTensor.from_float(logical.contiguous(), config.bits, config.group_size, config.zero_point, transposed=info.transposed)
             _set_param(txn, mod, attr, q, frozen=True)
             report.experts_quantized.append(f"{prefix}{name}.{attr}")
         cfg_copy = copy.copy(mod.config)
@@ -711,10 +752,11 @@ def quantize_experts(
                     "(all of the block's calibration tokens); calibrate with more or more varied data "
                     "to cover them"
                 )
+            rounded = "error feedback (gptq)" if any(g is not None for g in res.gram_up) else "nearest"
             note = (f"per-expert up->down: {res.scaled} scaled, {info.num_experts - res.scaled} unscaled; "
-                    f"{empty} without tokens (whole-block statistics)")
+                    f"{empty} without tokens (whole-block statistics); rounded with {rounded}")
             if info.fold_note:
-                note = info.fold_note
+                note = f"{info.fold_note}; rounded with {rounded}"
             report.groups.append(GroupReport(
                 "experts", f"{prefix}{name}.{info.up_attr}", [f"{prefix}{name}.down_proj"], prefix + name,
                 None, res.loss_rtn if info.up_index is not None else None,
