@@ -340,11 +340,17 @@ class _Phases:
         self.start = self.last = time.perf_counter()
         self.times: dict[str, float] = {}
 
-    def done(self, phase: str, detail: str = "", since: float | None = None) -> None:
+    def lap(self) -> float:
+        """Seconds since the last lap or finished phase (and restart that clock)."""
         now = time.perf_counter()
-        dt = now - (self.last if since is None else since)
+        dt, self.last = now - self.last, now
+        return dt
+
+    def done(self, phase: str, detail: str = "", extra: float = 0.0) -> None:
+        """Log ``phase`` as finished: the time since the last lap, plus ``extra`` seconds
+        spent on it earlier."""
+        dt = self.lap() + extra
         self.times[phase] = self.times.get(phase, 0.0) + dt
-        self.last = now
         _log(self.args, f"{phase}: {detail + ', ' if detail else ''}{dt:.1f}s")
 
     def total(self) -> float:
@@ -449,9 +455,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         _precheck_chat_template(args.model)
     dtype = _torch_dtype(args.dtype, args.device)
     phases = _Phases(args)
+    _log(args, f"reading calibration data {calib} ...")
     rows = _read_calibration_rows(calib, args.text_field, args.calib_split)  # fails fast on bad data
-    t_calib = time.perf_counter() - phases.last
-    phases.last = time.perf_counter()
+    read_s = phases.lap()  # part of the "calibration data" phase, logged once tokenized
 
     _log(args, f"loading {args.model} ({str(dtype).removeprefix('torch.')}) ...")
     _library_progress(args)
@@ -464,14 +470,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.chat_template and not _has_chat_template(tok):
         raise CLIError(f"--chat-template: the tokenizer of {args.model} has no chat template; drop --chat-template.")
 
-    t = time.perf_counter()
+    phases.lap()
     try:
         blocks = token_blocks(tok, rows, args.n_samples, args.seq_len, chat_template=args.chat_template)
     except CalibrationDataError as e:
         raise CLIError(str(e)) from e
     label = Path(calib).name if calib_is_path else calib + (f" (split {args.calib_split})" if args.calib_split else "")
     phases.done("calibration data", f"{blocks.shape[0]} x {blocks.shape[1]} tokens from {label}"
-                + (" through the chat template" if args.chat_template else ""), since=t - t_calib)
+                + (" through the chat template" if args.chat_template else ""), extra=read_s)
     _marlin_warning([(n, o, k, args.bits, args.group_size) for n, o, k in _linear_shapes(model)], args.format)
 
     fallback = args.fallback or ("multiply" if args.format == "awq_ao" else "skip")
