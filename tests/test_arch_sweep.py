@@ -6,6 +6,7 @@ import pytest
 
 from awq_ao.tools.arch_sweep import (
     FOLD_TOL,
+    coverage,
     discover,
     render_markdown,
     summary_counts,
@@ -52,6 +53,24 @@ def test_sweep_fast_families():
     meta = {"command": "pytest", "date": "-", "transformers": "-", "torch": "-", "machine": "-"}
     md = render_markdown(results, meta)
     assert f"{len(FAST)} of {len(FAST)} decoder-only architectures succeed" in md
+    # every linear but the head quantized: full coverage, none listed as partial
+    assert all(coverage(r)[0] and r.kept == [] for r in results), [(r.name, r.kept) for r in results]
+    assert f"**{len(FAST)} quantize every linear but the output head**, 0 keep more" in md
+
+
+def test_partial_coverage_is_reported():
+    """A success that keeps linears in full precision beyond the head is listed as partial."""
+    from awq_ao.tools.arch_sweep import ArchResult
+
+    r = ArchResult("FakeForCausalLM", status="ok", quantized=2, linears=5, kept=["a.w", "b.w"],
+                   kept_reasons=["a.w: its weight is also read directly (aten.t); kept in full precision"])
+    full, why = coverage(r)
+    assert not full and why == "2 of 4 linears kept in full precision"
+    meta = {"command": "pytest", "date": "-", "transformers": "-", "torch": "-", "machine": "-"}
+    md = render_markdown([r], meta)
+    assert "| FakeForCausalLM | partial (2/4) |" in md
+    assert "- **FakeForCausalLM**: 2 of 4 linears kept in full precision (a.w, b.w). a.w: its weight" in md
+    assert "**0 quantize every linear but the output head**, 1 keep more" in md
 
 
 @pytest.mark.slow
