@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from awq_ao.config import AWQConfig
@@ -232,6 +233,40 @@ def _restrict_groups(root: nn.Module, analysis: GraphAnalysis, report: ConvertRe
     analysis.excluded = direct  # type: ignore[attr-defined]
 
 
+@torch.no_grad()
+def _as_plain_linear(mod: nn.Linear, check: bool = True) -> nn.Linear | None:
+    """A plain ``nn.Linear`` holding ``mod``'s weight and bias if ``mod.forward`` computes
+    ``F.linear`` (checked on random inputs unless ``check=False``), else ``None``. ``mod``
+    itself is not changed."""
+    w = mod.weight
+    b = getattr(mod, "bias", None)
+    if not check:
+        return _plain_linear(mod)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(3, 2, mod.in_features, generator=g, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+    try:
+        got = mod(x)
+    except Exception:  # noqa: BLE001 - a forward that cannot run on a plain tensor is not F.linear
+        return None
+    want = F.linear(x, w, b)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return None
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max().clamp(min=1))):
+        return None
+    return _plain_linear(mod)
+
+
+def _plain_linear(mod: nn.Linear) -> nn.Linear:
+    b = getattr(mod, "bias", None)
+    plain = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device="meta", dtype=mod.weight.dtype)
+    plain.weight = mod.weight
+    if b is not None:
+        plain.bias = mod.bias
+    plain.train(mod.training)
+    return plain
+
+
 def _custom_forward(mod: nn.Module) -> bool:
     if type(mod).__name__ == "Conv1D":
         return False
@@ -303,6 +338,9 @@ def apply_phase(
         if name in excluded:
             continue
         mod = root.get_submodule(name)
+        if _custom_forward(mod) and _as_plain_linear(mod) is None:
+            report.warnings.append(f"{prefix}{name}: its own forward is not F.linear; kept in full precision")
+            continue
         conv = type(mod).__name__ == "Conv1D"
         params = None
         w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
@@ -344,7 +382,10 @@ def apply_phase(
         txn._save(mod, "weight")
         if getattr(mod, "bias", None) is not None:
             txn._save(mod, "bias")
-        new = swap.quantize_linear_module(mod, config.bits, config.group_size, config.zero_point, params=params)
+        # an nn.Linear subclass with its own forward that computes F.linear (FalconLinear:
+        # x @ W.T + b) becomes a plain nn.Linear: the INT4 weight runs through F.linear
+        target_mod = _as_plain_linear(mod, check=False) if _custom_forward(mod) else mod
+        new = swap.quantize_linear_module(target_mod, config.bits, config.group_size, config.zero_point, params=params)
         if name in input_scale:
             new = ScaledInputLinear(new, 1.0 / input_scale[name])
         if new is not mod:

@@ -74,6 +74,8 @@ RMS_NORM_OPS = _overloads(aten.rms_norm)
 SDPA_OPS = _overloads(aten.scaled_dot_product_attention)
 # attention written out: probs @ V mixes positions but keeps V's channels
 MATMUL_OPS = _overloads(aten.matmul, aten.bmm)
+# a 2-D weight transposed for ``x @ W.T`` (FalconLinear-style linears)
+WEIGHT_T_OPS = _overloads(aten.numpy_T, aten.t)
 
 # Scalar-affine ops allowed between a per-channel parameter and the norm multiply.
 AFFINE_SCALAR_OPS = MUL_OPS | ADD_OPS | SUB_OPS | RSUB_OPS

@@ -33,6 +33,7 @@ from awq_ao.passes.graph_utils import (
     SDPA_OPS,
     SHAPE_OPS,
     SUB_OPS,
+    WEIGHT_T_OPS,
     is_op,
     meta_shape,
     owner_module,
@@ -145,12 +146,13 @@ class _Ctx:
         return self.param_count.get(pname, 0) == 1
 
     def linear_module(self, node: fx.Node) -> str | None:
-        """Module name if ``node`` is a call of a quantizable module's weight."""
+        """Module name if ``node`` is a call of a quantizable module's weight: ``linear(x, W)``,
+        ``addmm(b, x, W)``, or ``x @ W.T`` (a linear written as a matmul, as FalconLinear is)."""
         if is_op(node, LINEAR_OPS):
             w = node.args[1]
         elif is_op(node, ADDMM_OPS):
             w = node.args[2]
-        else:
+        elif (w := transposed_weight(node)) is None:
             return None
         mod = owner_module(node)
         pname = self.param_name(w)
@@ -164,7 +166,7 @@ class _Ctx:
     def linear_input(self, node: fx.Node) -> fx.Node:
         """The tensor X a linear reads, looking through channel-keeping views and casts and
         through multiplications by constants (they commute with per-channel scaling)."""
-        x = node.args[0] if is_op(node, LINEAR_OPS) else node.args[1]
+        x = node.args[1] if is_op(node, ADDMM_OPS) else node.args[0]
         assert isinstance(x, fx.Node)
         while True:
             src = _alias_source(x)
@@ -447,6 +449,19 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
     )
 
 
+def transposed_weight(node: fx.Node) -> fx.Node | None:
+    """``W`` if ``node`` is ``matmul(x, W.T)`` with ``W`` a graph input (a parameter)."""
+    if not is_op(node, MATMUL_OPS) or len(node.args) != 2:
+        return None
+    wt = node.args[1]
+    if not isinstance(wt, fx.Node) or not is_op(wt, WEIGHT_T_OPS):
+        return None
+    w = wt.args[0]
+    if not isinstance(w, fx.Node) or w.op != "placeholder":
+        return None
+    return w
+
+
 def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
     """Targets whose weight placeholder is read by something other than a linear call of it."""
     by_param = {f"{t}.weight": t for t in targets}
@@ -460,6 +475,10 @@ def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
                 (is_op(u, LINEAR_OPS) and u.args[1] is node) or (is_op(u, ADDMM_OPS) and u.args[2] is node)
             ):
                 continue
+            if is_op(u, WEIGHT_T_OPS) and u.users and all(
+                ctx.linear_module(m) is not None and transposed_weight(m) is node for m in real_users(u)
+            ):
+                continue  # x @ W.T: a linear written as a matmul
             out[by_param[pname]] = str(u.target)
             break
     return out
