@@ -20,3 +20,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny full-precision Llama saved with a character tokenizer (for the CLI tests)."""
+    from checkpoint_helpers import char_tokenizer, tied_llama
+
+    d = tmp_path_factory.mktemp("fp") / "tiny-llama"
+    tied_llama(seed=1).save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A text file of SAMPLE_TEXT (calibration / evaluation text for the CLI tests)."""
+    from checkpoint_helpers import SAMPLE_TEXT
+
+    p = tmp_path_factory.mktemp("text") / "sample.txt"
+    p.write_text(SAMPLE_TEXT)
+    return p
+

@@ -9,26 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import SAMPLE_TEXT, char_tokenizer, quantized, tied_llama
+from checkpoint_helpers import SAMPLE_TEXT, char_tokenizer, quantized
 
 from awq_ao.checkpoint import load_quantized, save_quantized
 from awq_ao.cli import CLIError, load_calibration_text, main
 from awq_ao.evaluation import perplexity
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fp") / "tiny-llama"
-    tied_llama(seed=1).save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "sample.txt"
-    p.write_text(SAMPLE_TEXT)
-    return p
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

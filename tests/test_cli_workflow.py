@@ -56,21 +56,6 @@ def qdir(tmp_path_factory) -> Path:
         return save_quantized(quantized("tied_llama"), tmp_path_factory.mktemp("q") / "q", tokenizer=chat_tokenizer())
 
 
-@pytest.fixture(scope="module")
-def fp_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fp") / "tiny-llama"
-    tied_llama(seed=1).save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "sample.txt"
-    p.write_text(SAMPLE_TEXT)
-    return p
-
-
 def _greedy(model: nn.Module, tok, enc, n: int) -> str:
     with torch.no_grad():
         out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n, do_sample=False)
@@ -117,13 +102,13 @@ def test_generate_interactive_chat_keeps_history(qdir, capsys, monkeypatch):
     assert out == "".join(r + "\n" for r in want)
 
 
-def test_generate_errors(qdir, fp_dir, tmp_path, capsys):
+def test_generate_errors(qdir, model_dir, tmp_path, capsys):
     plain = save_quantized(quantized("tied_llama"), tmp_path / "plain", tokenizer=char_tokenizer())
     cases = [
         (["generate", qdir], "pass --prompt TEXT, or --chat"),
         (["generate", qdir, "--prompt", "x", "--temperature", 0.5], "--temperature need --sample"),
         (["generate", plain, "--prompt", "x", "--chat"], "has no chat template"),
-        (["generate", fp_dir, "--prompt", "x"], "has no quantization_config"),
+        (["generate", model_dir, "--prompt", "x"], "has no quantization_config"),
         (["generate", tmp_path / "missing", "--prompt", "x"], "no such directory"),
     ]
     for argv, msg in cases:
@@ -172,7 +157,7 @@ def test_convert_between_formats(qdir, tmp_path, capsys):
     assert rc == 1 and "awq-ao: error: " in err
 
 
-def test_convert_refusals(fp_dir, tmp_path, capsys):
+def test_convert_refusals(model_dir, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scaled = save_quantized(quantized("gpt2"), tmp_path / "scaled")  # ScaledInputLinear (GELU -> c_proj)
@@ -189,7 +174,7 @@ def test_convert_refusals(fp_dir, tmp_path, capsys):
         (ragged_dir, "autoawq", "divisible by group_size=48"),
         (ragged_dir, "compressed-tensors", "divisible by group_size=48"),
         (moe_dir, "compressed-tensors", "cannot hold INT4 MoE experts"),
-        (fp_dir, "autoawq", "has no quantization_config"),
+        (model_dir, "autoawq", "has no quantization_config"),
     ]
     for src, fmt, msg in cases:
         one_line_error(*run(["convert", src, "--format", fmt, "--out", tmp_path / "o", "--no-progress"], capsys)[::2], msg)
@@ -210,15 +195,15 @@ def _tiny_moe_quantized() -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_eval_unquantized_baseline(fp_dir, text_file, capsys):
-    rc, out, err = run(["eval", fp_dir, "--text", text_file, "--seq-len", 64, "--windows", 2, "--no-progress"], capsys)
+def test_eval_unquantized_baseline(model_dir, text_file, capsys):
+    rc, out, err = run(["eval", model_dir, "--text", text_file, "--seq-len", 64, "--windows", 2, "--no-progress"], capsys)
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == "model: unquantized (float32, full precision): baseline perplexity"
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(fp_dir)).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     ids = char_tokenizer()(SAMPLE_TEXT, return_tensors="pt").input_ids[0]
     assert lines[-1] == f"perplexity: {perplexity(model, ids, seq_len=64, max_windows=2)[0]:.4f}"
-    one_line_error(*run(["eval", fp_dir, "--text", text_file, "--verify"], capsys)[::2], "is not quantized")
+    one_line_error(*run(["eval", model_dir, "--text", text_file, "--verify"], capsys)[::2], "is not quantized")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +230,7 @@ def _no_model_load(monkeypatch):
     monkeypatch.setattr(cli, "load_source_model", fail)
 
 
-def test_calib_errors_before_model_load(fp_dir, text_file, tmp_path, capsys, monkeypatch):
+def test_calib_errors_before_model_load(model_dir, text_file, tmp_path, capsys, monkeypatch):
     import datasets
 
     _no_model_load(monkeypatch)
@@ -254,7 +239,7 @@ def test_calib_errors_before_model_load(fp_dir, text_file, tmp_path, capsys, mon
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     out = tmp_path / "o"
-    rc, _, err = run(["quantize", fp_dir, "--out", out, "--calib", "someone/no-such-dataset-xyz"], capsys)
+    rc, _, err = run(["quantize", model_dir, "--out", out, "--calib", "someone/no-such-dataset-xyz"], capsys)
     one_line_error(rc, err, "calibration dataset 'someone/no-such-dataset-xyz' (split 'train') could not be loaded")
     assert "offline" in err
     cases = [
@@ -263,7 +248,7 @@ def test_calib_errors_before_model_load(fp_dir, text_file, tmp_path, capsys, mon
         (["--calib", text_file, "--chat-template"], "has no chat template; drop --chat-template"),
     ]
     for extra, msg in cases:
-        one_line_error(*run(["quantize", fp_dir, "--out", out, *extra], capsys)[::2], msg)
+        one_line_error(*run(["quantize", model_dir, "--out", out, *extra], capsys)[::2], msg)
     assert not out.exists()
 
 
