@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.int4_tensor import round_scale, scale_storage_dtype
+from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
 from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
@@ -234,27 +234,41 @@ def _restrict_groups(root: nn.Module, analysis: GraphAnalysis, report: ConvertRe
 
 
 @torch.no_grad()
-def _as_plain_linear(mod: nn.Linear, check: bool = True) -> nn.Linear | None:
-    """A plain ``nn.Linear`` holding ``mod``'s weight and bias if ``mod.forward`` computes
-    ``F.linear`` (checked on random inputs unless ``check=False``), else ``None``. ``mod``
-    itself is not changed."""
+def _custom_linear_handling(mod: nn.Linear, config: AWQConfig) -> str:
+    """How to quantize an ``nn.Linear`` subclass with its own ``forward``:
+
+    * ``"plain"``: its forward computes ``F.linear`` (checked on random inputs; e.g.
+      FalconLinear's ``x @ W.T + b``): it becomes a plain ``nn.Linear`` holding the INT4 weight;
+    * ``"in_place"``: otherwise, if its forward runs with an INT4 weight (e.g. MoE routers that
+      call ``F.linear`` and return a tuple): the weight is replaced in place, the class kept;
+    * ``"keep"``: neither; the layer stays in full precision.
+
+    ``mod`` is left as it was.
+    """
     w = mod.weight
     b = getattr(mod, "bias", None)
-    if not check:
-        return _plain_linear(mod)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(3, 2, mod.in_features, generator=g, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
     try:
         got = mod(x)
-    except Exception:  # noqa: BLE001 - a forward that cannot run on a plain tensor is not F.linear
-        return None
+    except Exception:  # noqa: BLE001 - a forward that fails on a float input is not F.linear
+        got = None
     want = F.linear(x, w, b)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return None
     tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
-    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max().clamp(min=1))):
-        return None
-    return _plain_linear(mod)
+    if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
+        got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max().clamp(min=1))
+    ):
+        return "plain"
+    saved = mod._parameters["weight"]
+    try:
+        q = Int4WeightTensor.from_float(w.detach(), config.bits, config.group_size, config.zero_point)
+        mod._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+        mod(x)
+        return "in_place"
+    except Exception:  # noqa: BLE001 - e.g. x @ W.T on the INT4 weight
+        return "keep"
+    finally:
+        mod._parameters["weight"] = saved
 
 
 def _plain_linear(mod: nn.Linear) -> nn.Linear:
@@ -338,8 +352,11 @@ def apply_phase(
         if name in excluded:
             continue
         mod = root.get_submodule(name)
-        if _custom_forward(mod) and _as_plain_linear(mod) is None:
-            report.warnings.append(f"{prefix}{name}: its own forward is not F.linear; kept in full precision")
+        handling = _custom_linear_handling(mod, config) if _custom_forward(mod) else "in_place"
+        if handling == "keep":
+            report.warnings.append(
+                f"{prefix}{name}: its own forward is not F.linear and cannot run an INT4 weight; kept in full precision"
+            )
             continue
         conv = type(mod).__name__ == "Conv1D"
         params = None
@@ -384,7 +401,7 @@ def apply_phase(
             txn._save(mod, "bias")
         # an nn.Linear subclass with its own forward that computes F.linear (FalconLinear:
         # x @ W.T + b) becomes a plain nn.Linear: the INT4 weight runs through F.linear
-        target_mod = _as_plain_linear(mod, check=False) if _custom_forward(mod) else mod
+        target_mod = _plain_linear(mod) if handling == "plain" else mod
         new = swap.quantize_linear_module(target_mod, config.bits, config.group_size, config.zero_point, params=params)
         if name in input_scale:
             new = ScaledInputLinear(new, 1.0 / input_scale[name])
