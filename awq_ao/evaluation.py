@@ -109,7 +109,7 @@ def calibration_blocks(
     Deterministic. Raises ``ValueError`` if the text is too short.
     """
     need_chars = n_samples * seq_len * 8
-    ids = tokenizer(text[: need_chars * 2], return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    ids = tokenizer(text[: need_chars * 2], return_tensors="pt", verbose=False).input_ids[0]  # type: ignore[operator]
     if ids.numel() < n_samples * seq_len:
         raise ValueError(
             f"calibration text gives {ids.numel()} tokens; need {n_samples} x {seq_len}. "

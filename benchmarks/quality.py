@@ -62,7 +62,7 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     torch.manual_seed(0)
     dtype = torch.bfloat16 if method in BF16_METHODS else torch.float32
     model, tok = load_smollm2(dtype)
-    ids = tok(wikitext_test_text(), return_tensors="pt").input_ids[0]
+    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
     blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len)
     rss_loaded = current_mib()
     peak_kind = reset_peak()

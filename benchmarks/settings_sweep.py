@@ -36,7 +36,7 @@ OUT = Path(__file__).resolve().parent / "results" / "settings_sweep.jsonl"
 
 def held_out_tail(tok: object, text: str, calib_tokens: int, n_tokens: int) -> torch.Tensor:
     """The last ``n_tokens`` token ids of ``text``; raises if they reach the calibration prefix."""
-    ids = tok(text, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]  # type: ignore[operator]
     if ids.numel() - n_tokens < 2 * calib_tokens:  # margin: calibration tokenizes a prefix
         raise ValueError(f"validation text too short: {ids.numel()} tokens for {calib_tokens} + {n_tokens}")
     return ids[-n_tokens:].clone()
@@ -50,7 +50,7 @@ def main() -> None:
     val_windows = int(sys.argv[5]) if len(sys.argv) > 5 else 20
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32)
-    ids = tok(wikitext_test_text(), return_tensors="pt").input_ids[0]
+    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
     valid_text = calibration_text("wiki.valid.tokens")
     calib = calibration_blocks(tok, valid_text, n_calib, 512)
     val_ids = held_out_tail(tok, valid_text, n_calib * 512, val_windows * 2048)

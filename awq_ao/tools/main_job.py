@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2(torch.float32)
     load_s = time.perf_counter() - t0
-    ids = tok(wikitext_test_text(), return_tensors="pt").input_ids[0]
+    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
     calib = calibration_blocks(tok, calibration_text(args.calib), args.n_samples, args.seq_len)
     print(f"SmolLM2-135M loaded in {load_s:.1f}s; WikiText-2 test: {ids.numel()} tokens; "
           f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {args.calib}")
