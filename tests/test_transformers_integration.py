@@ -214,3 +214,14 @@ def test_save_pretrained_over_a_save_quantized_folder(tmp_path):
     with pytest.warns(UserWarning, match="ignoring awq_ao_manifest.json: the shards were rewritten by save_pretrained"):
         got = load_quantized(out)
     assert torch.equal(logits(got), logits(model))
+
+
+def test_a_failing_registration_warns_and_never_breaks_transformers(monkeypatch):
+    from awq_ao.integrations import import_hook, transformers_quantizer
+
+    def broken() -> bool:
+        raise RuntimeError("registry API changed")
+
+    monkeypatch.setattr(transformers_quantizer, "register_with_transformers", broken)
+    with pytest.warns(UserWarning, match="could not register its quantization method.*registry API changed"):
+        import_hook._register()

@@ -24,9 +24,19 @@ def _register() -> None:
     mod = sys.modules.get("awq_ao.integrations.transformers_quantizer")
     if mod is not None and not hasattr(mod, "register_with_transformers"):
         return  # that module is being imported (it imports transformers): it registers at its end
-    from awq_ao.integrations.transformers_quantizer import register_with_transformers
+    try:
+        from awq_ao.integrations.transformers_quantizer import register_with_transformers
 
-    register_with_transformers()
+        register_with_transformers()
+    except Exception as e:  # noqa: BLE001 - never break the user's transformers import
+        import warnings
+
+        warnings.warn(
+            f"awq_ao could not register its quantization method with this transformers "
+            f"({type(e).__name__}: {e}); from_pretrained will not load awq_ao checkpoints, "
+            "awq_ao.load_quantized still does.",
+            stacklevel=2,
+        )
 
 
 class _Loader(importlib.abc.Loader):
