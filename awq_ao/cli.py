@@ -548,7 +548,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--verify checks a quantized checkpoint's checksums; {args.dir} is not quantized.")
         dtype = _torch_dtype(args.dtype or "auto", args.device)
         _library_progress(args)
-        model, tok = load_source_model(str(p), dtype)
+        has_weights = p.is_dir() and any(any(p.glob(g)) for g in ("*.safetensors", "*.bin", "*.gguf"))
+        # a hub id whose cached snapshot holds other weight files: let transformers resolve it
+        source = str(p) if has_weights or Path(args.dir).expanduser().exists() else args.dir
+        model, tok = load_source_model(source, dtype)
         model.to(args.device)
         if args.tokenizer:
             tok = _load_tokenizer(args.tokenizer)

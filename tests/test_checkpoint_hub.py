@@ -53,3 +53,32 @@ def test_unknown_ids_and_paths(tmp_path, offline_cache, monkeypatch):
     (tmp_path / "file.json").write_text("{}")
     with pytest.raises(CheckpointError, match="is a file"):
         load_quantized(tmp_path / "file.json")
+
+
+def test_cli_eval_baseline_of_a_cached_hub_model_with_bin_weights(tmp_path, text_file):
+    """A hub id whose cached snapshot holds pytorch_model.bin (not safetensors) evaluates as
+    the unquantized baseline (transformers resolves it from the cache)."""
+    import os
+    import subprocess
+    import sys
+
+    from checkpoint_helpers import char_tokenizer, tied_llama
+
+    src = tmp_path / "src"
+    model = tied_llama(seed=1)
+    model.save_pretrained(src)
+    for f in src.glob("*.safetensors"):  # transformers 5 writes safetensors only: make it a .bin model
+        f.unlink()
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, src / "pytorch_model.bin")
+    char_tokenizer().save_pretrained(src)
+    assert (src / "pytorch_model.bin").is_file() and not list(src.glob("*.safetensors"))
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "someone/tiny-fp", src)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"))
+    r = subprocess.run(
+        [sys.executable, "-m", "awq_ao.cli", "eval", "someone/tiny-fp", "--text", str(text_file),
+         "--windows", "1", "--seq-len", "32", "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "unquantized" in r.stdout and "perplexity:" in r.stdout
