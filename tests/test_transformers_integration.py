@@ -225,3 +225,13 @@ def test_a_failing_registration_warns_and_never_breaks_transformers(monkeypatch)
     monkeypatch.setattr(transformers_quantizer, "register_with_transformers", broken)
     with pytest.warns(UserWarning, match="could not register its quantization method.*registry API changed"):
         import_hook._register()
+
+
+def test_from_pretrained_model_compiles(tmp_path):
+    out = save_quantized(quantized("llama"), tmp_path / "ckpt")
+    hf = _from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        eager = hf(ids, use_cache=False).logits
+        compiled = torch.compile(hf, fullgraph=True)(ids, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
