@@ -843,12 +843,12 @@ def _stored_bits_per_weight(
     """Bits per quantized weight of what is written (codes, scales, zeros; not biases)."""
     weights = sum(layer.out_features * layer.in_features for layer in layers.values())
     weights += sum(qe.num_experts * qe.out_features * qe.in_features for qe in experts.values())
-    prefixes = tuple(f"{n}." for n in layers) + tuple(experts)
+    experts_keys = tuple(experts)
     nbytes = sum(
         t.numel() * t.element_size()
         for k, t in items
-        if k.startswith(prefixes) and not k.endswith((".bias", ".input_scale"))
-        and (k.rpartition(".")[0] in layers or any(k.startswith(e) for e in experts))
+        if not k.endswith((".bias", ".input_scale"))
+        and (k.rpartition(".")[0] in layers or k.startswith(experts_keys))
     )
     return 8.0 * nbytes / weights if weights else None
 

@@ -45,7 +45,6 @@ from awq_ao.checkpoint.formats import (
     LoadPlan,
     ShardSet,
     detect_format,
-    read_safetensors_header,
     shard_files,
 )
 from awq_ao.lowering.quant_math import SUPPORTED_BITS, num_groups
@@ -260,7 +259,7 @@ def check_manifest(
             )
         return None
     mfile = d / checksums.MANIFEST_NAME
-    rewritten = [f for f in shards.files if read_safetensors_header(d / f)[1].get(REWRITTEN_BY_KEY)]
+    rewritten = [f for f in shards.files if shards.metadata.get(f, {}).get(REWRITTEN_BY_KEY)]
     if rewritten:  # transformers' save_pretrained wrote these shards over a save_quantized folder
         warnings.warn(
             f"{d}: ignoring {checksums.MANIFEST_NAME}: the shards were rewritten by save_pretrained "
