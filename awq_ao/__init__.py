@@ -3,12 +3,12 @@
 Usage::
 
     from torchao.quantization import quantize_
-    from awq_ao import awq_config
+    from awq_ao import awq_config, whole_model
 
-    quantize_(model, awq_config(step="prepare", bits=4, group_size=128))
+    quantize_(model, awq_config(step="prepare", bits=4, group_size=128), filter_fn=whole_model)
     for batch in calibration_batches:
         model(batch)
-    quantize_(model, awq_config(bits=4, group_size=128))
+    quantize_(model, awq_config(bits=4, group_size=128), filter_fn=whole_model)
 
 ``import awq_ao`` is cheap: the names below are imported on first use, and awq_ao registers
 itself with transformers (``quant_method: "awq_ao"`` for ``from_pretrained``) as soon as
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AWQConfig": "awq_ao.config",
     "awq_config": "awq_ao.config",
+    "whole_model": "awq_ao.config",
     "CalibrationError": "awq_ao.passes.convert",
     "convert": "awq_ao.passes.convert",
     "CaptureError": "awq_ao.passes.capture",

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
-from awq_ao.config import awq_config
-from awq_ao.observers.attach import prepare
-from awq_ao.passes.convert import CalibrationError, convert
+from awq_ao.config import awq_config, whole_model
+from awq_ao.passes.convert import CalibrationError
 from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
 
@@ -72,9 +71,7 @@ def quantize(
     if cfg_convert.needs_calibration:
         if calibration is None:
             raise CalibrationError("calibration batches are required (or pass scale_search=False, clip=False).")
-        quantize_(model, cfg_prepare)
-        if get_state(model) is None:  # the model has no nn.Linear for quantize_ to visit
-            prepare(model, cfg_prepare, token=cfg_prepare)
+        quantize_(model, cfg_prepare, filter_fn=whole_model)
         n = 0
         with torch.no_grad():
             for batch in calibration:
@@ -82,10 +79,7 @@ def quantize(
                 n += 1
         if n == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
-    quantize_(model, cfg_convert)
+    quantize_(model, cfg_convert, filter_fn=whole_model)
     state = get_state(model)
-    if state is None or state.phase != "converted":
-        report = convert(model, cfg_convert, token=cfg_convert)
-    else:
-        report = state.report
-    return report
+    assert state is not None and state.report is not None
+    return state.report

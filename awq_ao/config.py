@@ -249,15 +249,35 @@ def awq_config(step: Step = "convert", **kwargs: object) -> AWQConfig:
 
     Example::
 
-        quantize_(model, awq_config(step="prepare", bits=4, group_size=128))
+        quantize_(model, awq_config(step="prepare", bits=4, group_size=128), filter_fn=whole_model)
         for batch in calibration: model(batch)
-        quantize_(model, awq_config(bits=4, group_size=128))
+        quantize_(model, awq_config(bits=4, group_size=128), filter_fn=whole_model)
     """
     return AWQConfig(step=step, **kwargs)  # type: ignore[arg-type]
 
 
-def _find_quantize_root() -> nn.Module | None:
-    """The ``model`` argument of the torchao ``quantize_`` call that is running, if any."""
+def whole_model(module: nn.Module, fqn: str) -> bool:
+    """``filter_fn`` for torchao's ``quantize_`` that selects the model itself, nothing inside.
+
+    ``quantize_(model, awq_config(...), filter_fn=whole_model)`` calls awq_ao's handler once,
+    on ``model``: AWQ needs the whole graph (scale groups span norms and linears), so the
+    handler works on the root it is given.
+    """
+    return fqn == ""
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _enclosing_quantize_model(module: nn.Module) -> nn.Module:
+    """The ``model`` argument of the running ``quantize_`` call (default ``filter_fn`` only).
+
+    With torchao's default filter, ``quantize_`` hands the handler one linear at a time and
+    never the model; this looks the model up in ``quantize_``'s own frame, once per call of
+    the handler. Every path inside awq_ao (``awq_ao.quantize``, the CLI) passes
+    ``filter_fn=whole_model`` instead and never gets here.
+    """
     from torchao.quantization import quant_api
 
     code = quant_api.quantize_.__code__
@@ -265,28 +285,34 @@ def _find_quantize_root() -> nn.Module | None:
     while frame is not None:
         if frame.f_code is code:
             model = frame.f_locals.get("model")
-            return model if isinstance(model, nn.Module) else None
+            return model if isinstance(model, nn.Module) else module
         frame = frame.f_back
-    return None
+    return module
 
 
 @register_quantize_module_handler(AWQConfig)
 def _awq_transform(module: nn.Module, config: AWQConfig) -> nn.Module:
-    """torchao handler: works on the whole model the first time it is called.
+    """torchao handler: prepare or convert the model ``module`` (see :func:`whole_model`).
 
-    ``quantize_`` calls handlers once per matching linear; AWQ needs the whole graph, so the
-    first call looks up the model passed to ``quantize_`` and runs prepare/convert on all of
-    it; later calls return the module that replaced ``module`` (if any).
+    Given a model (``filter_fn=whole_model``), it runs prepare or convert on it and returns
+    it. Given a linear
+    (torchao's default filter calls the handler once per ``nn.Linear``), the first call does
+    the work on the whole model of that ``quantize_`` call and every call returns the
+    module that replaced its linear.
     """
     from awq_ao.observers.attach import prepare
     from awq_ao.passes.convert import convert
     from awq_ao.state import get_state
 
-    root = _find_quantize_root()
-    if root is None:
-        root = module  # called directly on a root, e.g. quantize_(m, cfg, filter_fn=is_root)
+    if not _is_linear_like(module):
+        if config.step == "prepare":
+            prepare(module, config)
+        else:
+            convert(module, config)
+        return module
+    root = _enclosing_quantize_model(module)
     state = get_state(root)
-    if config.step == "prepare":
+    if config.step == "prepare":  # once per quantize_ call: the config object marks the call
         if state is None or state.phase != "prepared" or state.prepare_token is not config:
             prepare(root, config, token=config)
         return module

@@ -6,18 +6,18 @@ import torch
 from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from awq_ao import awq_config, get_state
+from awq_ao import awq_config, get_state, whole_model
 
 model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512,
                                      num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=1000)).eval()
 calibration = [torch.randint(0, 1000, (4, 128)) for _ in range(4)]
 
-quantize_(model, awq_config(step="prepare", bits=4, group_size=64))
+quantize_(model, awq_config(step="prepare", bits=4, group_size=64), filter_fn=whole_model)
 with torch.no_grad():
     for batch in calibration:
         model(batch)
-quantize_(model, awq_config(bits=4, group_size=64))   # prints the report
+quantize_(model, awq_config(bits=4, group_size=64), filter_fn=whole_model)  # prints the report
 
 print(get_state(model).report.kind_counts())           # {'norm': 4, 'linear': 4}
 compiled = torch.compile(model, fullgraph=True)

@@ -8,8 +8,7 @@ from tiny_models import compare_two_converts, tiny_model, token_batches
 
 from awq_ao.config import AWQConfig
 from awq_ao.observers.activation import RecordedCall
-from awq_ao.passes.convert import analyze_phase
-from awq_ao.passes.sequential import block_stages
+from awq_ao.passes.pipeline import analyze, block_stages
 from awq_ao.report import ConvertReport
 
 
@@ -27,7 +26,7 @@ def _stages(arch: str):
         model(token_batches(1, 2, 16)[0], use_cache=False)
     h.remove()
     a, kw = captured["call"]
-    analysis = analyze_phase(block, RecordedCall(a, kw, 2), targets, AWQConfig(), ConvertReport(4, 128, True))
+    analysis = analyze(block, RecordedCall(a, kw, 2), targets, AWQConfig(), ConvertReport(4, 128, True))
     return block_stages(analysis, targets)
 
 

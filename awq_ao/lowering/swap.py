@@ -31,6 +31,7 @@ def quantize_linear_module(
     group_size: int = 128,
     zero_point: bool = True,
     params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    codes: torch.Tensor | None = None,
 ) -> nn.Module:
     """Quantize a linear layer's weight to an :class:`Int4WeightTensor` (round to nearest).
 
@@ -41,15 +42,27 @@ def quantize_linear_module(
       the caller replaces the child module with it.
 
     ``params``: per-group ``(scale, zero)`` for the ``[out, in]`` weight (see
-    ``Int4WeightTensor.from_float``). Any scaling (AWQ) must already be folded into the weight. Raises ``TypeError`` for other
-    module types and ``ValueError`` for an already quantized weight.
+    ``Int4WeightTensor.from_float``). ``codes``: the ``uint8 [out, in]`` codes already chosen
+    on that grid (e.g. by error-feedback rounding); they are packed as they are, and the
+    module's float weight only gives the dtype. Any scaling (AWQ) must already be folded into
+    the weight. Raises ``TypeError`` for other module types and ``ValueError`` for an already
+    quantized weight.
     """
+    if codes is not None and params is None:
+        raise ValueError("quantize_linear_module: codes need their params (scale, zero).")
+
+    def to_int4(w: torch.Tensor) -> Int4WeightTensor:
+        if codes is not None:
+            assert params is not None
+            return Int4WeightTensor.from_codes(codes, params[0], params[1], bits, group_size, dtype=w.dtype)
+        return Int4WeightTensor.from_float(w, bits, group_size, zero_point, params=params)
+
     conv1d = _conv1d_type()
     if isinstance(module, nn.Linear):
         w = module.weight
         if isinstance(w, Int4WeightTensor):
             raise ValueError(f"{type(module).__name__} weight is already an Int4WeightTensor.")
-        q = Int4WeightTensor.from_float(w.detach(), bits, group_size, zero_point, params=params)
+        q = to_int4(w.detach())
         module.weight = nn.Parameter(q, requires_grad=False)
         return module
     if conv1d is not None and isinstance(module, conv1d):
@@ -61,7 +74,7 @@ def quantize_linear_module(
         linear = nn.Linear(
             in_features, out_features, bias=bias is not None, device="meta", dtype=w.dtype
         )
-        q = Int4WeightTensor.from_float(w.detach().t().contiguous(), bits, group_size, zero_point, params=params)
+        q = to_int4(w.detach().t().contiguous())
         linear.weight = nn.Parameter(q, requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)

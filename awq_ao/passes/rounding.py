@@ -91,7 +91,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
-def error_feedback_round(
+def error_feedback_codes(
     w: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
@@ -106,10 +106,9 @@ def error_feedback_round(
     """Round ``w [N, K]`` on the fixed grid ``(scale, zero) [N, G]`` with GPTQ error feedback.
 
     ``h [K, K]``: Gram of the layer's inputs (for a scaled weight, of the scaled inputs).
-    Returns the dequantized weight (``[N, K]``, float32; float64 for a float64 ``w``): every
-    value is ``(code - zero) * scale`` of its group, so quantizing it again with the same
-    ``(scale, zero)`` gives back the codes. The expected output error
-    ``tr((W - Q) H (W - Q)^T)`` is what it lowers. ``act_order``: round the columns in order
+    Returns the codes, ``uint8 [N, K]``: the weight they stand for is ``(code - zero) *
+    scale`` of each group, and they go to packing as they are. The expected output error
+    ``tr((W - Q) H (W - Q)^T)`` is what they lower. ``act_order``: round the columns in order
     of decreasing input energy (``diag H``) instead of left to right; each column keeps its
     own group's grid, so the storage format does not change.
     """
@@ -128,12 +127,14 @@ def error_feedback_round(
         col_group = col_group[perm]
     u = inverse_cholesky(hc, damp)
     del hc
-    out = torch.empty(n, k, dtype=cdt, device=w.device)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     for r0 in range(0, n, rows_per_chunk):
         wr = w[r0 : r0 + rows_per_chunk].to(cdt)
         wr = wr[:, perm] if perm is not None else wr.clone()
+        rows = wr.shape[0]
         s = scale[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]  # [n, K]
         z = zero[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]
+        out = codes[r0 : r0 + rows]
         for b0 in range(0, k, block):
             b1 = min(b0 + block, k)
             wb = wr[:, b0:b1]
@@ -141,16 +142,38 @@ def error_feedback_round(
             for i in range(b1 - b0):
                 c = b0 + i
                 q = (torch.round(wb[:, i] / s[:, c]) + z[:, c]).clamp(0, max_int)
-                dq = (q - z[:, c]) * s[:, c]
-                out[r0 : r0 + wr.shape[0], c] = dq
-                e = (wb[:, i] - dq) / u[c, c]
+                col = perm[c] if perm is not None else c
+                out[:, col] = q.to(torch.uint8)
+                e = (wb[:, i] - (q - z[:, c]) * s[:, c]) / u[c, c]
                 err[:, i] = e
                 if i + 1 < b1 - b0:
                     wb[:, i + 1 :] -= e[:, None] * u[c, c + 1 : b1][None, :]
             if b1 < k:
                 wr[:, b1:] -= err @ u[b0:b1, b1:]
-    if perm is not None:
-        restored = torch.empty_like(out)
-        restored[:, perm] = out
-        return restored
-    return out
+    return codes
+
+
+def error_feedback_round(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.1,
+    block: int = 128,
+    rows_per_chunk: int = 1024,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """:func:`error_feedback_codes`, dequantized: ``[N, K]`` float32 (float64 for a float64 ``w``).
+
+    Every value is ``(code - zero) * scale`` of its group, so quantizing it again with the
+    same ``(scale, zero)`` gives back the codes.
+    """
+    codes = error_feedback_codes(w, scale, zero, h, bits, group_size, damp, block, rows_per_chunk, act_order)
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    g = effective_group_size(w.shape[1], group_size)
+    col_group = torch.arange(w.shape[1], device=w.device) // g
+    s = scale.to(w.device, cdt)[:, col_group]
+    z = zero.to(w.device, cdt)[:, col_group]
+    return (codes.to(cdt) - z) * s

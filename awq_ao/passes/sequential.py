@@ -4,9 +4,10 @@
    for real, the other blocks are replaced by a pass-through for that pass, so only their
    keyword arguments (masks, rotary embeddings, which may differ per block, e.g. sliding
    window layers) are recorded; the pass stops at the last block (no output head).
-2. For each block: move it to ``config.device`` (if set), capture *the block* with
-   torch.export, find its groups, search on the cached block inputs, fold, clip, quantize,
-   then run the quantized block to get the next block's inputs. Activations are cached on
+2. For each block: move it to ``config.device`` (if set), run the AWQ algorithm on *the
+   block* (:func:`awq_ao.passes.pipeline.awq_root`: capture, groups, search on the cached
+   block inputs, fold, clip, round, pack), then run the quantized block to get the next
+   block's inputs. Activations are cached on
    the CPU; peak device memory is one block plus one block's activations.
 
 Linears outside the repeated blocks (rare: projections before/after the stack) are quantized
@@ -24,8 +25,10 @@ from torch.utils._pytree import tree_map
 from awq_ao.config import AWQConfig
 from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall, first_tensor
+from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.fold import Transaction
+from awq_ao.passes.pipeline import awq_root, stack_calls
 from awq_ao.report import ConvertReport
 
 
@@ -113,54 +116,6 @@ def record_block_calls(
     return calls  # type: ignore[return-value]
 
 
-def block_stages(analysis: Any, local: list[str]) -> list[tuple[list[int], list[str]]] | None:
-    """Split a block's groups into sub-block stages searched one after the other.
-
-    A stage is one direct child of the block holding target linears (e.g. ``self_attn``,
-    then ``mlp``), in the order their linears are registered. Each stage is searched on the
-    outputs of the stages before it *after* those were quantized, so e.g. the MLP's scales
-    are chosen for the input it will really see. Returns ``[(group indices, targets)]``, or
-    None where the block cannot be split: one child only, an MoE block, or a group whose
-    linears span several children (parallel attention/MLP blocks fed by one norm).
-    """
-    if getattr(analysis, "moe", None) is not None:
-        return None
-
-    def top(name: str) -> str:
-        return name.split(".", 1)[0]
-
-    order: list[str] = []
-    for t in local:
-        if top(t) not in order:
-            order.append(top(t))
-    if len(order) < 2:
-        return None
-    stage_groups: list[list[int]] = [[] for _ in order]
-    for gi, g in enumerate(analysis.groups):
-        if not g.consumers:
-            continue
-        names = set(g.consumers) | set(g.rescaled)
-        if g.producer.kind == "linear" and g.producer.module:
-            names.add(g.producer.module)
-        tops = {top(n) for n in names}
-        if len(tops) != 1 or next(iter(tops)) not in order:
-            return None
-        stage_groups[order.index(next(iter(tops)))].append(gi)
-    return [(gids, [t for t in local if top(t) == child]) for gids, child in zip(stage_groups, order, strict=True)]
-
-
-def _sub_analysis(analysis: Any, group_ids: list[int], first_stage: bool) -> Any:
-    """A shallow copy of ``analysis`` holding only ``group_ids`` (block-wide notes once)."""
-    import copy
-
-    sub = copy.copy(analysis)
-    sub.groups = [analysis.groups[gi] for gi in group_ids]
-    if not first_stage:
-        sub.unseen = []
-        sub.shared_calls = []
-    return sub
-
-
 def _with_hidden(call: tuple[tuple[Any, ...], dict[str, Any]], h: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
     a, kw = call
     if a:
@@ -181,8 +136,6 @@ def convert_sequential(
     replacements: dict[int, nn.Module],
 ) -> None:
     """Run search/fold/quantize block by block (see the module docstring)."""
-    from awq_ao.passes.convert import analyze_phase, apply_phase, run_search, stack_calls
-
     release_freed_memory()  # what the user's calibration loop freed
     blocks_name, blocks = find_blocks(model, targets)
     report.mode = f"layer by layer ({len(blocks)} blocks of {blocks_name})"
@@ -205,22 +158,8 @@ def convert_sequential(
         a, kw = _to(a, dev), _to(kw, dev)
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
-            first = RecordedCall(a, kw, rows)
-            label = f" block {i}/{len(blocks)}"
-            analysis = analyze_phase(block, first, local, config, report)
-            stages = block_stages(analysis, local) if config.split_blocks else None
-            if stages is None:
-                results, clip_inputs = run_search(block, analysis, a, kw, obs, config, report, label)
-                release_freed_memory()
-                apply_phase(block, analysis, results, clip_inputs, local, config, txn, report, replacements, prefix)
-            else:
-                for k, (group_ids, stage_targets) in enumerate(stages):
-                    sub = _sub_analysis(analysis, group_ids, first_stage=k == 0)
-                    results, clip_inputs = (
-                        run_search(block, sub, a, kw, obs, config, report, label) if group_ids else ({}, {})
-                    )
-                    apply_phase(block, sub, results, clip_inputs, stage_targets, config, txn, report,
-                                replacements, prefix)
+            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, replacements,
+                     prefix, label=f" block {i}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
         with torch.no_grad():
             out = block(*a, **kw)
@@ -240,7 +179,7 @@ def convert_sequential(
         release_freed_memory()
     rest = [t for t in targets if t not in done]
     if rest:
-        apply_phase(model, None, {}, {}, rest, config, txn, report, replacements)
+        apply_found(model, None, {}, {}, rest, config, txn, report, replacements)
         report.warnings.append(
             f"{len(rest)} linears outside {blocks_name} were quantized without scaling: "
             + ", ".join(rest[:5])

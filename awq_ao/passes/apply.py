@@ -1,0 +1,316 @@
+"""Apply what the search found: fold the scales, then clip, round and pack each linear.
+
+Every edit goes through the convert :class:`~awq_ao.passes.fold.Transaction`, so a failure
+anywhere leaves the model as it was. Names are relative to the root being quantized (a whole
+model or one decoder block); report rows get ``prefix`` + name.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from awq_ao.config import AWQConfig
+from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
+from awq_ao.lowering.packing import choose_layout
+from awq_ao.lowering.quant_math import quant_params
+from awq_ao.lowering.scaled_input import ScaledInputLinear
+from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
+from awq_ao.passes.groups import GraphAnalysis
+from awq_ao.passes.rounding import error_feedback_codes, group_blocks, scale_full_gram
+from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
+from awq_ao.report import ConvertReport, GroupReport
+
+
+def progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar (or None when disabled or tqdm is missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def add_time(report: ConvertReport, key: str, dt: float) -> None:
+    """Accumulate ``dt`` seconds under ``report.times[key]``."""
+    report.times[key] = report.times.get(key, 0.0) + dt
+
+
+# --------------------------------------------------------------------------------------------
+# fold
+# --------------------------------------------------------------------------------------------
+
+
+def fold_scales(
+    root: nn.Module,
+    analysis: GraphAnalysis,
+    results: dict[int, GroupResult],
+    config: AWQConfig,
+    txn: Transaction,
+    report: ConvertReport,
+    prefix: str = "",
+) -> dict[str, torch.Tensor]:
+    """Fold each group's scales into its producer, or scale its consumers where no fold is legal.
+
+    Returns ``{consumer: scale}`` for the consumers that need an explicit input multiply
+    (they become :class:`ScaledInputLinear` when packed). Adds the report's group rows.
+    """
+    input_scale: dict[str, torch.Tensor] = {}
+    for gi, g in enumerate(analysis.groups):
+        res = results.get(gi)
+        if g.consumers and res is None and config.scale_search:
+            res = GroupResult(None, note="its enclosing module never ran during the search")
+        if res is not None and res.scales is not None:
+            if g.foldable:
+                fold_group(root, g, res.scales, txn)
+            else:
+                for c in g.consumers:
+                    scale_consumer(root.get_submodule(c), g.consumer_is_conv1d.get(c, False), res.scales, txn)
+                    input_scale[c] = res.scales
+                report.fallback_multiplies += len(g.consumers)
+        if g.consumers:
+            report.groups.append(
+                GroupReport(
+                    g.kind,
+                    prefix + g.producer.module if g.producer.module else None,
+                    [prefix + c for c in g.consumers],
+                    prefix + g.inspect if g.inspect else None,
+                    res.alpha if res else None,
+                    res.loss_rtn if res else None,
+                    res.loss_best if res else None,
+                    (res.note if res else "") or g.reason,
+                )
+            )
+            if res is not None and res.note and config.scale_search:
+                report.warnings.append(f"{prefix}{', '.join(g.consumers)}: {res.note}")
+    for name in analysis.shared_calls:
+        report.warnings.append(f"{prefix}{name} is called more than once per forward: not scaled")
+    report.unseen += [prefix + u for u in analysis.unseen]
+    return input_scale
+
+
+def scales_by_consumer(analysis: GraphAnalysis, results: dict[int, GroupResult]) -> dict[str, torch.Tensor]:
+    """``{consumer linear: the scale folded into its input}``."""
+    out: dict[str, torch.Tensor] = {}
+    for gi, g in enumerate(analysis.groups):
+        res = results.get(gi)
+        if res is not None and res.scales is not None:
+            for c in g.consumers:
+                out[c] = res.scales
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one linear: clip -> round -> pack
+# --------------------------------------------------------------------------------------------
+
+
+def input_grams(
+    gram: torch.Tensor | None, scale: torch.Tensor | None, device: torch.device, group_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The search's input Gram of one linear, for its *scaled* inputs.
+
+    Returns ``(per-group Gram [K/g, g, g] for the clipping search, full [K, K] Gram for
+    error-feedback rounding or None)``. The search keeps a full Gram when rounding is
+    ``"gptq"`` and only the per-group blocks otherwise.
+    """
+    if gram is None:
+        return None, None
+    gram = gram.to(device, torch.float32)
+    if gram.dim() == 2:
+        full = scale_full_gram(gram, scale) if scale is not None else gram
+        return group_blocks(full, group_size), full
+    return (scale_gram(gram, scale) if scale is not None else gram), None
+
+
+def clip_weight(w: torch.Tensor, group_gram: torch.Tensor, config: AWQConfig) -> torch.Tensor:
+    """The weight ``[N, K]`` with each group's range shrunk by the clipping search."""
+    ratios = clip_ratios(
+        w, group_gram, config.bits, config.group_size, config.zero_point,
+        config.clip_grid, config.max_shrink, mode=config.clip_mode,
+    )
+    return apply_clip(w, ratios, config.group_size, config.clip_mode)
+
+
+def round_weight(
+    w_target: torch.Tensor, w_grid: torch.Tensor, full: torch.Tensor, config: AWQConfig
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Error-feedback rounding: codes ``uint8 [N, K]`` and their ``(scale, zero)``.
+
+    The grid comes from ``w_grid`` (the clipped weight; its scale rounded to the storage
+    dtype it will be packed with), the codes are chosen for ``w_target`` (the unclipped,
+    scaled weight: the grid's clamp does the clipping) with error feedback through ``full``.
+    """
+    scale, zero = quant_params(w_grid, config.bits, config.group_size, config.zero_point)
+    layout = choose_layout(w_grid.device, config.bits, *w_grid.shape, config.group_size)
+    scale = round_scale(scale, scale_storage_dtype(w_grid.dtype, layout))
+    codes = error_feedback_codes(
+        w_target, scale, zero, full, config.bits, config.group_size, config.gptq_damp,
+        act_order=config.gptq_act_order,
+    )
+    return codes, (scale, zero)
+
+
+@torch.no_grad()
+def custom_linear_handling(mod: nn.Linear, config: AWQConfig) -> str:
+    """How to quantize an ``nn.Linear`` subclass with its own ``forward``:
+
+    * ``"plain"``: its forward computes ``F.linear`` (checked on random inputs; e.g.
+      FalconLinear's ``x @ W.T + b``): it becomes a plain ``nn.Linear`` holding the INT4 weight;
+    * ``"in_place"``: otherwise, if its forward runs with an INT4 weight (e.g. MoE routers that
+      call ``F.linear`` and return a tuple): the weight is replaced in place, the class kept;
+    * ``"keep"``: neither; the layer stays in full precision.
+
+    ``mod`` is left as it was.
+    """
+    w = mod.weight
+    b = getattr(mod, "bias", None)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(3, 2, mod.in_features, generator=g, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+    try:
+        got = mod(x)
+    except Exception:  # noqa: BLE001 - a forward that fails on a float input is not F.linear
+        got = None
+    want = F.linear(x, w, b)
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
+        got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max().clamp(min=1))
+    ):
+        return "plain"
+    saved = mod._parameters["weight"]
+    try:
+        q = Int4WeightTensor.from_float(w.detach(), config.bits, config.group_size, config.zero_point)
+        mod._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+        mod(x)
+        return "in_place"
+    except Exception:  # noqa: BLE001 - e.g. x @ W.T on the INT4 weight
+        return "keep"
+    finally:
+        mod._parameters["weight"] = saved
+
+
+def has_custom_forward(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass with its own ``forward`` (Conv1D is handled as a linear)."""
+    if type(mod).__name__ == "Conv1D":
+        return False
+    return isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward
+
+
+def _plain_linear(mod: nn.Linear) -> nn.Linear:
+    b = getattr(mod, "bias", None)
+    plain = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device="meta", dtype=mod.weight.dtype)
+    plain.weight = mod.weight
+    if b is not None:
+        plain.bias = mod.bias
+    plain.train(mod.training)
+    return plain
+
+
+def pack_linear(
+    root: nn.Module,
+    name: str,
+    handling: str,
+    codes: torch.Tensor | None,
+    params: tuple[torch.Tensor, torch.Tensor] | None,
+    input_scale: torch.Tensor | None,
+    config: AWQConfig,
+    txn: Transaction,
+    replacements: dict[int, nn.Module],
+) -> None:
+    """Swap linear ``name`` to its INT4 weight (``codes`` on ``params``, else round to nearest)."""
+    from awq_ao.lowering import swap
+
+    mod = root.get_submodule(name)
+    # quantize_linear_module may assign the weight in place; record it first
+    txn._save(mod, "weight")
+    if getattr(mod, "bias", None) is not None:
+        txn._save(mod, "bias")
+    # an nn.Linear subclass whose forward computes F.linear (FalconLinear: x @ W.T + b)
+    # becomes a plain nn.Linear: the INT4 weight runs through F.linear
+    target = _plain_linear(mod) if handling == "plain" else mod
+    new = swap.quantize_linear_module(target, config.bits, config.group_size, config.zero_point,
+                                      params=params, codes=codes)
+    if input_scale is not None:
+        new = ScaledInputLinear(new, 1.0 / input_scale)
+    if new is not mod:
+        txn.set_module(root, name, new)
+        replacements[id(mod)] = new
+
+
+def quantize_linears(
+    root: nn.Module,
+    targets: list[str],
+    analysis: GraphAnalysis | None,
+    results: dict[int, GroupResult],
+    clip_inputs: dict[str, torch.Tensor],
+    input_scale: dict[str, torch.Tensor],
+    config: AWQConfig,
+    txn: Transaction,
+    report: ConvertReport,
+    replacements: dict[int, nn.Module],
+    prefix: str = "",
+) -> None:
+    """Clip, round and pack every linear of ``targets`` (scales already folded)."""
+    scale_of = scales_by_consumer(analysis, results) if analysis is not None else {}
+    qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
+    excluded = set(getattr(analysis, "excluded", set()) or set())
+    bar = progress(len(targets), "awq quantize", config.progress and not prefix)
+    for name in targets:
+        if name in excluded:
+            continue
+        mod = root.get_submodule(name)
+        handling = custom_linear_handling(mod, config) if has_custom_forward(mod) else "in_place"
+        if handling == "keep":
+            report.warnings.append(
+                f"{prefix}{name}: its own forward is not F.linear and cannot run an INT4 weight; kept in full precision"
+            )
+            continue
+        conv = type(mod).__name__ == "Conv1D"
+        w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
+        group_gram, full = input_grams(clip_inputs.get(name), scale_of.get(name), w_target.device, config.group_size)
+        w_grid = w_target
+        if config.clip and group_gram is not None and name not in qk:
+            w_grid = clip_weight(w_target, group_gram, config)
+            report.clipped += 1
+        codes = params = None
+        if full is not None:
+            codes, params = round_weight(w_target, w_grid, full, config)
+            report.error_feedback += 1
+        elif w_grid is not w_target:
+            txn.set_param(mod, "weight", w_grid.t().contiguous() if conv else w_grid)
+        del group_gram, full, w_grid, w_target
+        pack_linear(root, name, handling, codes, params, input_scale.get(name), config, txn, replacements)
+        report.quantized.append(prefix + name)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def apply_found(
+    root: nn.Module,
+    analysis: GraphAnalysis | None,
+    results: dict[int, GroupResult],
+    clip_inputs: dict[str, torch.Tensor],
+    targets: list[str],
+    config: AWQConfig,
+    txn: Transaction,
+    report: ConvertReport,
+    replacements: dict[int, nn.Module],
+    prefix: str = "",
+) -> None:
+    """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
+    from awq_ao.passes.experts import quantize_experts
+
+    t0 = time.perf_counter()
+    input_scale = fold_scales(root, analysis, results, config, txn, report, prefix) if analysis is not None else {}
+    quantize_experts(root, analysis, config, txn, report, prefix)
+    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report,
+                     replacements, prefix)
+    add_time(report, "fold+clip+quantize", time.perf_counter() - t0)
