@@ -294,6 +294,28 @@ def test_ct_bit_packing_round_trip_without_library():
         assert torch.equal(unpack_int32(p, bits, 41).long(), v)
 
 
+@pytest.mark.parametrize("bits, gs", [(4, 16), (3, 16), (8, 40)])
+def test_ct_export_packs_through_the_package_and_without_it_identically(monkeypatch, bits, gs):
+    """Where compressed-tensors is installed the export packs with its pack_to_int32; the
+    hand-written packer used without it writes the same bytes."""
+    _ct()
+    from awq_ao.checkpoint import compressed_tensors as ct
+    from awq_ao.checkpoint.formats import QuantLayer
+
+    g = torch.Generator().manual_seed(bits)
+    layers = {}
+    for i in range(2):
+        w = Int4WeightTensor.from_float(torch.randn(48, 80, generator=g), bits, gs)
+        layers[f"l{i}"] = QuantLayer(f"l{i}", torch.nn.Linear(80, 48), w, False)
+    assert ct.package_packer() is not None
+    with_package = ct.pack_quantized_tensors(layers)
+    monkeypatch.setattr(ct, "package_packer", lambda: None)
+    without = ct.pack_quantized_tensors(layers)
+    assert with_package.keys() == without.keys() and any(k.endswith("weight_zero_point") for k in without)
+    for k in without:
+        assert with_package[k].dtype == without[k].dtype and torch.equal(with_package[k], without[k]), k
+
+
 @pytest.mark.parametrize("zero_point", [True, False])
 def test_ct_export_matches_library_compressor(tmp_path, zero_point):
     _ct()

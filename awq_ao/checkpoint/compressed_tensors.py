@@ -39,7 +39,7 @@ from awq_ao.checkpoint.formats import (
     zero_is_symmetric,
 )
 
-__all__ = ["pack_int32", "unpack_int32", "pack_quantized_tensors", "export_config", "plan_load"]
+__all__ = ["pack_int32", "unpack_int32", "package_packer", "pack_quantized_tensors", "export_config", "plan_load"]
 
 PACK_QUANTIZED = "pack-quantized"
 
@@ -121,18 +121,47 @@ def _check_exportable(layers: dict[str, QuantLayer]) -> tuple[int, int, bool]:
     return bits, gs, symmetric
 
 
+def package_packer() -> Any:
+    """compressed-tensors' own ``pack_to_int32`` as ``f(unsigned [R, C], bits, dim)``, or None.
+
+    Used where the package is installed, so the export is packed by the code its readers
+    use; :func:`pack_int32` writes the same bytes without it (tested against the package).
+    """
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:
+        return None
+
+    def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+        signed = (values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
+        return pack_to_int32(signed, bits, packed_dim=dim)
+
+    return pack
+
+
+def _own_packer(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    if dim == 1:
+        return pack_int32(values, bits)
+    return pack_int32(values.t().contiguous(), bits).t().contiguous()
+
+
 def pack_quantized_tensors(layers: dict[str, QuantLayer]) -> dict[str, torch.Tensor]:
-    """``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` / ``weight_shape`` per layer."""
+    """``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` / ``weight_shape`` per layer.
+
+    Packed by the ``compressed-tensors`` package where it is installed (:func:`package_packer`),
+    else by :func:`pack_int32`; the bytes are the same.
+    """
     bits, _, symmetric = _check_exportable(layers)
+    pack = package_packer() or _own_packer
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         w = layer.weight
         n, k = w.shape
-        out[f"{name}.weight_packed"] = pack_int32(w.codes().cpu(), bits)
+        out[f"{name}.weight_packed"] = pack(w.codes().cpu(), bits, 1).contiguous()
         out[f"{name}.weight_scale"] = w.scale.detach().cpu().contiguous()
         if not symmetric:
             z = w.zero.detach().cpu().round().to(torch.int64)
-            out[f"{name}.weight_zero_point"] = pack_int32(z.t().contiguous(), bits).t().contiguous()
+            out[f"{name}.weight_zero_point"] = pack(z, bits, 0).contiguous()
         out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
     return out
 
