@@ -99,7 +99,9 @@ class AWQConfig(AOBaseConfig):
         experts: also quantize the 3-D expert weights of transformers MoE blocks (modules
             using ``use_experts_implementation``): per-expert AWQ scales searched on the tokens
             each expert receives, the block input scale folded into the norm and the router.
-        seed: seed for every random choice (the search itself is deterministic).
+        seed: has no effect (convert makes no random choice: the search, clipping and
+            rounding are deterministic); kept so that existing calls still build. A value
+            other than 0 warns.
         progress: show progress bars.
         verbose: print the report after convert.
     """
@@ -213,6 +215,10 @@ def _validate(cfg: AWQConfig) -> None:
     _int_at_least(cfg, "clip_tokens", 1, none_ok=True)
     if not _is_int(cfg.seed):
         raise _bad("seed", cfg.seed, "an integer")
+    if cfg.seed != 0:
+        import warnings
+
+        warnings.warn("awq_config: seed has no effect (convert is deterministic); drop it.", stacklevel=4)
     _choice(cfg, "duo_scaling", (True, False, "both"))
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))

@@ -72,9 +72,18 @@ def test_dequant_transposed_is_the_transposed_weight(variant):
     n, k, gs = 2 * block, 256, 64
     codes, _, _, sz, tg, kp = _random_tinygemm_weight(n, k, gs, 3)
     packed = pack(codes, 4, "cpu_tinygemm", variant)
-    wt = ck.dequant_transposed(packed.view(2, kp, block // 2), sz, variant.endswith("i"), tg)
+    scale, offset = sz[..., 0].float(), sz[..., 1].float()
+    wt = ck.dequant_transposed(packed.view(2, kp, block // 2), scale, offset, variant.endswith("i"), tg)
     assert wt.shape == (kp, n)
     torch.testing.assert_close(wt.double().t()[:, :k], _reference_weight(codes, sz, k, tg), rtol=0, atol=1e-6)
+    compiled = torch.compile(ck.dequant_transposed, dynamic=False, fullgraph=True)
+    for cols in (slice(0, n), slice(block, 2 * block)):  # whole and a strided column slice
+        torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
+        blocks = packed.view(2, kp, block // 2)[cols.start // block : cols.stop // block]
+        assert torch.equal(
+            compiled(blocks, scale[:, cols], offset[:, cols], variant.endswith("i"), tg),
+            ck.dequant_transposed(blocks, scale[:, cols], offset[:, cols], variant.endswith("i"), tg),
+        )
 
 
 def test_qparams_round_trip_exactly():
