@@ -190,18 +190,6 @@ def load_source_model(
 _DEFAULT_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1"
 
 
-def _default_calibration() -> str:
-    """The default calibration source: the project's shared WikiText-2 validation text when it
-    is present (``shared/data/calibration/wiki.valid.tokens``), else the hub dataset
-    :data:`awq_ao.calibration.DEFAULT_DATASET`."""
-    from awq_ao.evaluation import data_file
-
-    try:
-        return str(data_file("calibration", "wiki.valid.tokens"))
-    except FileNotFoundError:
-        return _DEFAULT_DATASET
-
-
 def _read_calibration_rows(source: str, text_field: str, split: str | None) -> list[Any]:
     """:func:`awq_ao.calibration.load_texts` with its errors as one-line :class:`CLIError`."""
     from awq_ao.calibration import CalibrationDataError, load_texts
@@ -218,14 +206,14 @@ def load_calibration_text(path: str | None, text_field: str = "text", split: str
     A thin wrapper of :func:`awq_ao.calibration.load_texts` (which the CLI itself uses):
     ``path`` is a text file, a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a folder of such
     files, a ``datasets.save_to_disk`` folder, or a hub dataset name (``name`` or
-    ``name:config``; ``split`` picks its split). ``None`` uses the default: the shared
-    ``wiki.valid.tokens`` when present, else WikiText-2 from the hub. Chat rows (``messages``
+    ``name:config``; ``split`` picks its split). ``None`` uses the default: WikiText-2
+    validation from the hub (through the ``datasets`` cache). Chat rows (``messages``
     lists) give their turns' contents.
 
     Raises:
         CLIError: the data cannot be read (one line saying why).
     """
-    rows = _read_calibration_rows(path if path is not None else _default_calibration(), text_field, split)
+    rows = _read_calibration_rows(path if path is not None else _DEFAULT_DATASET, text_field, split)
     texts = []
     for r in rows:
         if isinstance(r, list):
@@ -443,7 +431,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--fallback multiply adds input scales that --format {args.format} cannot hold; "
             "use --fallback skip or --format awq_ao."
         )
-    calib = args.calib if args.calib is not None else _default_calibration()
+    calib = args.calib if args.calib is not None else _DEFAULT_DATASET
     calib_is_path = Path(calib).expanduser().exists()
     if args.calib_split is not None and calib_is_path:
         raise CLIError(f"--calib-split picks the split of a hub dataset; {calib} is a local path (drop --calib-split).")
@@ -763,8 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", metavar="PATH|DATASET",
                    help="calibration data: a text file, .jsonl/.json/.parquet/.csv, a folder of them, a datasets "
                         "save_to_disk folder, or a hub dataset name ('name' or 'name:config', through the datasets "
-                        "cache). Default: shared/data/calibration/wiki.valid.tokens when present, else the hub "
-                        f"dataset {_DEFAULT_DATASET} (validation split)")
+                        "cache). Default: the hub dataset "
+                        f"{_DEFAULT_DATASET} (validation split; offline, pass a local file)")
     q.add_argument("--calib-split", default=None, metavar="SPLIT",
                    help="split of a hub --calib dataset (default: train; validation for the default dataset)")
     q.add_argument("--text-field", default="text", help="dataset column holding the text (default 'text'; a 'messages' column of chat turns is used when there is none)")

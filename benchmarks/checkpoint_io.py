@@ -117,7 +117,7 @@ def worker_save_fp(work: Path) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from awq_ao.evaluation import load_smollm2
+    from devtools.shared_data import load_smollm2
 
     model, tok = load_smollm2()
     # transformers marks GGUF-loaded models as quantized (not serializable); the weights are
@@ -233,7 +233,7 @@ def main() -> None:
 
     import torch
 
-    from awq_ao.evaluation import smollm2_path
+    from devtools.shared_data import smollm2_path
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

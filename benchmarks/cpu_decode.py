@@ -68,6 +68,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # devtools/
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP = "llamacpp_q4_0"
 VARIANTS = ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16", LLAMACPP]
@@ -132,7 +134,7 @@ def llama1b_config():
 
 def build_dense(model_name: str, dtype: torch.dtype):
     if model_name == "smollm2":
-        from awq_ao.evaluation import load_smollm2
+        from devtools.shared_data import load_smollm2
 
         model, _ = load_smollm2(torch.float32)
         return model.to(dtype).eval()

@@ -11,27 +11,37 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+ORDER = ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16", "llamacpp_q4_0"]
+
+
 def decode_table(path: Path = RESULTS / "cpu_decode.json") -> str:
+    """Decode and prefill tokens/s per (model, variant, mode), with the ratios of the JSON.
+
+    llama.cpp runs in one mode of its own (``native``); its ratio cells compare it with the
+    dense model's eager run, and every other row's ``vs llama.cpp`` compares it with llama.cpp.
+    """
     d = json.loads(path.read_text())
     m = d["machine"]
     lines = [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, ISA {m.get('isa')}"
              f" (ATen capability {m.get('aten_cpu_capability')}, tinygemm variant {m.get('tinygemm_variant')})"
              + (f", limited by {m['isa_limits']}" if m.get("isa_limits") else "")
              + f"; torch {d['versions']['torch']}; {d['date']}.", "",
-             "| model | variant | mode | decode tok/s | vs fp32 dense | vs bf16 dense | prefill tok/s | vs fp32 dense | vs bf16 dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | variant | mode | decode tok/s | vs fp32 dense | vs bf16 dense | vs llama.cpp "
+             "| prefill tok/s | vs fp32 dense | vs bf16 dense | vs llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     res = {(r["model"], r["variant"], r["mode"], r["metric"]): r for r in d["results"]}
     keys = sorted({(r["model"], r["variant"], r["mode"]) for r in d["results"]},
-                  key=lambda k: (k[0], k[2], ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16"].index(k[1])
-                                 if k[1] in ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16"] else 9))
+                  key=lambda k: (k[0], ORDER.index(k[1]) if k[1] in ORDER else 9, k[2]))
     for model, variant, mode in keys:
         cells = [model, variant, mode]
         for metric in ("decode", "prefill"):
             r = res.get((model, variant, mode, metric))
             if r is None:
-                cells += ["-", "-", "-"]
+                cells += ["-"] * 4
                 continue
-            cells += [f"{r['median_tok_s']:.2f}", str(r.get("vs_fp32_dense", "")), str(r.get("vs_bf16_dense", ""))]
+            fp = r.get("vs_fp32_dense", r.get("vs_fp32_dense_eager", ""))
+            bf = r.get("vs_bf16_dense", r.get("vs_bf16_dense_eager", ""))
+            cells += [f"{r['median_tok_s']:.2f}", str(fp), str(bf), str(r.get("vs_llamacpp", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

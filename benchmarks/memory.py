@@ -29,6 +29,8 @@ from pathlib import Path
 from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # devtools/
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["awq_ao_sequential", "awq_ao_sequential_spill", "awq_ao_sequential_spill_gptq", "awq_ao_in_memory",
            "torchao_awq"]
@@ -42,7 +44,7 @@ def _build(model_name: str, layers: int, dtype):
     import torch
 
     if model_name == "smollm2":
-        from awq_ao.evaluation import load_smollm2
+        from devtools.shared_data import load_smollm2
 
         model, _ = load_smollm2(dtype)
         if layers and layers < len(model.model.layers):

@@ -21,15 +21,10 @@ from pathlib import Path
 
 import torch
 
-from awq_ao.api import quantize
-from awq_ao.evaluation import (
-    batches,
-    calibration_blocks,
-    calibration_text,
-    load_smollm2,
-    perplexity,
-    wikitext_test_text,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools/
+from awq_ao.api import quantize  # noqa: E402
+from awq_ao.evaluation import batches, calibration_blocks, perplexity  # noqa: E402
+from devtools.shared_data import calibration_text, load_smollm2, wikitext_test  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "settings_sweep.jsonl"
 
@@ -50,7 +45,7 @@ def main() -> None:
     val_windows = int(sys.argv[5]) if len(sys.argv) > 5 else 20
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32)
-    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
+    ids = tok(wikitext_test(), return_tensors="pt", verbose=False).input_ids[0]
     valid_text = calibration_text("wiki.valid.tokens")
     calib = calibration_blocks(tok, valid_text, n_calib, 512)
     val_ids = held_out_tail(tok, valid_text, n_calib * 512, val_windows * 2048)

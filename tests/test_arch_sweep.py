@@ -1,10 +1,10 @@
-"""The architecture sweep (awq_ao.tools.arch_sweep) on a few families, and in full (slow)."""
+"""The architecture sweep (devtools.arch_sweep) on a few families, and in full (slow)."""
 
 from __future__ import annotations
 
 import pytest
 
-from awq_ao.tools.arch_sweep import (
+from devtools.arch_sweep import (
     FOLD_TOL,
     coverage,
     discover,
@@ -60,7 +60,7 @@ def test_sweep_fast_families():
 
 def test_partial_coverage_is_reported():
     """A success that keeps linears in full precision beyond the head is listed as partial."""
-    from awq_ao.tools.arch_sweep import ArchResult
+    from devtools.arch_sweep import ArchResult
 
     r = ArchResult("FakeForCausalLM", status="ok", quantized=2, linears=5, kept=["a.w", "b.w"],
                    kept_reasons=["a.w: its weight is also read directly (aten.t); kept in full precision"])

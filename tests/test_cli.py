@@ -104,7 +104,7 @@ def test_errors_are_one_line(model_dir, text_file, tmp_path, capsys):
         (["info", tmp_path / "missing"], "no such directory"),
         (["info", model_dir], "no quantization_config"),
         (["eval", model_dir, "--text", tmp_path / "none.txt"], "does not exist"),
-        (["quantize", "someone/not-a-cached-model", "--out", tmp_path / "o"], "pass --allow-download"),
+        (["quantize", "someone/not-a-cached-model", "--out", tmp_path / "o", "--calib", text_file], "pass --allow-download"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--bits", 3, "--format", "autoawq", "--calib", text_file], "4-bit weights only"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "500 x 512 = 256000 are needed"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--group-size", 48, "--format", "autoawq", "--calib", text_file], "divisible by --group-size 48"),

@@ -63,7 +63,7 @@ def test_block_that_cannot_be_captured_alone_falls_back_to_the_whole_model():
     """BLOOM's alibi bias is built for the whole batch: its block cannot be exported alone."""
     import warnings
 
-    from awq_ao.tools.arch_sweep import _batches, build_tiny
+    from devtools.arch_sweep import _batches, build_tiny
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

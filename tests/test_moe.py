@@ -29,7 +29,7 @@ from awq_ao.passes.groups import find_groups
 from awq_ao.passes.search import GroupResult
 from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
-from awq_ao.tools.tiny_configs import tiny_config
+from devtools.tiny_configs import tiny_config
 
 # gpt_oss: is_transposed, has_bias, interleaved gate/up with a custom (non-linear) gate
 FAMILIES = [

@@ -60,7 +60,7 @@ def test_calls_without_state_are_not_copied():
 def test_model_that_builds_a_cache_without_use_cache_quantizes():
     """XLM builds an EncoderDecoderCache even with use_cache=False: its attention modules are
     replayed during the search with the cache as a kwarg."""
-    from awq_ao.tools.arch_sweep import _batches, build_tiny
+    from devtools.arch_sweep import _batches, build_tiny
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

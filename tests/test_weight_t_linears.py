@@ -11,7 +11,7 @@ from torch import nn
 import awq_ao
 from awq_ao.checkpoint import load_quantized, save_quantized
 from awq_ao.lowering import Int4WeightTensor
-from awq_ao.tools.arch_sweep import _batches, build_tiny
+from devtools.arch_sweep import _batches, build_tiny
 
 
 def _quantize(model: nn.Module, vocab: int = 256) -> awq_ao.ConvertReport:

@@ -1,4 +1,8 @@
-"""The convert step: capture, group, search, fold, clip and swap weights to INT4.
+"""The convert step: choose the mode, hold the transaction, run the algorithm, report.
+
+The algorithm itself (capture -> groups -> search -> fold -> clip -> round -> pack) is
+:func:`awq_ao.passes.pipeline.awq_root`, run here on the whole model or, in layer-by-layer
+mode, by :mod:`awq_ao.passes.sequential` on one block at a time.
 
 Convert is transactional: the search does not touch the model, and every edit of the apply
 phase is recorded, so any exception leaves the user's model exactly as it was (still

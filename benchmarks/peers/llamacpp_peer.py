@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # devtools/
+    sys.path.insert(0, str(ROOT))
 VENV = ROOT / "benchmarks" / ".venvs" / "llamacpp"
 SETUP = "benchmarks/peers/llamacpp_setup.sh"
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
@@ -142,7 +144,7 @@ def prepare_gguf(model_name: str, build_f32: Callable, cache: Path, threads: int
     cache.mkdir(parents=True, exist_ok=True)
     recipe: dict = {"llama_cpp_python": build_info().get("llama_cpp_python"), "ftype": "Q4_0"}
     if model_name == "smollm2":
-        from awq_ao.evaluation import smollm2_path
+        from devtools.shared_data import smollm2_path
 
         d, name = smollm2_path()
         src = d / name

@@ -1,6 +1,6 @@
 """Main job: quantize SmolLM2-135M with awq_ao and report FP vs RTN vs AWQ perplexity.
 
-Run: ``python -m awq_ao.tools.main_job [--bits 4] [--group-size 64] [--windows 40]``.
+Run: ``python -m devtools.main_job [--bits 4] [--group-size 64] [--windows 40]``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ from pathlib import Path
 import torch
 
 from awq_ao.api import quantize
-from awq_ao.evaluation import (
-    batches,
-    calibration_blocks,
-    calibration_text,
-    load_smollm2,
-    perplexity,
-    wikitext_test_text,
-)
+from awq_ao.evaluation import batches, calibration_blocks, perplexity
 from awq_ao.lowering.swap import footprint, model_size_bytes
+from devtools.shared_data import calibration_text, load_smollm2, wikitext_test
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2(torch.float32)
     load_s = time.perf_counter() - t0
-    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
+    ids = tok(wikitext_test(), return_tensors="pt", verbose=False).input_ids[0]
     calib = calibration_blocks(tok, calibration_text(args.calib), args.n_samples, args.seq_len)
     print(f"SmolLM2-135M loaded in {load_s:.1f}s; WikiText-2 test: {ids.numel()} tokens; "
           f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {args.calib}")

@@ -2,11 +2,11 @@
 
 Run::
 
-    python -m awq_ao.tools.arch_sweep [--only NAME ...] [--out docs/architectures.md]
+    python -m devtools.arch_sweep [--only NAME ...] [--out docs/architectures.md]
         [--json benchmarks/results/arch_sweep.json] [--compile] [--timeout 300]
 
 For every causal-LM class the installed transformers exports, the sweep builds a tiny random
-model from the class's own config defaults (:mod:`awq_ao.tools.tiny_configs`), randomises
+model from the class's own config defaults (:mod:`devtools.tiny_configs`), randomises
 its 1-D parameters (norm weights are ones at init, which would hide fold bugs), and runs:
 
 1. a fold check: export, find scale groups, fold random scales into every foldable group of
@@ -183,13 +183,13 @@ def _first_line(e: BaseException) -> str:
 def build_tiny(name: str, seed: int = 0) -> Any:
     """The tiny random model of class ``name`` (float32, eval mode, 1-D params randomised).
 
-    Tries the candidates of :func:`awq_ao.tools.tiny_configs.tiny_configs` in order and
+    Tries the candidates of :func:`devtools.tiny_configs.tiny_configs` in order and
     returns the first model that builds and runs a forward pass; raises the first error.
     """
     import torch
     import transformers
 
-    from awq_ao.tools.tiny_configs import tiny_configs
+    from devtools.tiny_configs import tiny_configs
 
     cls = getattr(transformers, name)
     first: BaseException | None = None
@@ -336,7 +336,7 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
     from awq_ao.lowering import Int4WeightTensor
     from awq_ao.lowering.int4_experts import Int4ExpertsTensor
     from awq_ao.observers.attach import accepts_kwarg, is_quantizable
-    from awq_ao.tools.tiny_configs import TinyConfigError
+    from devtools.tiny_configs import TinyConfigError
 
     res = ArchResult(name)
     t0 = time.perf_counter()
@@ -754,12 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         fields = set(ArchResult.__dataclass_fields__)
         results = [ArchResult(**{k: v for k, v in r.items() if k in fields}) for r in data["results"]]
         meta = dict(data["meta"])
-        meta["rendered"] = "python -m awq_ao.tools.arch_sweep --render-only"
+        meta["rendered"] = "python -m devtools.arch_sweep --render-only"
         Path(args.out).write_text(render_markdown(results, meta))
         full, n_partial = coverage_counts(results)
         print(f"{args.out}: {full} fully quantized, {n_partial} partial")
         return 0
-    command = "python -m awq_ao.tools.arch_sweep" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = "python -m devtools.arch_sweep" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     t0 = time.perf_counter()
     results = sweep(
         args.only, None if args.compile else COMPILE_DEFAULT, not args.no_isolate, args.timeout, args.threads, sys.stdout,
