@@ -1,4 +1,5 @@
-"""Quality benchmark: FP vs RTN vs awq_ao vs torchao's AWQ prototype on SmolLM2-135M.
+"""Quality benchmark: FP vs RTN vs awq_ao (and its ablations) vs torchao's AWQ prototype vs
+peer 4-bit tools (llm-compressor GPTQ and AWQ+GPTQ, AutoRound) on SmolLM2-135M.
 
 Every method sees the same calibration blocks and the same WikiText-2 windows. Each
 (method, setting) runs in its own subprocess so that wall time and peak memory (ru_maxrss)
@@ -6,6 +7,13 @@ of the quantization step are measured in isolation.
 
     python benchmarks/quality.py                 # all settings, 40 windows
     python benchmarks/quality.py --windows 148   # the whole test set
+    python benchmarks/quality.py --methods fp,rtn,awq_ao,llmc_gptq,llmc_awq_gptq,autoround,autoround_light
+
+Peers run in their own virtual environments, never in the project's: create them with
+``bash benchmarks/peers/llmcompressor_setup.sh`` and ``bash benchmarks/peers/autoround_setup.sh``
+(``benchmarks/.venvs/<name>``); the worker runs that venv's python with awq_ao on PYTHONPATH,
+so the same awq_ao.evaluation code measures perplexity. A missing venv is a recorded skip.
+Peers quantize the float32 model and are evaluated fake-quantized (see benchmarks/peers/).
 
 Writes benchmarks/results/quality.json and prints a table.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,8 +42,31 @@ AWQ_AO_METHODS: dict[str, dict] = {
     "awq_ao_nearest": {"sequential": True, "rounding": "nearest"},
     "awq_ao_in_memory_nearest": {"sequential": False, "rounding": "nearest"},
     "awq_ao_sequential_gptq": {"sequential": True, "rounding": "gptq"},
+    # ablations of the default (AWQ scales + clipping + GPTQ-style rounding):
+    # GPTQ-style rounding alone. awq_ao has no option for error-feedback rounding without a
+    # calibration-driven step (scale_search=False, clip=False means no calibration, so plain
+    # RTN): clip=True with max_shrink=0.0 leaves the clipping search one candidate, ratio 1,
+    # i.e. no clipping, while the input Grams are still collected for the rounding.
+    "awq_ao_gptq_only": {"scale_search": False, "max_shrink": 0.0},
+    # clipping + GPTQ-style rounding, no AWQ scales
+    "awq_ao_no_scales": {"scale_search": False},
+    # AWQ scales + GPTQ-style rounding, no clipping
+    "awq_ao_no_clip": {"clip": False},
 }
-METHODS = ["fp", "rtn", *AWQ_AO_METHODS, "torchao_awq"]
+# peers, each in its own venv: method -> venv name (benchmarks/.venvs/<name>, made by
+# benchmarks/peers/<name>_setup.sh)
+PEERS: dict[str, str] = {
+    "llmc_gptq": "llmcompressor",
+    "llmc_awq_gptq": "llmcompressor",
+    "autoround": "autoround",
+    "autoround_light": "autoround",
+}
+# peers that cannot be installed here: a row with the reason, every setting
+NOT_INSTALLABLE = {
+    "gptqmodel": "not run: gptqmodel 7.7.0 requires torch>=2.14.1 (only CUDA builds of that torch; "
+                 "pip's resolver refuses it next to torch==2.13.0 CPU); llmc_gptq is the GPTQ row",
+}
+METHODS = ["fp", "rtn", *AWQ_AO_METHODS, "torchao_awq", *PEERS, *NOT_INSTALLABLE]
 # torchao's CPU INT4 weight (Int4OpaqueTensor) runs its linear ~100x slower in float32 than
 # in bfloat16 (measured 5.07 s vs 0.047 s for 2048 tokens x 576 -> 1536 on one core), which
 # makes its AWQ search (20 quantized linears on all calibration tokens per layer) take days;
@@ -43,35 +75,54 @@ METHODS = ["fp", "rtn", *AWQ_AO_METHODS, "torchao_awq"]
 BF16_METHODS = {"torchao_awq", "fp_bf16"}
 
 
+def peer_python(method: str) -> Path:
+    """The python of the venv a peer method runs in."""
+    return ROOT / "benchmarks" / ".venvs" / PEERS[method] / "bin" / "python"
+
+
+def peer_setup_script(method: str) -> str:
+    return f"benchmarks/peers/{PEERS[method]}_setup.sh"
+
+
 def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
-           calib: str, search_samples: int) -> dict:
+           calib: str, search_samples: int, autoround_iters: int | None = None) -> dict:
     """Quantize with one method and measure perplexity (runs in a fresh process)."""
     import torch
 
-    import awq_ao
-    from awq_ao.evaluation import (
-        batches,
-        calibration_blocks,
-        calibration_text,
-        load_smollm2,
-        perplexity,
-        wikitext_test_text,
-    )
-    from awq_ao.lowering.swap import model_size_bytes
+    # peers' venvs hold neither torchao nor awq_ao's kernels: only awq_ao.evaluation (and the
+    # repository's shared-data helpers) are imported
+    from awq_ao.evaluation import batches, calibration_blocks, perplexity
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # devtools/
+    from devtools.shared_data import calibration_text, load_smollm2, wikitext_test
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if method in BF16_METHODS else torch.float32
     model, tok = load_smollm2(dtype)
-    ids = tok(wikitext_test_text(), return_tensors="pt", verbose=False).input_ids[0]
+    ids = tok(wikitext_test(), return_tensors="pt", verbose=False).input_ids[0]
     blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len)
     rss_loaded = current_mib()
     peak_kind = reset_peak()
     out: dict = {"method": method, "bits": bits, "group_size": group_size, "dtype": str(dtype).removeprefix("torch.")}
     t0 = time.perf_counter()
-    if method == "rtn":
+    if method in PEERS:
+        from peers import quality_peers
+
+        if method in quality_peers.LLMC_METHODS:
+            out.update(quality_peers.llmcompressor_quantize(model, tok, blocks, method, bits, group_size))
+        else:
+            model, info = quality_peers.autoround_quantize(model, tok, blocks, method, bits, group_size,
+                                                           iters=autoround_iters)
+            out.update(info)
+    elif method == "rtn":
+        import awq_ao
+
         awq_ao.quantize(model, None, bits=bits, group_size=group_size, scale_search=False,
                         clip=False, verbose=False, progress=False)
     elif method in AWQ_AO_METHODS:
+        import awq_ao
+
         extra = AWQ_AO_METHODS[method]
         out["options"] = extra
         rep = awq_ao.quantize(model, list(batches(blocks, 8)), bits=bits, group_size=group_size,
@@ -89,7 +140,11 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
         out["peak_measured_by"] = peak_kind
         out["rss_mib_before_quant"] = rss_loaded
     ppl, n = perplexity(model, ids, 2048, windows)
-    out.update(perplexity=ppl, windows=n, size_mib=model_size_bytes(model) / 2**20)
+    out.update(perplexity=ppl, windows=n)
+    if method not in PEERS:  # peers' models are fake-quantized float32: their size says nothing
+        from awq_ao.lowering.swap import model_size_bytes
+
+        out["size_mib"] = model_size_bytes(model) / 2**20
     return out
 
 
@@ -124,6 +179,16 @@ def _torchao_awq(model, blocks, bits: int, group_size: int) -> int:
     return n
 
 
+def _error_line(stderr: str) -> str:
+    """The exception line of a worker's traceback (else its last stderr line)."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return ln
+    return lines[-1] if lines else "?"
+
+
 def _machine() -> dict:
     import torch
     import torchao
@@ -137,8 +202,6 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torchao": torchao.__version__,
             "transformers": transformers.__version__}
@@ -156,12 +219,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--resume", action="store_true",
                     help="keep rows already in --out (same eval/calibration) and run only missing jobs")
+    ap.add_argument("--autoround-iters", type=int, default=None,
+                    help="override the AutoRound recipes' iters (smoke tests only; recorded in the row)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, bits, gs = args.worker.split(":")
         res = worker(method, int(bits), int(gs), args.windows, args.n_samples, args.seq_len,
-                     args.calib, args.search_samples)
+                     args.calib, args.search_samples, args.autoround_iters)
         print("RESULT " + json.dumps(res), flush=True)
         return
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
@@ -188,6 +253,7 @@ def main() -> None:
             "eval": eval_desc,
             "calibration": calib_desc,
             "awq_ao_search_samples": args.search_samples,
+            "peer_venvs": {v: f"benchmarks/.venvs/{v}" for v in sorted(set(PEERS.values()))},
             "rows": rows,
         }
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,20 +273,42 @@ def main() -> None:
                 rows.append({"method": m, "bits": bits, "group_size": gs, "error":
                              "not run: hidden size 576 is not a multiple of 128, torchao skips those layers"})
                 continue
+            if m in NOT_INSTALLABLE:
+                rows.append({"method": m, "bits": bits, "group_size": gs, "error": NOT_INSTALLABLE[m]})
+                continue
             jobs.append((m, bits, gs))
     for m, bits, gs in jobs:
         if done(m, bits, gs):
             continue
-        cmd = [sys.executable, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
+        python, env = sys.executable, None
+        if m in PEERS:
+            python = str(peer_python(m))
+            if not Path(python).is_file():
+                msg = (f"skipped: venv benchmarks/.venvs/{PEERS[m]} not found; "
+                       f"create it with: bash {peer_setup_script(m)}")
+                print(f"{m} INT{bits} g{gs}: {msg}", flush=True)
+                rows.append({"method": m, "bits": bits, "group_size": gs, "error": msg, "skipped": True})
+                write()
+                continue
+            # awq_ao from this checkout (not installed in the peer venv): awq_ao.evaluation only
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        cmd = [python, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                "--search-samples", str(args.search_samples), "--calib", args.calib]
+        if args.autoround_iters is not None and m in PEERS:
+            cmd += ["--autoround-iters", str(args.autoround_iters)]
         print(f"running {m}" + ("" if m in ("fp", "fp_bf16") else f" INT{bits} g{gs}") + " ...", flush=True)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
-            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"method": m, "bits": bits, "group_size": gs, "error": err})
+            err = _error_line(proc.stderr)
+            row = {"method": m, "bits": bits, "group_size": gs, "error": err, "returncode": proc.returncode}
+            if m in PEERS:
+                row["stderr_tail"] = proc.stderr.strip().splitlines()[-15:]
+            rows.append(row)
+            write()
             print(f"  failed: {err}", flush=True)
             continue
         res = json.loads(line[0][len("RESULT "):])
