@@ -68,6 +68,14 @@ def quantize(
             raise CalibrationError(f"{', '.join(given)} need tokenizer= (they describe how text becomes calibration batches).")
     cfg_prepare = awq_config(step="prepare", **options)
     cfg_convert = awq_config(**options)
+    if not cfg_convert.needs_calibration and calibration is not None:
+        import warnings
+
+        warnings.warn(
+            "awq_ao.quantize: scale_search=False and clip=False quantize by round-to-nearest; the "
+            "calibration batches are not used (error-feedback rounding alone: clip=True, max_shrink=0.0).",
+            stacklevel=2,
+        )
     if cfg_convert.needs_calibration:
         if calibration is None:
             raise CalibrationError("calibration batches are required (or pass scale_search=False, clip=False).")

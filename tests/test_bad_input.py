@@ -114,6 +114,19 @@ def test_rtn_needs_no_calibration():
     assert report.quantized and not report.groups
 
 
+def test_calibration_that_rtn_ignores_is_said(recwarn):
+    """scale_search=False, clip=False is round-to-nearest: given calibration data, it says so."""
+    model = tiny_model("llama", layers=1)
+    with pytest.warns(UserWarning, match="round-to-nearest"):
+        awq_ao.quantize(model, token_batches(1), group_size=32, scale_search=False, clip=False, verbose=False)
+    model = tiny_model("llama", layers=1)
+    quantize_(model, awq_config(step="prepare", group_size=32), filter_fn=awq_ao.whole_model)
+    model(token_batches(1)[0])
+    with pytest.warns(UserWarning, match="without reading the calibration data"):
+        quantize_(model, awq_config(group_size=32, scale_search=False, clip=False, verbose=False),
+                  filter_fn=awq_ao.whole_model)
+
+
 def test_swapped_out_modules_hold_no_folded_copies():
     """A linear replaced by its INT4 module keeps only its original weight (for rollback)."""
     from awq_ao.passes.fold import Transaction

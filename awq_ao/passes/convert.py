@@ -74,6 +74,12 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
             raise ValueError("no quantizable layer found (nn.Linear or transformers' Conv1D).")
     report = ConvertReport(config.bits, config.group_size, config.zero_point)
     report.size_before = model_size_bytes(model)
+    rec = state.recorder if state is not None else None
+    if not config.needs_calibration and rec is not None and rec.calls:
+        report.warnings.append(
+            "the model was calibrated, but scale_search=False and clip=False quantize by round-to-nearest "
+            "without reading the calibration data (error-feedback rounding alone: clip=True, max_shrink=0.0)"
+        )
     observers = state.observers if state is not None else {}
     for o in observers.values():
         o.enabled = False
