@@ -48,7 +48,7 @@ from awq_ao.lowering.quant_math import fake_quantize, quant_params
 from awq_ao.observers.activation import first_tensor
 from awq_ao.passes.fold import Transaction, _scale_along
 from awq_ao.passes.replay import replay_call, snapshot_call
-from awq_ao.passes.rounding import error_feedback_round, full_gram, group_blocks
+from awq_ao.passes.rounding import error_feedback_codes, full_gram, group_blocks
 from awq_ao.passes.search import (
     GroupResult,
     apply_clip,
@@ -645,11 +645,11 @@ def _error_feedback_experts(
             continue
         gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
         gs = round_scale(gs, scale_storage_dtype(w_now.dtype, layout))
-        q = error_feedback_round(
+        codes = error_feedback_codes(
             target[e].to(w_now.dtype), gs, zs, grams[e].to(w_now.device), config.bits, config.group_size,
-            config.gptq_damp, act_order=config.gptq_act_order,
-        ).to(w_now.dtype)
-        slabs.append(Int4WeightTensor.from_float(q, config.bits, config.group_size, config.zero_point, params=(gs, zs), layout=layout))
+            damp=config.gptq_damp, act_order=config.gptq_act_order,
+        )
+        slabs.append(Int4WeightTensor.from_codes(codes, gs, zs, config.bits, config.group_size, w_now.dtype, layout=layout))
     return Int4ExpertsTensor.from_slabs(slabs, transposed)
 
 

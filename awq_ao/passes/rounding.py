@@ -15,6 +15,7 @@ columns in blocks of ``block`` with one matrix product per block for the later c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -154,23 +155,16 @@ def error_feedback_codes(
 
 
 def error_feedback_round(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    h: torch.Tensor,
-    bits: int,
-    group_size: int,
-    damp: float = 0.1,
-    block: int = 128,
-    rows_per_chunk: int = 1024,
-    act_order: bool = False,
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
+    **options: Any,
 ) -> torch.Tensor:
     """:func:`error_feedback_codes`, dequantized: ``[N, K]`` float32 (float64 for a float64 ``w``).
 
     Every value is ``(code - zero) * scale`` of its group, so quantizing it again with the
-    same ``(scale, zero)`` gives back the codes.
+    same ``(scale, zero)`` gives back the codes. ``options``: those of
+    :func:`error_feedback_codes` (``damp``, ``block``, ``rows_per_chunk``, ``act_order``).
     """
-    codes = error_feedback_codes(w, scale, zero, h, bits, group_size, damp, block, rows_per_chunk, act_order)
+    codes = error_feedback_codes(w, scale, zero, h, bits, group_size, **options)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     g = effective_group_size(w.shape[1], group_size)
     col_group = torch.arange(w.shape[1], device=w.device) // g
