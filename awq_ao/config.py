@@ -272,10 +272,6 @@ def whole_model(module: nn.Module, fqn: str) -> bool:
     return fqn == ""
 
 
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def _enclosing_quantize_model(module: nn.Module) -> nn.Module:
     """The ``model`` argument of the running ``quantize_`` call (default ``filter_fn`` only).
 
@@ -306,11 +302,12 @@ def _awq_transform(module: nn.Module, config: AWQConfig) -> nn.Module:
     the work on the whole model of that ``quantize_`` call and every call returns the
     module that replaced its linear.
     """
+    from awq_ao.lowering.swap import is_quantizable_linear
     from awq_ao.observers.attach import prepare
     from awq_ao.passes.convert import convert
     from awq_ao.state import get_state
 
-    if not _is_linear_like(module):
+    if not is_quantizable_linear(module):
         if config.step == "prepare":
             prepare(module, config)
         else:
