@@ -35,6 +35,13 @@ class AWQConfig(AOBaseConfig):
         search_refine: try every second alpha of the grid, then the two neighbours of the
             best of those (13 of 21 candidates at ``n_grid=20``) instead of every grid
             point; same optimum wherever the loss is unimodal in alpha at that scale.
+        search_loss: what a candidate scale is scored on. ``"module"`` (AutoAWQ's
+            ``module2inspect``): the output of the smallest module enclosing the group's
+            consumers (the attention for q/k/v, the MLP for gate/up), run on the search
+            sample for every candidate. ``"linear"``: the consumers' own output error,
+            computed from their input's Gram (``N K^2`` multiply-adds per candidate instead
+            of a module forward over every token); the softmax and the MLP's gating are not
+            seen. Groups whose enclosing module is the consumer itself score the same either way.
         clip: run the per-group weight clipping search.
         clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
         clip_qk: also clip the linears feeding attention queries and keys (found in the
@@ -114,6 +121,7 @@ class AWQConfig(AOBaseConfig):
     duo_scaling: bool | Literal["both"] = True
     scale_search: bool = True
     search_refine: bool = False
+    search_loss: Literal["module", "linear"] = "module"
     clip: bool = True
     clip_grid: int = 40
     clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
@@ -222,6 +230,7 @@ def _validate(cfg: AWQConfig) -> None:
     _choice(cfg, "duo_scaling", (True, False, "both"))
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))
+    _choice(cfg, "search_loss", ("module", "linear"))
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

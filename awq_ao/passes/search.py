@@ -264,7 +264,7 @@ class ScaleSearch:
         for i, g in enumerate(analysis.groups):
             if not g.consumers:
                 continue
-            if g.inspect is None:
+            if g.inspect is None or config.search_loss == "linear":
                 self._direct.setdefault(g.consumers[0], []).append(i)
             else:
                 self._by_inspect.setdefault(g.inspect, []).append(i)

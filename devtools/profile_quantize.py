@@ -1,0 +1,61 @@
+"""Profile one default awq_ao quantization of SmolLM2-135M (the main job's AWQ row).
+
+    python -m devtools.profile_quantize [--n-samples 32] [--top 40] [--out prof.txt]
+
+Prints the report's phase times and the cProfile functions with the most cumulative and
+internal time, so that the slow part of a run is measured rather than guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from awq_ao import quantize
+from awq_ao.evaluation import batches, calibration_blocks
+from devtools.shared_data import calibration_text, load_smollm2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the profile and print it."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--search-samples", type=int, default=16)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--no-profile", action="store_true", help="phase times only (no cProfile overhead)")
+    ap.add_argument("--out", default=None, help="also write the statistics to this file")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model, tok = load_smollm2(torch.float32)
+    calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_samples, args.seq_len)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    if not args.no_profile:
+        prof.enable()
+    report = quantize(model, list(batches(calib, 8)), bits=args.bits, group_size=args.group_size,
+                      max_search_samples=args.search_samples, verbose=False)
+    if not args.no_profile:
+        prof.disable()
+    total = time.perf_counter() - t0
+    print(f"total {total:.1f} s; phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.times.items()))
+    if args.no_profile:
+        return
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(args.top)
+    stats.sort_stats("tottime").print_stats(args.top)
+    print(buf.getvalue())
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
