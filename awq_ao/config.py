@@ -1,13 +1,35 @@
-"""The torchao configuration object for awq_ao and its ``quantize_`` handler."""
+"""The torchao configuration object for awq_ao and its ``quantize_`` handler.
+
+The options are grouped: :class:`WeightFormat` (what is stored), :class:`SearchOptions` (the
+AWQ scale search), :class:`ClipOptions` (the weight clipping search), :class:`RoundingOptions`
+(how codes are chosen), :class:`Selection` (which modules) and :class:`Execution` (how convert
+runs). :class:`AWQConfig` holds one of each, plus ``step`` and ``seed``.
+
+Two equivalent ways to build a config::
+
+    awq_config(bits=3, group_size=64, clip=False)                     # flat keywords
+    awq_config(weight_format=WeightFormat(bits=3, group_size=64),     # groups
+               clip_options=ClipOptions(enabled=False))
+
+A group's keyword (and attribute) is its class name in snake_case; no group keyword is also a
+flat keyword, so ``clip`` stays the clipping on/off flag and ``rounding`` the rounding method.
+Every flat name also stays an attribute: ``cfg.clip_grid`` reads ``cfg.clip_options.grid``,
+and ``cfg.clip_grid = 20`` replaces ``cfg.clip_options`` by a copy with ``grid=20`` (the
+groups are frozen, so configs never share a mutable part). Validation happens once, when an
+:class:`AWQConfig` is built, and its messages name the flat keyword (``clip_grid=0 ...``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 from torchao.core.config import AOBaseConfig
@@ -16,143 +38,433 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from awq_ao.lowering.quant_math import SUPPORTED_BITS
 
 Step = Literal["prepare", "convert"]
+DuoScaling = bool | Literal["both"]
+SearchLoss = Literal["module", "linear"]
+Fallback = Literal["multiply", "skip"]
+ClipMode = Literal["range", "asymmetric", "symmetric"]
+Rounding = Literal["nearest", "gptq"]
+OnCaptureError = Literal["raise", "hook_only"]
+Sequential = bool | Literal["auto"]
+
+T = TypeVar("T")
 
 
-@dataclass
-class AWQConfig(AOBaseConfig):
-    """Settings for one awq_ao prepare or convert step (build it with :func:`awq_config`).
+# ------------------------------------------------------------------------------------------------
+# option groups (plain records: AWQConfig validates them, see _validate)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightFormat:
+    """How the quantized weights are stored.
 
     Attributes:
-        step: ``"prepare"`` attaches observers; ``"convert"`` searches, folds and quantizes.
-        bits: weight bit width (2..8; 4 is the main target, 3 is supported by the same path).
-        group_size: quantization group length along in_features, or -1 for per channel.
-            in_features need not be a multiple: the last group is simply shorter.
-        zero_point: asymmetric (True) or symmetric (False) quantization.
-        n_grid: grid points for the scale exponent alpha in [0, 1).
+        bits: weight bit width, 2..8; 4 is the main target, 3 is supported by the same path.
+            Default 4. (Flat keyword ``bits``.)
+        group_size: quantization group length along in_features, or -1 for one group per
+            output row. in_features need not be a multiple: the last group is simply shorter.
+            Default 128. (Flat ``group_size``.)
+        zero_point: asymmetric (True) or symmetric (False) quantization. Default True.
+            (Flat ``zero_point``.)
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """The AWQ per-input-channel scale search.
+
+    Attributes:
+        enabled: run the AWQ scale search (False = no scaling: round-to-nearest). Default
+            True. (Flat ``scale_search``.)
+        n_grid: grid points for the scale exponent alpha in [0, 1). Default 20.
+            (Flat ``n_grid``.)
         duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling);
             ``"both"`` searches the candidates with and without it (twice the search time).
-        scale_search: run the AWQ scale search (False = no scaling: round-to-nearest).
-        search_refine: try every second alpha of the grid, then the two neighbours of the
-            best of those (13 of 21 candidates at ``n_grid=20``) instead of every grid
-            point; same optimum wherever the loss is unimodal in alpha at that scale.
-        search_loss: what a candidate scale is scored on. ``"module"`` (AutoAWQ's
-            ``module2inspect``): the output of the smallest module enclosing the group's
-            consumers (the attention for q/k/v, the MLP for gate/up), run on the search
-            sample for every candidate. ``"linear"``: the consumers' own output error,
-            computed from their input's Gram (``N K^2`` multiply-adds per candidate instead
-            of a module forward over every token); the softmax and the MLP's gating are not
-            seen. Groups whose enclosing module is the consumer itself score the same either way.
-        clip: run the per-group weight clipping search.
-        clip_grid / max_shrink: clipping search grid (ratios 1 - i/clip_grid, i < max_shrink*grid).
-        clip_qk: also clip the linears feeding attention queries and keys (found in the
-            graph). Off by default, as in AutoAWQ: their error is amplified by the softmax,
-            which a per-linear output loss does not see.
-        clip_mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
-            quantization); ``"asymmetric"`` also refines the lower and upper ends separately
-            (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as AutoAWQ does.
-        rounding: how codes are chosen on each group's (scale, zero) grid after scaling and
-            clipping: ``"gptq"`` (default): column by column with the rounding error
-            compensated by the later columns through the inputs' Gram (the GPTQ update, the
-            grid kept fixed); ``"nearest"``: plain AWQ. Same storage, kernels and formats
-            either way. ``"gptq"`` keeps one ``[K, K]`` float32 Gram per distinct linear
-            input until its linears are quantized: one block's in layer-by-layer mode,
-            the whole model's with ``sequential=False`` (which then checks the total
-            against ``max_gram_gib`` before it starts).
-        gptq_damp: relative diagonal damping of the Gram for ``rounding="gptq"``, chosen on
-            held-out validation perplexity (see the settings sweep in docs/results.md).
-        max_gram_gib: with ``sequential=False`` and ``rounding="gptq"``, the most memory
-            (GiB) the whole model's Grams may take; convert refuses beyond it and names the
-            fixes (layer-by-layer mode, or ``rounding="nearest"``).
-        gptq_act_order: with ``rounding="gptq"``, round columns in order of decreasing
-            input energy (each keeps its group's grid).
-        max_search_samples: bound on calibration memory: at most this many batch rows (e.g.
+            Default True. (Flat ``duo_scaling``.)
+        refine: try every second alpha of the grid, then the two neighbours of the best of
+            those (13 of 21 candidates at ``n_grid=20``) instead of every grid point; same
+            optimum wherever the loss is unimodal in alpha at that scale. Default False.
+            (Flat ``search_refine``.)
+        loss: what a candidate scale is scored on. ``"module"`` (AutoAWQ's
+            ``module2inspect``, the default): the output of the smallest module enclosing the
+            group's consumers (the attention for q/k/v, the MLP for gate/up), run on the
+            search sample for every candidate. ``"linear"``: the consumers' own output error,
+            computed from their input's Gram (``N K^2`` multiply-adds per candidate instead of
+            a module forward over every token); the softmax and the MLP's gating are not seen.
+            Groups whose enclosing module is the consumer itself score the same either way.
+            (Flat ``search_loss``.)
+        max_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use
-            every calibration batch.
-        clip_tokens: tokens of the search sample used by each layer's clipping search
-            (None: all of them). Only their per-group Gram ``[K/g, g, g]`` is kept, so
-            this bounds time, not memory.
-        skip: fnmatch patterns of module names kept in full precision. The output head
-            (a linear feeding the logits or sharing the embedding weight) is always skipped.
+            every calibration batch. Default 16. (Flat ``max_search_samples``.)
+        fallback: what to do where no fold is legal: ``"multiply"`` (default) inserts an
+            explicit per-channel input multiply (counted in the report), ``"skip"`` leaves the
+            group unscaled (plain RTN for its linears). (Flat ``fallback``.)
+    """
+
+    enabled: bool = True
+    n_grid: int = 20
+    duo_scaling: DuoScaling = True
+    refine: bool = False
+    loss: SearchLoss = "module"
+    max_samples: int = 16
+    fallback: Fallback = "multiply"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipOptions:
+    """The per-group weight clipping search.
+
+    Attributes:
+        enabled: run the clipping search. Default True. (Flat ``clip``.)
+        grid: search grid: ratios ``1 - i/grid`` for ``i < max_shrink * grid``. Default 40.
+            (Flat ``clip_grid``.)
+        mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
+            quantization); ``"asymmetric"`` (default) also refines the lower and upper ends
+            separately (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as
+            AutoAWQ does. (Flat ``clip_mode``.)
+        max_shrink: the largest shrink searched, in [0, 1) (0 keeps every range: no
+            clipping). Default 0.5. (Flat ``max_shrink``.)
+        qk: also clip the linears feeding attention queries and keys (found in the graph).
+            Default False, as in AutoAWQ: their error is amplified by the softmax, which a
+            per-linear output loss does not see. (Flat ``clip_qk``.)
+        tokens: tokens of the search sample used by each layer's clipping search; None (the
+            default) uses all of them. Only their per-group Gram ``[K/g, g, g]`` is kept, so
+            this bounds time, not memory. (Flat ``clip_tokens``.)
+    """
+
+    enabled: bool = True
+    grid: int = 40
+    mode: ClipMode = "asymmetric"
+    max_shrink: float = 0.5
+    qk: bool = False
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundingOptions:
+    """How codes are chosen on each group's (scale, zero) grid after scaling and clipping.
+
+    Attributes:
+        method: ``"gptq"`` (default): column by column, with the rounding error compensated
+            by the later columns through the inputs' Gram (the GPTQ update, the grid kept
+            fixed); ``"nearest"``: plain AWQ. Same storage, kernels and formats either way.
+            ``"gptq"`` keeps one ``[K, K]`` float32 Gram per distinct linear input until its
+            linears are quantized: one block's in layer-by-layer mode, the whole model's with
+            ``sequential=False`` (which then checks the total against ``max_gram_gib``
+            before it starts). (Flat ``rounding``.)
+        damp: relative diagonal damping of the Gram for ``method="gptq"``, chosen on
+            held-out validation perplexity (see the settings sweep in docs/results.md).
+            Default 0.1. (Flat ``gptq_damp``.)
+        act_order: with ``method="gptq"``, round columns in order of decreasing input
+            energy (each keeps its group's grid). Default False. (Flat ``gptq_act_order``.)
+        max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
+            the whole model's Grams may take; convert refuses beyond it and names the fixes
+            (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
+            (Flat ``max_gram_gib``.)
+    """
+
+    method: Rounding = "gptq"
+    damp: float = 0.1
+    act_order: bool = False
+    max_gram_gib: float = 4.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which modules are quantized.
+
+    Attributes:
+        skip: fnmatch patterns of module names kept in full precision (one pattern or a
+            sequence; stored as a tuple). Default ``()``. The output head (a linear feeding
+            the logits or sharing the embedding weight) is always skipped. (Flat ``skip``.)
         include: if given, only modules matching one of these patterns are quantized.
-        fallback: what to do where no fold is legal: ``"multiply"`` inserts an explicit
-            per-channel input multiply (counted in the report), ``"skip"`` leaves the group
-            unscaled (plain RTN for its linears).
-        on_capture_error: if torch.export cannot capture the model: ``"raise"`` a
-            CaptureError naming the failing op, or ``"hook_only"``: continue with groups found
-            by hooks (norm -> consumers folds, each checked numerically; others multiply).
+            Default None (every eligible module). (Flat ``include``.)
+        experts: also quantize the 3-D expert weights of transformers MoE blocks (modules
+            using ``use_experts_implementation``): per-expert AWQ scales searched on the
+            tokens each expert receives, the block input scale folded into the norm and the
+            router. Default True. (Flat ``experts``.)
+    """
+
+    skip: tuple[str, ...] = ()
+    include: tuple[str, ...] | None = None
+    experts: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Execution:
+    """How convert runs: mode, device, memory and output. None of it changes what the search
+    optimises except ``split_blocks`` (which blocks' outputs a sub-block is searched on).
+
+    Attributes:
         sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
             search, fold, quantize, then the quantized block's outputs feed the next block).
             Peak activation memory is one block's, independent of depth. ``"auto"``
-            (default): layer by layer when one stack of repeated blocks (an ``nn.ModuleList``
-            of identical layers, as in transformers decoders) holds every linear to quantize,
-            else the whole model at once; the report's ``mode`` says which.
-            ``False`` always searches the whole model at once.
+            (default): layer by layer when one stack of repeated blocks (an
+            ``nn.ModuleList`` of identical layers, as in transformers decoders) holds every
+            linear to quantize, else the whole model at once; the report's ``mode`` says
+            which. ``True`` insists on layer by layer; ``False`` always searches the whole
+            model at once. (Flat ``sequential``.)
+        device: compute device for sequential mode (e.g. "cuda"): each block is moved there
+            for its step and back afterwards; the cached activations stay on the CPU.
+            Default None: every block stays where it is. (Flat ``device``.)
         split_blocks: in sequential mode, search a block's sub-blocks one after the other
-            (attention, then MLP): each is searched on the outputs of the already
-            quantized ones. Blocks that cannot be split (parallel attention/MLP, MoE) are
-            searched whole. Off by default: on SmolLM2 INT4 g64 it measured 23.185 vs
-            23.164 perplexity unsplit, at a third more search time.
+            (attention, then MLP): each is searched on the outputs of the already quantized
+            ones. Blocks that cannot be split (parallel attention/MLP, MoE) are searched
+            whole. Default False: on SmolLM2 INT4 g64 it measured 23.185 vs 23.164
+            perplexity unsplit, at a third more search time. (Flat ``split_blocks``.)
         spill_dir: sequential mode only: after each block, write the full-precision
             originals its quantization replaced (kept only so a failure can restore the
             model) to a temporary folder inside this directory and free them, so resident
             memory falls block by block instead of holding the whole full-precision model
-            next to its INT4 copy. Needs free disk about the size of the quantized linears
-            in full precision; the files are deleted when convert ends. A rollback reads them
-            back (restored weights are new Parameter objects with the same values).
-            None keeps the originals in memory.
-        device: compute device for sequential mode (e.g. "cuda"): each block is moved there
-            for its step and back afterwards; the cached activations stay on the CPU.
-            None keeps every block where it is.
-        experts: also quantize the 3-D expert weights of transformers MoE blocks (modules
-            using ``use_experts_implementation``): per-expert AWQ scales searched on the tokens
-            each expert receives, the block input scale folded into the norm and the router.
-        seed: has no effect (convert makes no random choice: the search, clipping and
-            rounding are deterministic); kept so that existing calls still build. A value
-            other than 0 warns.
-        progress: show progress bars.
-        verbose: print the report after convert.
+            next to its INT4 copy. Needs free disk about the size of the quantized linears in
+            full precision; the files are deleted when convert ends. A rollback reads them
+            back (restored weights are new Parameter objects with the same values). Default
+            None: the originals stay in memory. (Flat ``spill_dir``.)
+        on_capture_error: if torch.export cannot capture the model: ``"raise"`` (default) a
+            CaptureError naming the failing op, or ``"hook_only"``: continue with groups found
+            by hooks (norm -> consumers folds, each checked numerically; others multiply).
+            (Flat ``on_capture_error``.)
+        progress: show progress bars. Default True. (Flat ``progress``.)
+        verbose: print the report after convert. Default True. (Flat ``verbose``.)
     """
 
-    step: Step = "convert"
-    bits: int = 4
-    group_size: int = 128
-    zero_point: bool = True
-    n_grid: int = 20
-    duo_scaling: bool | Literal["both"] = True
-    scale_search: bool = True
-    search_refine: bool = False
-    search_loss: Literal["module", "linear"] = "module"
-    clip: bool = True
-    clip_grid: int = 40
-    clip_mode: Literal["range", "asymmetric", "symmetric"] = "asymmetric"
-    max_shrink: float = 0.5
-    clip_qk: bool = False
-    rounding: Literal["nearest", "gptq"] = "gptq"
-    gptq_damp: float = 0.1
-    gptq_act_order: bool = False
-    max_gram_gib: float = 4.0
-    max_search_samples: int = 16
-    clip_tokens: int | None = None
-    skip: tuple[str, ...] = field(default_factory=tuple)
-    include: tuple[str, ...] | None = None
-    fallback: Literal["multiply", "skip"] = "multiply"
-    on_capture_error: Literal["raise", "hook_only"] = "raise"
-    sequential: bool | Literal["auto"] = "auto"
+    sequential: Sequential = "auto"
     device: str | None = None
     split_blocks: bool = False
     spill_dir: str | None = None
-    experts: bool = True
-    seed: int = 0
+    on_capture_error: OnCaptureError = "raise"
     progress: bool = True
     verbose: bool = True
 
-    def __post_init__(self) -> None:
+
+#: group keyword (the class name in snake_case) -> group class, in AWQConfig's field order
+GROUPS: dict[str, type] = {
+    "weight_format": WeightFormat,
+    "search_options": SearchOptions,
+    "clip_options": ClipOptions,
+    "rounding_options": RoundingOptions,
+    "selection": Selection,
+    "execution": Execution,
+}
+
+
+class _Flat(Generic[T]):
+    """A flat option name on :class:`AWQConfig`, forwarding to one field of one group.
+
+    Reading gives the group's field; writing replaces the (frozen) group by a copy with that
+    field changed. On the class itself it gives the field's default.
+    """
+
+    def __init__(self, group: str, name: str) -> None:
+        self.group = group
+        self.name = name
+        self.__doc__ = f"Flat alias of ``{group}.{name}`` (see :class:`{GROUPS[group].__name__}`)."
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: object, owner: type | None = None) -> T:
+        if obj is None:
+            return getattr(GROUPS[self.group], self.name)  # the default, as a dataclass field was
+        return getattr(getattr(obj, self.group), self.name)
+
+    def __set__(self, obj: object, value: T) -> None:
+        group = getattr(obj, self.group)
+        setattr(obj, self.group, dataclasses.replace(group, **{self.name: value}))
+
+
+class _Default:
+    """Marks an ``AWQConfig`` argument that was not passed."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT: Any = _Default()
+
+
+@dataclass(init=False)
+class AWQConfig(AOBaseConfig):
+    """Settings for one awq_ao prepare or convert step (build it with :func:`awq_config`).
+
+    Fields (compared by ``==``, shown by ``repr``, listed by ``dataclasses.fields``):
+
+    Attributes:
+        step: ``"prepare"`` attaches observers; ``"convert"`` (default) searches, folds and
+            quantizes.
+        weight_format: :class:`WeightFormat` (bits, group_size, zero_point).
+        search_options: :class:`SearchOptions` (the AWQ scale search).
+        clip_options: :class:`ClipOptions` (the weight clipping search).
+        rounding_options: :class:`RoundingOptions` (nearest or error-feedback rounding).
+        selection: :class:`Selection` (which modules are quantized).
+        execution: :class:`Execution` (mode, device, memory, output).
+        seed: has no effect (convert makes no random choice: the search, clipping and
+            rounding are deterministic); kept so that existing calls still build. Default 0;
+            another value warns.
+
+    Every option of a group also has a flat name, accepted as a keyword and readable and
+    writable as an attribute (the defaults are stated once, in the group's docstring):
+
+    ===================  ================================
+    flat name            group field
+    ===================  ================================
+    bits                 ``weight_format.bits``
+    group_size           ``weight_format.group_size``
+    zero_point           ``weight_format.zero_point``
+    scale_search         ``search_options.enabled``
+    n_grid               ``search_options.n_grid``
+    duo_scaling          ``search_options.duo_scaling``
+    search_refine        ``search_options.refine``
+    search_loss          ``search_options.loss``
+    max_search_samples   ``search_options.max_samples``
+    fallback             ``search_options.fallback``
+    clip                 ``clip_options.enabled``
+    clip_grid            ``clip_options.grid``
+    clip_mode            ``clip_options.mode``
+    max_shrink           ``clip_options.max_shrink``
+    clip_qk              ``clip_options.qk``
+    clip_tokens          ``clip_options.tokens``
+    rounding             ``rounding_options.method``
+    gptq_damp            ``rounding_options.damp``
+    gptq_act_order       ``rounding_options.act_order``
+    max_gram_gib         ``rounding_options.max_gram_gib``
+    skip                 ``selection.skip``
+    include              ``selection.include``
+    experts              ``selection.experts``
+    sequential           ``execution.sequential``
+    device               ``execution.device``
+    split_blocks         ``execution.split_blocks``
+    spill_dir            ``execution.spill_dir``
+    on_capture_error     ``execution.on_capture_error``
+    progress             ``execution.progress``
+    verbose              ``execution.verbose``
+    ===================  ================================
+
+    A call may mix groups and flat keywords of *other* groups
+    (``AWQConfig(weight_format=WeightFormat(bits=3), clip=False)``); a flat keyword together
+    with its own group (``bits=3`` and ``weight_format=...``) is refused as ambiguous. So
+    ``dataclasses.replace`` takes field names (``step``, the groups, ``seed``); to change one
+    option of a built config, copy it and set the flat name (``c = copy.copy(cfg);
+    c.bits = 3``), as before. Like before, attribute writes are not validated.
+    """
+
+    step: Step = "convert"
+    weight_format: WeightFormat = field(default_factory=WeightFormat)
+    search_options: SearchOptions = field(default_factory=SearchOptions)
+    clip_options: ClipOptions = field(default_factory=ClipOptions)
+    rounding_options: RoundingOptions = field(default_factory=RoundingOptions)
+    selection: Selection = field(default_factory=Selection)
+    execution: Execution = field(default_factory=Execution)
+    seed: int = 0
+
+    # flat names (not dataclass fields: no annotations), in the table's order
+    bits = _Flat[int]("weight_format", "bits")
+    group_size = _Flat[int]("weight_format", "group_size")
+    zero_point = _Flat[bool]("weight_format", "zero_point")
+    scale_search = _Flat[bool]("search_options", "enabled")
+    n_grid = _Flat[int]("search_options", "n_grid")
+    duo_scaling = _Flat[DuoScaling]("search_options", "duo_scaling")
+    search_refine = _Flat[bool]("search_options", "refine")
+    search_loss = _Flat[SearchLoss]("search_options", "loss")
+    max_search_samples = _Flat[int]("search_options", "max_samples")
+    fallback = _Flat[Fallback]("search_options", "fallback")
+    clip = _Flat[bool]("clip_options", "enabled")
+    clip_grid = _Flat[int]("clip_options", "grid")
+    clip_mode = _Flat[ClipMode]("clip_options", "mode")
+    max_shrink = _Flat[float]("clip_options", "max_shrink")
+    clip_qk = _Flat[bool]("clip_options", "qk")
+    clip_tokens = _Flat[int | None]("clip_options", "tokens")
+    rounding = _Flat[Rounding]("rounding_options", "method")
+    gptq_damp = _Flat[float]("rounding_options", "damp")
+    gptq_act_order = _Flat[bool]("rounding_options", "act_order")
+    max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
+    skip = _Flat[tuple[str, ...]]("selection", "skip")
+    include = _Flat[tuple[str, ...] | None]("selection", "include")
+    experts = _Flat[bool]("selection", "experts")
+    sequential = _Flat[Sequential]("execution", "sequential")
+    device = _Flat[str | None]("execution", "device")
+    split_blocks = _Flat[bool]("execution", "split_blocks")
+    spill_dir = _Flat[str | None]("execution", "spill_dir")
+    on_capture_error = _Flat[OnCaptureError]("execution", "on_capture_error")
+    progress = _Flat[bool]("execution", "progress")
+    verbose = _Flat[bool]("execution", "verbose")
+
+    def __init__(
+        self,
+        step: Step = _DEFAULT,
+        *,
+        weight_format: WeightFormat = _DEFAULT,
+        search_options: SearchOptions = _DEFAULT,
+        clip_options: ClipOptions = _DEFAULT,
+        rounding_options: RoundingOptions = _DEFAULT,
+        selection: Selection = _DEFAULT,
+        execution: Execution = _DEFAULT,
+        seed: int = _DEFAULT,
+        **flat: Any,
+    ) -> None:
+        """Build and validate a config from groups and/or flat keywords (see the class doc)."""
+        given = {"weight_format": weight_format, "search_options": search_options,
+                 "clip_options": clip_options, "rounding_options": rounding_options,
+                 "selection": selection, "execution": execution}
+        for name in flat:
+            if name not in FLAT_NAMES:
+                close = difflib.get_close_matches(name, [*FLAT_NAMES, *GROUPS, "step", "seed"], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"AWQConfig.__init__() got an unexpected keyword argument {name!r}{hint}")
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        self.step = defaults["step"].default if step is _DEFAULT else step  # type: ignore[assignment]
+        self.seed = defaults["seed"].default if seed is _DEFAULT else seed  # type: ignore[assignment]
+        for gname, cls in GROUPS.items():
+            mine = {f: flat[f] for f in flat if FLAT_NAMES[f][0] == gname}
+            if given[gname] is _DEFAULT:
+                renamed = {FLAT_NAMES[f][1]: v for f, v in mine.items()}
+                setattr(self, gname, cls(**renamed))
+            elif mine:
+                names = ", ".join(f"{f}=" for f in mine)
+                which = "is a field" if len(mine) == 1 else "are fields"
+                raise TypeError(
+                    f"awq_config: {gname}= and {names} both given, but {names} {which} of {gname} "
+                    f"({cls.__name__}); set {'it' if len(mine) == 1 else 'them'} inside "
+                    f"{cls.__name__}(...) or drop {gname}=."
+                )
+            else:
+                setattr(self, gname, given[gname])
         _validate(self)
 
     @property
     def needs_calibration(self) -> bool:
         """Whether convert needs observed activations."""
         return self.scale_search or self.clip
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Every option under its flat name (``step``, the table's names, ``seed``).
+
+        ``AWQConfig(**cfg.flat_dict()) == cfg``; handy for logging or JSON (``skip`` and
+        ``include`` are tuples).
+        """
+        out: dict[str, Any] = {"step": self.step}
+        out.update({name: getattr(self, name) for name in FLAT_NAMES})
+        out["seed"] = self.seed
+        return out
+
+    def summary(self) -> str:
+        """A short multi-line text of the config, one line per group."""
+        lines = [f"AWQConfig step={self.step!r} seed={self.seed!r}"]
+        for gname in GROUPS:
+            group = getattr(self, gname)
+            values = " ".join(f"{f.name}={getattr(group, f.name)!r}" for f in dataclasses.fields(group))
+            lines.append(f"  {gname}: {values}")
+        return "\n".join(lines)
+
+
+#: flat name -> (group keyword, field of that group), in the documented order
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    name: (attr.group, attr.name) for name, attr in vars(AWQConfig).items() if isinstance(attr, _Flat)
+}
 
 
 def _bad(field_name: str, value: object, accepted: str) -> ValueError:
@@ -201,13 +513,34 @@ def _names(cfg: AWQConfig, name: str, none_ok: bool) -> None:
     setattr(cfg, name, items)
 
 
+def _caller_outside_package() -> int:
+    """``stacklevel`` of the innermost frame outside awq_ao, for its caller's ``warnings.warn``.
+
+    The warning then points at the user's ``awq_config(...)`` / ``AWQConfig(...)`` /
+    ``awq_ao.quantize(...)`` line, whichever way the config was built.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)  # level 1: the function calling warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level += 1
+        frame = frame.f_back
+    return level
+
+
 def _validate(cfg: AWQConfig) -> None:
-    """Check every :class:`AWQConfig` field; the message names the field and what it accepts.
+    """Check every :class:`AWQConfig` option; the message names it and what it accepts.
+
+    The one place options are checked, whichever way they were given: options are read and
+    normalised (``skip="x"`` -> ``("x",)``, ``device`` -> its ``str``) through their flat names,
+    which is also the name every message shows. The groups must be the group classes.
 
     Integers must be integers (``4.0``, ``"4"`` and ``True`` are refused, not coerced), flags
     must be booleans, and the string options one of their listed values.
     """
     _choice(cfg, "step", ("prepare", "convert"))
+    for gname, cls in GROUPS.items():
+        if type(getattr(cfg, gname)) is not cls:
+            raise _bad(gname, getattr(cfg, gname), f"a {cls.__name__} (from awq_ao.config)")
     if not _is_int(cfg.bits) or int(cfg.bits) not in SUPPORTED_BITS:
         raise _bad("bits", cfg.bits, f"an integer in {', '.join(map(str, SUPPORTED_BITS))}")
     cfg.bits = int(cfg.bits)
@@ -224,9 +557,8 @@ def _validate(cfg: AWQConfig) -> None:
     if not _is_int(cfg.seed):
         raise _bad("seed", cfg.seed, "an integer")
     if cfg.seed != 0:
-        import warnings
-
-        warnings.warn("awq_config: seed has no effect (convert is deterministic); drop it.", stacklevel=4)
+        warnings.warn("awq_config: seed has no effect (convert is deterministic); drop it.",
+                      stacklevel=_caller_outside_package())
     _choice(cfg, "duo_scaling", (True, False, "both"))
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))
@@ -261,6 +593,10 @@ def _validate(cfg: AWQConfig) -> None:
 
 def awq_config(step: Step = "convert", **kwargs: object) -> AWQConfig:
     """Build an :class:`AWQConfig` for torchao's ``quantize_``.
+
+    ``kwargs`` are flat option keywords (``bits=3``, ``clip=False``, ...), option groups
+    (``weight_format=WeightFormat(bits=3)``, ``clip_options=ClipOptions(grid=20)``, ...) or
+    both, for different groups; see :class:`AWQConfig`.
 
     Example::
 
