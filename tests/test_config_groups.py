@@ -69,6 +69,17 @@ def test_other_values_cover_every_flat_name():
     assert all(OTHER[n] != _group_default(n) for n in OTHER)
 
 
+def test_groups_are_exported_by_the_package_and_by_config():
+    from awq_ao import ClipOptions as PkgClip
+    from awq_ao import WeightFormat as PkgFormat
+    from awq_ao import options
+
+    assert PkgFormat is WeightFormat and PkgClip is ClipOptions
+    for cls in GROUPS.values():  # one class, defined in awq_ao.options, under three import paths
+        assert cls.__module__ == "awq_ao.options" and getattr(options, cls.__name__) is cls
+        assert getattr(awq_ao, cls.__name__) is cls and getattr(config_mod, cls.__name__) is cls
+        assert cls.__name__ in awq_ao.__all__
+
 def test_flat_and_grouped_construction_give_equal_configs():
     flat = AWQConfig(step="prepare", **OTHER)
     grouped = AWQConfig(step="prepare", **_grouped(OTHER))

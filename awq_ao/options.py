@@ -1,0 +1,256 @@
+"""AWQConfig's option groups: six frozen dataclasses, one per concern.
+
+:class:`WeightFormat` (what is stored), :class:`SearchOptions` (the AWQ scale search),
+:class:`ClipOptions` (the weight clipping search), :class:`RoundingOptions` (how codes are
+chosen), :class:`Selection` (which modules) and :class:`Execution` (how convert runs). Each
+documents its fields and their defaults; :class:`~awq_ao.config.AWQConfig` holds one of each
+(plus ``step`` and ``seed``) and validates them. :data:`GROUPS` maps each group's keyword to
+its class, and :class:`_Flat` is the descriptor that gives AWQConfig its flat option names.
+
+These are plain records with no dependencies beyond the standard library; they are
+re-exported by :mod:`awq_ao.config` and by the package (``from awq_ao import WeightFormat``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+DuoScaling = bool | Literal["both"]
+SearchLoss = Literal["module", "linear"]
+Fallback = Literal["multiply", "skip"]
+ClipMode = Literal["range", "asymmetric", "symmetric"]
+Rounding = Literal["nearest", "gptq"]
+OnCaptureError = Literal["raise", "hook_only"]
+Sequential = bool | Literal["auto"]
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------
+# option groups (plain records: AWQConfig validates them, see awq_ao.config._validate)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightFormat:
+    """How the quantized weights are stored.
+
+    Attributes:
+        bits: weight bit width, 2..8; 4 is the main target, 3 is supported by the same path.
+            Default 4. (Flat keyword ``bits``.)
+        group_size: quantization group length along in_features, or -1 for one group per
+            output row. in_features need not be a multiple: the last group is simply shorter.
+            Default 128. (Flat ``group_size``.)
+        zero_point: asymmetric (True) or symmetric (False) quantization. Default True.
+            (Flat ``zero_point``.)
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """The AWQ per-input-channel scale search.
+
+    Attributes:
+        enabled: run the AWQ scale search (False = no scaling: round-to-nearest). Default
+            True. (Flat ``scale_search``.)
+        n_grid: grid points for the scale exponent alpha in [0, 1). Default 20.
+            (Flat ``n_grid``.)
+        duo_scaling: include the weight-magnitude term in the scale (AutoAWQ's duo scaling);
+            ``"both"`` searches the candidates with and without it (twice the search time).
+            Default True. (Flat ``duo_scaling``.)
+        refine: try every second alpha of the grid, then the two neighbours of the best of
+            those (13 of 21 candidates at ``n_grid=20``) instead of every grid point; same
+            optimum wherever the loss is unimodal in alpha at that scale. Default False.
+            (Flat ``search_refine``.)
+        loss: what a candidate scale is scored on. ``"module"`` (AutoAWQ's
+            ``module2inspect``, the default): the output of the smallest module enclosing the
+            group's consumers (the attention for q/k/v, the MLP for gate/up), run on the
+            search sample for every candidate. ``"linear"``: the consumers' own output error,
+            computed from their input's Gram (``N K^2`` multiply-adds per candidate instead of
+            a module forward over every token); the softmax and the MLP's gating are not seen.
+            Groups whose enclosing module is the consumer itself score the same either way.
+            (Flat ``search_loss``.)
+        max_samples: bound on calibration memory: at most this many batch rows (e.g.
+            sequences) of the calibration calls are kept for the search; statistics still use
+            every calibration batch. Default 16. (Flat ``max_search_samples``.)
+        fallback: what to do where no fold is legal: ``"multiply"`` (default) inserts an
+            explicit per-channel input multiply (counted in the report), ``"skip"`` leaves the
+            group unscaled (plain RTN for its linears). (Flat ``fallback``.)
+    """
+
+    enabled: bool = True
+    n_grid: int = 20
+    duo_scaling: DuoScaling = True
+    refine: bool = False
+    loss: SearchLoss = "module"
+    max_samples: int = 16
+    fallback: Fallback = "multiply"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipOptions:
+    """The per-group weight clipping search.
+
+    Attributes:
+        enabled: run the clipping search. Default True. (Flat ``clip``.)
+        grid: search grid: ratios ``1 - i/grid`` for ``i < max_shrink * grid``. Default 40.
+            (Flat ``clip_grid``.)
+        mode: ``"range"`` shrinks a group's [min, max] range toward 0 (suits asymmetric
+            quantization); ``"asymmetric"`` (default) also refines the lower and upper ends
+            separately (3x the clipping search time); ``"symmetric"`` clamps to ±r·max|w| as
+            AutoAWQ does. (Flat ``clip_mode``.)
+        max_shrink: the largest shrink searched, in [0, 1) (0 keeps every range: no
+            clipping). Default 0.5. (Flat ``max_shrink``.)
+        qk: also clip the linears feeding attention queries and keys (found in the graph).
+            Default False, as in AutoAWQ: their error is amplified by the softmax, which a
+            per-linear output loss does not see. (Flat ``clip_qk``.)
+        tokens: tokens of the search sample used by each layer's clipping search; None (the
+            default) uses all of them. Only their per-group Gram ``[K/g, g, g]`` is kept, so
+            this bounds time, not memory. (Flat ``clip_tokens``.)
+    """
+
+    enabled: bool = True
+    grid: int = 40
+    mode: ClipMode = "asymmetric"
+    max_shrink: float = 0.5
+    qk: bool = False
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundingOptions:
+    """How codes are chosen on each group's (scale, zero) grid after scaling and clipping.
+
+    Attributes:
+        method: ``"gptq"`` (default): column by column, with the rounding error compensated
+            by the later columns through the inputs' Gram (the GPTQ update, the grid kept
+            fixed); ``"nearest"``: plain AWQ. Same storage, kernels and formats either way.
+            ``"gptq"`` keeps one ``[K, K]`` float32 Gram per distinct linear input until its
+            linears are quantized: one block's in layer-by-layer mode, the whole model's with
+            ``sequential=False`` (which then checks the total against ``max_gram_gib``
+            before it starts). (Flat ``rounding``.)
+        damp: relative diagonal damping of the Gram for ``method="gptq"``, chosen on
+            held-out validation perplexity (see the settings sweep in docs/results.md).
+            Default 0.1. (Flat ``gptq_damp``.)
+        act_order: with ``method="gptq"``, round columns in order of decreasing input
+            energy (each keeps its group's grid). Default False. (Flat ``gptq_act_order``.)
+        max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
+            the whole model's Grams may take; convert refuses beyond it and names the fixes
+            (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
+            (Flat ``max_gram_gib``.)
+    """
+
+    method: Rounding = "gptq"
+    damp: float = 0.1
+    act_order: bool = False
+    max_gram_gib: float = 4.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which modules are quantized.
+
+    Attributes:
+        skip: fnmatch patterns of module names kept in full precision (one pattern or a
+            sequence; stored as a tuple). Default ``()``. The output head (a linear feeding
+            the logits or sharing the embedding weight) is always skipped. (Flat ``skip``.)
+        include: if given, only modules matching one of these patterns are quantized.
+            Default None (every eligible module). (Flat ``include``.)
+        experts: also quantize the 3-D expert weights of transformers MoE blocks (modules
+            using ``use_experts_implementation``): per-expert AWQ scales searched on the
+            tokens each expert receives, the block input scale folded into the norm and the
+            router. Default True. (Flat ``experts``.)
+    """
+
+    skip: tuple[str, ...] = ()
+    include: tuple[str, ...] | None = None
+    experts: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Execution:
+    """How convert runs: mode, device, memory and output. None of it changes what the search
+    optimises except ``split_blocks`` (which blocks' outputs a sub-block is searched on).
+
+    Attributes:
+        sequential: layer-by-layer convert: one decoder block at a time (inputs cached,
+            search, fold, quantize, then the quantized block's outputs feed the next block).
+            Peak activation memory is one block's, independent of depth. ``"auto"``
+            (default): layer by layer when one stack of repeated blocks (an
+            ``nn.ModuleList`` of identical layers, as in transformers decoders) holds every
+            linear to quantize, else the whole model at once; the report's ``mode`` says
+            which. ``True`` insists on layer by layer; ``False`` always searches the whole
+            model at once. (Flat ``sequential``.)
+        device: compute device for sequential mode (e.g. "cuda"): each block is moved there
+            for its step and back afterwards; the cached activations stay on the CPU.
+            Default None: every block stays where it is. (Flat ``device``.)
+        split_blocks: in sequential mode, search a block's sub-blocks one after the other
+            (attention, then MLP): each is searched on the outputs of the already quantized
+            ones. Blocks that cannot be split (parallel attention/MLP, MoE) are searched
+            whole. Default False: on SmolLM2 INT4 g64 it measured 23.185 vs 23.164
+            perplexity unsplit, at a third more search time. (Flat ``split_blocks``.)
+        spill_dir: sequential mode only: after each block, write the full-precision
+            originals its quantization replaced (kept only so a failure can restore the
+            model) to a temporary folder inside this directory and free them, so resident
+            memory falls block by block instead of holding the whole full-precision model
+            next to its INT4 copy. Needs free disk about the size of the quantized linears in
+            full precision; the files are deleted when convert ends. A rollback reads them
+            back (restored weights are new Parameter objects with the same values). Default
+            None: the originals stay in memory. (Flat ``spill_dir``.)
+        on_capture_error: if torch.export cannot capture the model: ``"raise"`` (default) a
+            CaptureError naming the failing op, or ``"hook_only"``: continue with groups found
+            by hooks (norm -> consumers folds, each checked numerically; others multiply).
+            (Flat ``on_capture_error``.)
+        progress: show progress bars. Default True. (Flat ``progress``.)
+        verbose: print the report after convert. Default True. (Flat ``verbose``.)
+    """
+
+    sequential: Sequential = "auto"
+    device: str | None = None
+    split_blocks: bool = False
+    spill_dir: str | None = None
+    on_capture_error: OnCaptureError = "raise"
+    progress: bool = True
+    verbose: bool = True
+
+
+#: group keyword (the class name in snake_case) -> group class, in AWQConfig's field order
+GROUPS: dict[str, type] = {
+    "weight_format": WeightFormat,
+    "search_options": SearchOptions,
+    "clip_options": ClipOptions,
+    "rounding_options": RoundingOptions,
+    "selection": Selection,
+    "execution": Execution,
+}
+
+
+class _Flat(Generic[T]):
+    """A flat option name on :class:`AWQConfig`, forwarding to one field of one group.
+
+    Reading gives the group's field; writing replaces the (frozen) group by a copy with that
+    field changed. On the class itself it gives the field's default.
+    """
+
+    def __init__(self, group: str, name: str) -> None:
+        self.group = group
+        self.name = name
+        self.__doc__ = f"Flat alias of ``{group}.{name}`` (see :class:`{GROUPS[group].__name__}`)."
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: object, owner: type | None = None) -> T:
+        if obj is None:
+            return getattr(GROUPS[self.group], self.name)  # the default, as a dataclass field was
+        return getattr(getattr(obj, self.group), self.name)
+
+    def __set__(self, obj: object, value: T) -> None:
+        group = getattr(obj, self.group)
+        setattr(obj, self.group, dataclasses.replace(group, **{self.name: value}))
