@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from awq_ao.lowering.quant_math import dequantize_codes, quant_params, quantize_codes
 from awq_ao.passes.rounding import (
+    error_feedback_codes,
     error_feedback_round,
     full_gram,
     group_blocks,
@@ -184,3 +185,21 @@ def test_whole_model_gptq_checks_its_gram_budget():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     rep = awq_ao.quantize(model, token_batches(2), group_size=32, sequential=False, verbose=False, progress=False)
     assert rep.error_feedback == len(rep.quantized) and rep.mode.startswith("whole model")
+
+
+def test_linears_sharing_an_input_round_together_as_they_would_alone():
+    """q/k/v (and gate/up) are rounded in one call on stacked rows: the same codes as one call each."""
+    from awq_ao.config import awq_config
+    from awq_ao.passes.apply import round_weights
+
+    g = torch.Generator().manual_seed(3)
+    k = 96
+    x = torch.randn(400, k, generator=g) * (torch.rand(k, generator=g) + 0.2)
+    h = x.t() @ x / x.shape[0]
+    ws = [torch.randn(n, k, generator=g) for n in (48, 16, 16)]
+    params = [quant_params(w, 4, 32, True) for w in ws]
+    cfg = awq_config(group_size=32)
+    together = round_weights(ws, params, h, cfg)
+    alone = [error_feedback_codes(w, s, z, h, 4, 32, cfg.gptq_damp) for w, (s, z) in zip(ws, params, strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        assert torch.equal(a, b)

@@ -117,12 +117,12 @@ def quantize(
     return quantize_codes(w, scale, zero, bits, group_size), scale, zero
 
 
-def fake_quantize(
-    w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True
-) -> torch.Tensor:
-    """Quantize then dequantize ``w`` (same shape and dtype). Used by the search."""
-    n, k = w.shape
-    wg, pad = _grouped(w.float(), group_size)
+def fake_quantize_grouped(wg: torch.Tensor, bits: int, zero_point: bool = True) -> torch.Tensor:
+    """Quantize then dequantize float32 groups ``wg [..., g]`` (one group per last-dim row).
+
+    Zero-valued padding in a group changes nothing (the asymmetric range always includes 0),
+    and padding columns come back as 0.
+    """
     if zero_point:
         max_int = 2**bits - 1
         wmax = wg.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -130,13 +130,20 @@ def fake_quantize(
         scale = (wmax - wmin).clamp(min=1e-5) / max_int
         zero = torch.round(-wmin / scale).clamp(0, max_int)
         q = (torch.round(wg / scale) + zero).clamp(0, max_int)
-        out = (q - zero) * scale
-    else:
-        max_int = 2 ** (bits - 1) - 1
-        min_int = -(2 ** (bits - 1))
-        scale = wg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / max(max_int, 1)
-        out = torch.round(wg / scale).clamp(min_int, max_int) * scale
-    out = out.reshape(n, -1)
+        return (q - zero) * scale
+    max_int = 2 ** (bits - 1) - 1
+    min_int = -(2 ** (bits - 1))
+    scale = wg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / max(max_int, 1)
+    return torch.round(wg / scale).clamp(min_int, max_int) * scale
+
+
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True
+) -> torch.Tensor:
+    """Quantize then dequantize ``w`` (same shape and dtype). Used by the search."""
+    n, k = w.shape
+    wg, pad = _grouped(w.float(), group_size)
+    out = fake_quantize_grouped(wg, bits, zero_point).reshape(n, -1)
     if pad:
         out = out[:, :k]
     return out.to(w.dtype)

@@ -138,25 +138,6 @@ def clip_weight(w: torch.Tensor, group_gram: torch.Tensor, config: AWQConfig) ->
     return apply_clip(w, ratios, config.group_size, config.clip_mode)
 
 
-def round_weight(
-    w_target: torch.Tensor, w_grid: torch.Tensor, full: torch.Tensor, config: AWQConfig
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Error-feedback rounding: codes ``uint8 [N, K]`` and their ``(scale, zero)``.
-
-    The grid comes from ``w_grid`` (the clipped weight; its scale rounded to the storage
-    dtype it will be packed with), the codes are chosen for ``w_target`` (the unclipped,
-    scaled weight: the grid's clamp does the clipping) with error feedback through ``full``.
-    """
-    scale, zero = quant_params(w_grid, config.bits, config.group_size, config.zero_point)
-    layout = choose_layout(w_grid.device, config.bits, *w_grid.shape, config.group_size)
-    scale = round_scale(scale, scale_storage_dtype(w_grid.dtype, layout))
-    codes = error_feedback_codes(
-        w_target, scale, zero, full, config.bits, config.group_size, config.gptq_damp,
-        act_order=config.gptq_act_order,
-    )
-    return codes, (scale, zero)
-
-
 @torch.no_grad()
 def custom_linear_handling(mod: nn.Linear, config: AWQConfig) -> str:
     """How to quantize an ``nn.Linear`` subclass with its own ``forward``:
@@ -243,6 +224,33 @@ def pack_linear(
         replacements[id(mod)] = new
 
 
+def _grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero) [N, G]`` of the clipped weight, the scale rounded to its storage dtype."""
+    scale, zero = quant_params(w_grid, config.bits, config.group_size, config.zero_point)
+    layout = choose_layout(w_grid.device, config.bits, *w_grid.shape, config.group_size)
+    return round_scale(scale, scale_storage_dtype(w_grid.dtype, layout)), zero
+
+
+def round_weights(
+    targets: list[torch.Tensor], params: list[tuple[torch.Tensor, torch.Tensor]], full: torch.Tensor,
+    config: AWQConfig,
+) -> list[torch.Tensor]:
+    """Error-feedback codes for linears that read one input (q/k/v, gate/up): one call.
+
+    Rows are independent given the Gram ``full``, so the weights are stacked and rounded
+    together: one inverse Cholesky factor and one column sweep instead of one per linear.
+    """
+    if len(targets) == 1:
+        w, sc, zr = targets[0], *params[0]
+    else:
+        w = torch.cat([t.float() if t.dtype != torch.float64 else t for t in targets])
+        sc = torch.cat([p[0].to(w.dtype) for p in params])
+        zr = torch.cat([p[1].to(w.dtype) for p in params])
+    codes = error_feedback_codes(w, sc, zr, full, config.bits, config.group_size, config.gptq_damp,
+                                 act_order=config.gptq_act_order)
+    return list(codes.split([t.shape[0] for t in targets]))
+
+
 def quantize_linears(
     root: nn.Module,
     targets: list[str],
@@ -256,11 +264,30 @@ def quantize_linears(
     replacements: dict[int, nn.Module],
     prefix: str = "",
 ) -> None:
-    """Clip, round and pack every linear of ``targets`` (scales already folded)."""
+    """Clip, round and pack every linear of ``targets`` (scales already folded).
+
+    Consecutive linears reading the same input with the same scale (q/k/v, gate/up) share
+    their scaled Grams and are rounded in one error-feedback call (:func:`round_weights`).
+    """
     scale_of = scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
     excluded = set(getattr(analysis, "excluded", set()) or set())
     bar = progress(len(targets), "awq quantize", config.progress and not prefix)
+    pending: list[tuple[str, str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    shared: dict[str, Any] = {"key": None, "grams": (None, None)}
+
+    def flush() -> None:
+        full = shared["grams"][1]
+        if pending:
+            codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config)
+            report.error_feedback += len(pending)
+            for (name, handling, _, params), c in zip(pending, codes, strict=True):
+                pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn, replacements)
+                report.quantized.append(prefix + name)
+                if bar is not None:
+                    bar.update(1)
+        pending.clear()
+
     for name in targets:
         if name in excluded:
             continue
@@ -273,22 +300,28 @@ def quantize_linears(
             continue
         conv = type(mod).__name__ == "Conv1D"
         w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
-        group_gram, full = input_grams(clip_inputs.get(name), scale_of.get(name), w_target.device, config.group_size)
+        gram, scale = clip_inputs.get(name), scale_of.get(name)
+        key = (id(gram), id(scale), w_target.shape[1], w_target.device) if gram is not None else None
+        if key is None or key != shared["key"]:
+            flush()
+            shared["key"] = key
+            shared["grams"] = input_grams(gram, scale, w_target.device, config.group_size)
+        group_gram, full = shared["grams"]
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
             w_grid = clip_weight(w_target, group_gram, config)
             report.clipped += 1
-        codes = params = None
         if full is not None:
-            codes, params = round_weight(w_target, w_grid, full, config)
-            report.error_feedback += 1
-        elif w_grid is not w_target:
+            pending.append((name, handling, w_target, _grid_params(w_grid, config)))
+            continue
+        if w_grid is not w_target:
             txn.set_param(mod, "weight", w_grid.t().contiguous() if conv else w_grid)
-        del group_gram, full, w_grid, w_target
-        pack_linear(root, name, handling, codes, params, input_scale.get(name), config, txn, replacements)
+        del w_grid, w_target
+        pack_linear(root, name, handling, None, None, input_scale.get(name), config, txn, replacements)
         report.quantized.append(prefix + name)
         if bar is not None:
             bar.update(1)
+    flush()
     if bar is not None:
         bar.close()
 

@@ -92,6 +92,11 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
+#: Elements of one row chunk of :func:`error_feedback_codes` (the weight chunk and its
+#: expanded scales and zeros: three float32 tensors of this size, 48 MiB).
+ROUND_CHUNK_ELEMS = 1 << 22
+
+
 def error_feedback_codes(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -101,7 +106,7 @@ def error_feedback_codes(
     group_size: int,
     damp: float = 0.1,
     block: int = 128,
-    rows_per_chunk: int = 1024,
+    rows_per_chunk: int | None = None,
     act_order: bool = False,
 ) -> torch.Tensor:
     """Round ``w [N, K]`` on the fixed grid ``(scale, zero) [N, G]`` with GPTQ error feedback.
@@ -111,7 +116,9 @@ def error_feedback_codes(
     scale`` of each group, and they go to packing as they are. The expected output error
     ``tr((W - Q) H (W - Q)^T)`` is what they lower. ``act_order``: round the columns in order
     of decreasing input energy (``diag H``) instead of left to right; each column keeps its
-    own group's grid, so the storage format does not change.
+    own group's grid, so the storage format does not change. Rows are processed in chunks of
+    ``rows_per_chunk`` (default: at least 1024 rows and up to :data:`ROUND_CHUNK_ELEMS`
+    elements), each chunk one sweep over the columns.
     """
     n, k = w.shape
     if h.shape != (k, k):
@@ -129,6 +136,7 @@ def error_feedback_codes(
     u = inverse_cholesky(hc, damp)
     del hc
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    rows_per_chunk = rows_per_chunk or max(1024, ROUND_CHUNK_ELEMS // k)
     for r0 in range(0, n, rows_per_chunk):
         wr = w[r0 : r0 + rows_per_chunk].to(cdt)
         wr = wr[:, perm] if perm is not None else wr.clone()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.quant_math import effective_group_size, fake_quantize
+from awq_ao.lowering.quant_math import effective_group_size, fake_quantize, fake_quantize_grouped
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
@@ -476,13 +476,10 @@ def scale_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return h * inv[:, :, None] * inv[:, None, :]
 
 
-def _gram_error(q: torch.Tensor, wg: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Mean squared partial-output error ``[n, G]`` of weights ``q [n, K]`` vs ``wg [n, G, g]``."""
-    n, groups, g = wg.shape
-    pad = groups * g - q.shape[1]
-    qp = torch.cat([q, q.new_zeros(n, pad)], dim=1) if pad else q
-    d = (qp.view(n, groups, g) - wg).permute(1, 0, 2)  # [G, n, g]
-    return (torch.bmm(d, h) * d).sum(dim=-1).t()
+def _gram_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Mean squared partial-output error ``[n, G]`` of group weight errors ``d [n, G, g]``."""
+    dt = d.permute(1, 0, 2)  # [G, n, g]
+    return (torch.bmm(dt, h) * dt).sum(dim=-1).t()
 
 
 def clip_ratios(
@@ -504,7 +501,8 @@ def clip_ratios(
     (1 - max_shrink, 1]. Returns ``[N, G, 2]`` float32 ratios for the (lower, upper) bound:
     equal for ``"range"``/``"symmetric"`` (one ratio searched); for ``"asymmetric"`` the
     common ratio is refined by a search of the lower bound's ratio (upper fixed), then the
-    upper bound's (lower fixed), which can only lower the error.
+    upper bound's (lower fixed), which can only lower the error. Rows are searched in chunks
+    of ``rows_per_chunk`` (their temporaries stay in cache).
     """
     n, k = w.shape
     g = effective_group_size(k, group_size)
@@ -516,11 +514,12 @@ def clip_ratios(
     steps = max(1, int(max_shrink * grid))
     cand = [1.0 - i / grid for i in range(steps)]
     ratios = torch.ones(n, groups, 2, device=w.device)
-    for r0 in range(0, n, rows_per_chunk):
-        wc = w[r0 : r0 + rows_per_chunk].float()
+    chunk = rows_per_chunk
+    for r0 in range(0, n, chunk):
+        wc = w[r0 : r0 + chunk].float()
         nc = wc.shape[0]
-        wp = torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc
-        wg = wp.view(nc, groups, g)
+        # zero padding: the clamp keeps it 0 (the bounds include 0), so it adds no error
+        wg = (torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc).view(nc, groups, g)
         lo, hi = _clip_bounds(wg, mode)  # [n, G]
 
         best_err = torch.full((nc, groups), math.inf, device=w.device)
@@ -533,8 +532,8 @@ def clip_ratios(
                 full = torch.full_like(best_lo, r)
                 r_lo = base_lo if which == "hi" else full
                 r_hi = base_hi if which == "lo" else full
-                clamped = torch.minimum(torch.maximum(wc, _expand(lo * r_lo, g, k)), _expand(hi * r_hi, g, k))
-                err = _gram_error(fake_quantize(clamped, bits, group_size, zero_point), wg, h)
+                clamped = torch.minimum(torch.maximum(wg, (lo * r_lo).unsqueeze(-1)), (hi * r_hi).unsqueeze(-1))
+                err = _gram_error(fake_quantize_grouped(clamped, bits, zero_point) - wg, h)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_lo = torch.where(better, r_lo, best_lo)
