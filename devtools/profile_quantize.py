@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import time
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--no-profile", action="store_true", help="phase times only (no cProfile overhead)")
     ap.add_argument("--out", default=None, help="also write the statistics to this file")
+    ap.add_argument("--options", default="{}", help='more awq_config keywords as JSON, e.g. \'{"search_loss": "linear"}\'')
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32)
@@ -40,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_profile:
         prof.enable()
     report = quantize(model, list(batches(calib, 8)), bits=args.bits, group_size=args.group_size,
-                      max_search_samples=args.search_samples, verbose=False)
+                      max_search_samples=args.search_samples, verbose=False, **json.loads(args.options))
     if not args.no_profile:
         prof.disable()
     total = time.perf_counter() - t0
-    print(f"total {total:.1f} s; phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.times.items()))
+    print(f"calibration + convert {total:.1f} s; convert phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.times.items()))
     if args.no_profile:
         return
     buf = io.StringIO()

@@ -7,6 +7,7 @@ names, so any calibration loop works. Memory is bounded: per linear a float64 ve
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +44,40 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
+#: The last input whose |x| column sums were computed: ``(weakref to the tensor, its version
+#: counter, the sums)``. Linears called on one tensor (q/k/v, gate/up) reuse the sums.
+_last_sums: tuple[Any, int, torch.Tensor] | None = None
+
+
+def _abs_column_sums(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Sum of |x| over all rows, per channel, in float64 (shared by observers of one tensor)."""
+    global _last_sums
+    last = _last_sums
+    if last is not None and last[0]() is x and last[1] == x._version:
+        return last[2]
+    x2 = x.detach().reshape(-1, in_features)
+    # sum |x| over rows in float64, a few rows at a time: whole-activation temporaries
+    # (|x|, isfinite masks, float64 copies: up to 64 MiB for 1024 tokens x 8192) fragment
+    # the heap during the user's calibration loop; a non-finite input makes its
+    # column's sum non-finite, so one check of the sums finds it
+    step = max(1, (1 << 17) // in_features)
+    s = torch.zeros(in_features, dtype=torch.float64, device=x2.device)
+    for r0 in range(0, x2.shape[0], step):
+        s += torch.linalg.vector_norm(x2[r0 : r0 + step], 1, dim=0, dtype=torch.float64)
+    release_freed_memory()
+    try:
+        _last_sums = (weakref.ref(x), x._version, s)
+    except TypeError:  # pragma: no cover - a tensor type without weak references
+        _last_sums = None
+    return s
+
+
 class ChannelStatsObserver:
     """Per-input-channel mean |x| of one linear layer's input, accumulated in float64.
 
     Also counts rows and remembers whether a non-finite value was seen (with the batch index),
-    so convert can name the layer instead of producing NaN scales.
+    so convert can name the layer instead of producing NaN scales. Observers of linears that
+    read the same tensor (q/k/v, gate/up) compute its sums once.
     """
 
     def __init__(self, name: str, in_features: int) -> None:
@@ -62,26 +92,17 @@ class ChannelStatsObserver:
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self.enabled or not args or not isinstance(args[0], torch.Tensor):
             return
-        x = args[0].detach()
+        x = args[0]
         self.calls += 1
         if x.shape[-1] != self.in_features or x.numel() == 0:
             return
-        x2 = x.reshape(-1, self.in_features)
-        # sum |x| over rows in float64, a few rows at a time: whole-activation temporaries
-        # (|x|, isfinite masks, float64 copies: up to 64 MiB for 1024 tokens x 8192) fragment
-        # the heap during the user's calibration loop; a non-finite input makes its
-        # column's sum non-finite, so one check of the sums finds it
-        step = max(1, (1 << 17) // self.in_features)
-        s = torch.zeros(self.in_features, dtype=torch.float64, device=x2.device)
-        for r0 in range(0, x2.shape[0], step):
-            s += torch.linalg.vector_norm(x2[r0 : r0 + step], 1, dim=0, dtype=torch.float64)
+        s = _abs_column_sums(x, self.in_features)
         if not torch.isfinite(s).all():
             if self.nonfinite_call is None:
                 self.nonfinite_call = self.calls
             return
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
-        release_freed_memory()
-        self.rows += x2.shape[0]
+        self.rows += x.numel() // self.in_features
 
     def mean_abs(self) -> torch.Tensor | None:
         """Mean |x| per input channel (float64), or ``None`` if nothing was observed."""
