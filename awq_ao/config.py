@@ -345,7 +345,7 @@ def _validate(cfg: AWQConfig) -> None:
     _choice(cfg, "duo_scaling", (True, False, "both"))
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))
-    _choice(cfg, "search_loss", ("module", "linear"))
+    _choice(cfg, "search_loss", ("module", "linear", "attention"))
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 DuoScaling = bool | Literal["both"]
-SearchLoss = Literal["module", "linear"]
+SearchLoss = Literal["module", "linear", "attention"]
 Fallback = Literal["multiply", "skip"]
 ClipMode = Literal["range", "asymmetric", "symmetric"]
 Rounding = Literal["nearest", "gptq"]
@@ -74,7 +74,9 @@ class SearchOptions:
             search sample for every candidate. ``"linear"``: the consumers' own output error,
             computed from their input's Gram (``N K^2`` multiply-adds per candidate instead of
             a module forward over every token); the softmax and the MLP's gating are not seen.
-            Groups whose enclosing module is the consumer itself score the same either way.
+            ``"attention"``: the module's output for groups feeding attention queries or keys
+            (the softmax seen), the linears' own outputs for every other group. Groups whose
+            enclosing module is the consumer itself score the same every way.
             (Flat ``search_loss``.)
         max_samples: bound on calibration memory: at most this many batch rows (e.g.
             sequences) of the calibration calls are kept for the search; statistics still use

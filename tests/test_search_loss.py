@@ -72,3 +72,22 @@ def test_linear_loss_picks_the_alpha_with_the_least_qkv_output_error():
 def test_search_loss_is_validated():
     with pytest.raises(ValueError, match="search_loss"):
         awq_ao.awq_config(search_loss="mlp")
+
+
+def test_attention_loss_runs_the_attention_but_not_the_mlp_per_candidate():
+    model = tiny_model("llama", layers=1)
+    data = token_batches(2, 2, 16)
+    counts = {}
+    for mode in ("module", "attention", "linear"):
+        m = copy.deepcopy(model)
+        layer = m.model.layers[0]
+        n = {"attn": 0, "mlp": 0}
+        hs = [layer.self_attn.register_forward_pre_hook(lambda *a: n.__setitem__("attn", n["attn"] + 1)),
+              layer.mlp.register_forward_pre_hook(lambda *a: n.__setitem__("mlp", n["mlp"] + 1))]
+        awq_ao.quantize(m, data, group_size=32, n_grid=10, sequential=False, search_loss=mode,
+                        verbose=False, progress=False)
+        for h in hs:
+            h.remove()
+        counts[mode] = n
+    assert counts["attention"]["attn"] == counts["module"]["attn"] >= counts["linear"]["attn"] + 10
+    assert counts["attention"]["mlp"] == counts["linear"]["mlp"] <= counts["module"]["mlp"] - 10

@@ -236,6 +236,13 @@ def use_gram_loss(tokens: int, k: int, rows: int, candidates: int, have_gram: bo
     return gram < direct
 
 
+def _module_loss(search_loss: str, g: ScaleGroup, qk_linears: set[str]) -> bool:
+    """Whether group ``g`` is scored on its enclosing module's output (see ``search_loss``)."""
+    if search_loss == "attention":
+        return bool(set(g.consumers) & qk_linears)
+    return search_loss == "module"
+
+
 class ScaleSearch:
     """Runs the scale search for every group during one forward of the search sample."""
 
@@ -264,7 +271,7 @@ class ScaleSearch:
         for i, g in enumerate(analysis.groups):
             if not g.consumers:
                 continue
-            if g.inspect is None or config.search_loss == "linear":
+            if g.inspect is None or not _module_loss(config.search_loss, g, analysis.qk_linears):
                 self._direct.setdefault(g.consumers[0], []).append(i)
             else:
                 self._by_inspect.setdefault(g.inspect, []).append(i)
