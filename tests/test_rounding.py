@@ -203,3 +203,17 @@ def test_linears_sharing_an_input_round_together_as_they_would_alone():
     alone = [error_feedback_codes(w, s, z, h, 4, 32, cfg.gptq_damp) for w, (s, z) in zip(ws, params, strict=True)]
     for a, b in zip(together, alone, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 5])
+def test_inputs_are_left_unchanged(n, dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, 16, generator=gen, dtype=dtype)
+    x = correlated(64, 16, gen).to(dtype)
+    h = full_gram(x)
+    scale, zero = quant_params(w, 4, 8)
+    before = [t.clone() for t in (w, scale, zero, h)]
+    error_feedback_codes(w, scale, zero, h, 4, 8, block=4)
+    for t, b in zip((w, scale, zero, h), before, strict=True):
+        assert torch.equal(t, b)

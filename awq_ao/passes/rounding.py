@@ -137,28 +137,33 @@ def error_feedback_codes(
     del hc
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     rows_per_chunk = rows_per_chunk or max(1024, ROUND_CHUNK_ELEMS // k)
+    diag = torch.diagonal(u).tolist()
+    cols = perm.tolist() if perm is not None else list(range(k))
     for r0 in range(0, n, rows_per_chunk):
+        # columns as contiguous rows ([K, n]): every per-column step reads and writes one
+        # contiguous vector instead of a stride-K column
         wr = w[r0 : r0 + rows_per_chunk].to(cdt)
-        wr = wr[:, perm] if perm is not None else wr.clone()
-        rows = wr.shape[0]
-        s = scale[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]  # [n, K]
-        z = zero[r0 : r0 + rows_per_chunk].to(w.device, cdt)[:, col_group]
-        out = codes[r0 : r0 + rows]
+        wt = (wr[:, perm] if perm is not None else wr).t().clone(memory_format=torch.contiguous_format)  # a copy, always
+        rows = wt.shape[1]
+        st = scale[r0 : r0 + rows].to(w.device, cdt).t()[col_group].contiguous()  # [K, n]
+        zt = zero[r0 : r0 + rows].to(w.device, cdt).t()[col_group].contiguous()
+        out = torch.empty(k, rows, dtype=torch.uint8, device=w.device)
         for b0 in range(0, k, block):
             b1 = min(b0 + block, k)
-            wb = wr[:, b0:b1]
+            wb = wt[b0:b1]
             err = torch.empty_like(wb)
             for i in range(b1 - b0):
                 c = b0 + i
-                q = (torch.round(wb[:, i] / s[:, c]) + z[:, c]).clamp(0, max_int)
-                col = perm[c] if perm is not None else c
-                out[:, col] = q.to(torch.uint8)
-                e = (wb[:, i] - (q - z[:, c]) * s[:, c]) / u[c, c]
-                err[:, i] = e
+                sc, zc = st[c], zt[c]
+                q = (torch.round(wb[i] / sc) + zc).clamp_(0, max_int)
+                out[cols[c]] = q.to(torch.uint8)
+                e = (wb[i] - (q - zc) * sc) / diag[c]
+                err[i] = e
                 if i + 1 < b1 - b0:
-                    wb[:, i + 1 :] -= e[:, None] * u[c, c + 1 : b1][None, :]
+                    wb[i + 1 :] -= u[c, c + 1 : b1][:, None] * e[None, :]
             if b1 < k:
-                wr[:, b1:] -= err @ u[b0:b1, b1:]
+                wt[b1:] -= u[b0:b1, b1:].t() @ err
+        codes[r0 : r0 + rows] = out.t()
     return codes
 
 
