@@ -486,6 +486,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             fallback=fallback,
             max_search_samples=args.search_samples,
             rounding=args.rounding,
+            **{k: v for k, v in (("search_loss", args.search_loss), ("gptq_act_order", args.act_order)) if v is not None},
             progress=not args.no_progress,
             verbose=False,
             **layerwise,
@@ -763,6 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--search-samples", type=_int_type(1, "an integer >= 1"), default=16, help="calibration sequences kept for the scale/clip search (default 16)")
     q.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
                    help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
+    q.add_argument("--search-loss", choices=["module", "linear", "attention"], default=None,
+                   help="what candidate scales are scored on (default: the library's; see docs/options.md)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq rounding: columns in order of decreasing input energy (default: the library's)")
     q.add_argument("--sequential", action="store_true",
                    help="force layer-by-layer convert with the model kept on the CPU (with --device cuda each block visits the GPU). "
                         "Default: layer by layer wherever one stack of repeated blocks holds the linears, with the model on --device")
