@@ -169,3 +169,24 @@ def test_generate_from_cli_checkpoint(tmp_path):
         out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 8)
     assert isinstance(tok.decode(out[0]), str)
+
+
+def test_quantize_search_loss_and_act_order_flags_reach_the_config(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import awq_ao
+
+    seen: list[dict] = []
+    real = awq_ao.quantize
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(awq_ao, "quantize", spy)
+    common = ["--calib", text_file, "--n-samples", 2, "--seq-len", 32, "--batch-size", 2, "--no-progress", "--quiet"]
+    rc, _, err = run(["quantize", model_dir, "--out", tmp_path / "a", "--group-size", 32, "--search-loss", "linear",
+                      "--no-act-order", *common], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["quantize", model_dir, "--out", tmp_path / "b", "--group-size", 32, *common], capsys)
+    assert rc == 0, err
+    assert seen[0]["search_loss"] == "linear" and seen[0]["gptq_act_order"] is False
+    assert "search_loss" not in seen[1] and "gptq_act_order" not in seen[1]  # the library defaults
