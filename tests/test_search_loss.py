@@ -82,8 +82,8 @@ def test_attention_loss_runs_the_attention_but_not_the_mlp_per_candidate():
         m = copy.deepcopy(model)
         layer = m.model.layers[0]
         n = {"attn": 0, "mlp": 0}
-        hs = [layer.self_attn.register_forward_pre_hook(lambda *a: n.__setitem__("attn", n["attn"] + 1)),
-              layer.mlp.register_forward_pre_hook(lambda *a: n.__setitem__("mlp", n["mlp"] + 1))]
+        hs = [layer.self_attn.register_forward_pre_hook(lambda *a, n=n: n.__setitem__("attn", n["attn"] + 1)),
+              layer.mlp.register_forward_pre_hook(lambda *a, n=n: n.__setitem__("mlp", n["mlp"] + 1))]
         awq_ao.quantize(m, data, group_size=32, n_grid=10, sequential=False, search_loss=mode,
                         verbose=False, progress=False)
         for h in hs:
