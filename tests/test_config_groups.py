@@ -36,7 +36,7 @@ OTHER = {
     "search_loss": "linear", "max_search_samples": 4, "fallback": "skip",
     "clip": False, "clip_grid": 20, "clip_mode": "range", "max_shrink": 0.25, "clip_qk": True,
     "clip_tokens": 256,
-    "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": True, "max_gram_gib": 1.5,
+    "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": False, "max_gram_gib": 1.5,
     "skip": ("lm_head",), "include": ("model.layers.*",), "experts": False,
     "sequential": True, "device": "cpu", "split_blocks": True, "spill_dir": "/tmp",
     "on_capture_error": "hook_only", "progress": False, "verbose": False,

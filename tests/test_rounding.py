@@ -200,7 +200,7 @@ def test_linears_sharing_an_input_round_together_as_they_would_alone():
     params = [quant_params(w, 4, 32, True) for w in ws]
     cfg = awq_config(group_size=32)
     together = round_weights(ws, params, h, cfg)
-    alone = [error_feedback_codes(w, s, z, h, 4, 32, cfg.gptq_damp) for w, (s, z) in zip(ws, params, strict=True)]
+    alone = [error_feedback_codes(w, s, z, h, 4, 32, cfg.gptq_damp, act_order=cfg.gptq_act_order) for w, (s, z) in zip(ws, params, strict=True)]
     for a, b in zip(together, alone, strict=True):
         assert torch.equal(a, b)
 
