@@ -15,6 +15,7 @@ Conventions (used everywhere in awq_ao):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -34,9 +35,24 @@ def effective_group_size(in_features: int, group_size: int) -> int:
     return in_features if group_size == -1 else group_size
 
 
+class GroupGeometry(NamedTuple):
+    """How ``in_features`` columns split into quantization groups."""
+
+    size: int  #: columns per group (``in_features`` for ``group_size=-1``)
+    count: int  #: number of groups (the last one may be ragged)
+    pad: int  #: columns that pad the ragged last group to ``size``
+
+
+def group_geometry(in_features: int, group_size: int) -> GroupGeometry:
+    """The one place the group geometry of a weight with ``in_features`` columns is computed."""
+    g = effective_group_size(in_features, group_size)
+    count = math.ceil(in_features / g)
+    return GroupGeometry(g, count, count * g - in_features)
+
+
 def num_groups(in_features: int, group_size: int) -> int:
     """Number of groups along K (the last one may be ragged)."""
-    return math.ceil(in_features / effective_group_size(in_features, group_size))
+    return group_geometry(in_features, group_size).count
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
@@ -46,8 +62,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     Returns the grouped tensor and the number of padded columns.
     """
     n, k = w.shape
-    g = effective_group_size(k, group_size)
-    pad = (-k) % g
+    g, _, pad = group_geometry(k, group_size)
     if pad:
         w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
     return w.reshape(n, -1, g), pad
@@ -95,8 +110,7 @@ def dequantize_codes(
 ) -> torch.Tensor:
     """``(codes - zero) * scale`` as ``dtype [N, K]``; inverse of :func:`quantize_codes`."""
     n, k = codes.shape
-    g = effective_group_size(k, group_size)
-    pad = (-k) % g
+    g, _, pad = group_geometry(k, group_size)
     c = codes
     if pad:
         c = torch.cat([c, c.new_zeros(n, pad)], dim=1)

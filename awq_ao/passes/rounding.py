@@ -14,12 +14,11 @@ columns in blocks of ``block`` with one matrix product per block for the later c
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from awq_ao.lowering.quant_math import effective_group_size
+from awq_ao.lowering.quant_math import group_geometry
 
 
 def sample_tokens(x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
@@ -45,9 +44,7 @@ def group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
     Equals :func:`search.group_gram` of the same tokens (ragged last group zero-padded).
     """
     k = h.shape[0]
-    g = effective_group_size(k, group_size)
-    groups = math.ceil(k / g)
-    pad = groups * g - k
+    g, groups, pad = group_geometry(k, group_size)
     hp = torch.nn.functional.pad(h, (0, pad, 0, pad)) if pad else h
     idx = torch.arange(groups, device=h.device)
     return hp.view(groups, g, groups, g)[idx, :, idx, :]
@@ -123,7 +120,7 @@ def error_feedback_codes(
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"error_feedback_round: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
-    g = effective_group_size(k, group_size)
+    g = group_geometry(k, group_size).size
     max_int = 2**bits - 1
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     hc = h.to(w.device, cdt)
@@ -179,7 +176,7 @@ def error_feedback_round(
     """
     codes = error_feedback_codes(w, scale, zero, h, bits, group_size, **options)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    g = effective_group_size(w.shape[1], group_size)
+    g = group_geometry(w.shape[1], group_size).size
     col_group = torch.arange(w.shape[1], device=w.device) // g
     s = scale.to(w.device, cdt)[:, col_group]
     z = zero.to(w.device, cdt)[:, col_group]

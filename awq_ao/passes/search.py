@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.quant_math import effective_group_size, fake_quantize, fake_quantize_grouped
+from awq_ao.lowering.quant_math import fake_quantize, fake_quantize_grouped, group_geometry
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
@@ -59,8 +59,7 @@ def tie_mean(v: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |w| normalised by its group's max, per input channel."""
     k = weights[0].shape[1]
-    g = effective_group_size(k, group_size)
-    pad = (-k) % g
+    g, _, pad = group_geometry(k, group_size)
     total = torch.zeros(k + pad, dtype=torch.float32, device=weights[0].device)
     n = 0
     for w in weights:
@@ -462,10 +461,8 @@ def group_gram(x: torch.Tensor, group_size: int, max_tokens: int | None = None) 
     """
     x2 = sample_tokens(x, max_tokens)
     t, k = x2.shape
-    g = effective_group_size(k, group_size)
-    groups = math.ceil(k / g)
+    g, groups, pad = group_geometry(k, group_size)
     xf = x2.float()
-    pad = groups * g - k
     if pad:
         xf = torch.cat([xf, xf.new_zeros(t, pad)], dim=1)
     xg = xf.view(t, groups, g).permute(1, 0, 2)  # [G, T, g]
@@ -512,9 +509,7 @@ def clip_ratios(
     of ``rows_per_chunk`` (their temporaries stay in cache).
     """
     n, k = w.shape
-    g = effective_group_size(k, group_size)
-    groups = math.ceil(k / g)
-    pad = groups * g - k
+    g, groups, pad = group_geometry(k, group_size)
     h = x.to(w.device, torch.float32) if x.dim() == 3 else group_gram(x.to(w.device), group_size)
     if h.shape != (groups, g, g):
         raise ValueError(f"clip_ratios: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
@@ -558,8 +553,7 @@ def apply_clip(
     ``ratios`` is ``[N, G]`` (one ratio for both bounds) or ``[N, G, 2]`` (lower, upper).
     """
     n, k = w.shape
-    g = effective_group_size(k, group_size)
-    pad = (-k) % g
+    g, _, pad = group_geometry(k, group_size)
     r = ratios.to(w.device)
     r_lo, r_hi = (r[..., 0], r[..., 1]) if r.dim() == 3 else (r, r)
     out = torch.empty_like(w)
