@@ -274,10 +274,10 @@ def quantize_linears(
     excluded = set(getattr(analysis, "excluded", set()) or set())
     bar = progress(len(targets), "awq quantize", config.progress and not prefix)
     pending: list[tuple[str, str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
-    shared: dict[str, Any] = {"key": None, "grams": (None, None)}
+    key: tuple | None = None
+    group_gram = full = None
 
-    def flush() -> None:
-        full = shared["grams"][1]
+    def flush() -> None:  # round and pack the linears waiting on the Gram ``full``
         if pending:
             codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config)
             report.error_feedback += len(pending)
@@ -301,12 +301,11 @@ def quantize_linears(
         conv = type(mod).__name__ == "Conv1D"
         w_target = weight_2d(mod, conv).detach()  # scaled, not clipped
         gram, scale = clip_inputs.get(name), scale_of.get(name)
-        key = (id(gram), id(scale), w_target.shape[1], w_target.device) if gram is not None else None
-        if key is None or key != shared["key"]:
+        new_key = (id(gram), id(scale), w_target.shape[1], w_target.device) if gram is not None else None
+        if new_key is None or new_key != key:
             flush()
-            shared["key"] = key
-            shared["grams"] = input_grams(gram, scale, w_target.device, config.group_size)
-        group_gram, full = shared["grams"]
+            key = new_key
+            group_gram, full = input_grams(gram, scale, w_target.device, config.group_size)
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
             w_grid = clip_weight(w_target, group_gram, config)
