@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torchao.quantization import quantize_
 
 from awq_ao.config import awq_config, whole_model
 from awq_ao.passes.convert import CalibrationError
+from awq_ao.progress import RunProgress, plan_quantization, rows_of, run_progress, tokens_of
 from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
 
@@ -22,6 +23,30 @@ def _call(model: nn.Module, batch: Any) -> None:
         model(*batch)
     else:
         model(batch)
+
+
+def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config: Any) -> Callable[[Any], float]:
+    """Plan the run's phases before calibration; returns a batch's calibration cost.
+
+    Where the batches can be counted (a list or tuple) the calibration and the search sample
+    (the first batches up to ``max_search_samples`` rows, as the recorder keeps them) are
+    planned from them; an iterator is planned when convert sees the recorded sample.
+    """
+    state = get_state(model)
+    targets = list(state.targets) if state is not None else []
+    sized = isinstance(calibration, (list, tuple))
+    batches = list(calibration) if sized else []
+    search, rows = 0, 0
+    for b in batches:
+        if rows >= config.max_search_samples:
+            break
+        search += tokens_of(b)
+        rows += rows_of(b)
+    total = sum(tokens_of(b) for b in batches)
+    if sized:
+        plan_quantization(run, model, targets, config, search, calibration_tokens=total)
+    per_token = run.totals.get("calibrate", 0.0) / total if total else 0.0
+    return lambda batch: per_token * tokens_of(batch)
 
 
 def quantize(
@@ -76,18 +101,22 @@ def quantize(
             "calibration batches are not used (error-feedback rounding alone: clip=True, max_shrink=0.0).",
             stacklevel=2,
         )
-    if cfg_convert.needs_calibration:
-        if calibration is None:
-            raise CalibrationError("calibration batches are required (or pass scale_search=False, clip=False).")
-        quantize_(model, cfg_prepare, filter_fn=whole_model)
-        n = 0
-        with torch.no_grad():
-            for batch in calibration:
-                _call(model, batch)
-                n += 1
-        if n == 0:
-            raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
-    quantize_(model, cfg_convert, filter_fn=whole_model)
+    with run_progress(cfg_convert.progress) as (run, _owned):
+        if cfg_convert.needs_calibration:
+            if calibration is None:
+                raise CalibrationError("calibration batches are required (or pass scale_search=False, clip=False).")
+            quantize_(model, cfg_prepare, filter_fn=whole_model)
+            cost = _plan(run, model, calibration, cfg_convert)
+            n = 0
+            with torch.no_grad():
+                for batch in calibration:
+                    _call(model, batch)
+                    n += 1
+                    run.advance("calibrate", cost(batch), f"batch {n}")
+            if n == 0:
+                raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
+            run.finish("calibrate")
+        quantize_(model, cfg_convert, filter_fn=whole_model)
     state = get_state(model)
     assert state is not None and state.report is not None
     return state.report

@@ -420,6 +420,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ao.calibration import CalibrationDataError, token_blocks
     from awq_ao.checkpoint import save_quantized
     from awq_ao.checkpoint.save import check_output_dir
+    from awq_ao.progress import CostModel, run_progress
 
     # every argument is checked before the (slow) model load
     if args.sequential and args.in_memory:
@@ -476,36 +477,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         layerwise = dict(sequential=False)
     else:  # automatic: layer by layer where one block stack holds the linears, blocks stay where the model is
         layerwise = dict(spill_dir=args.spill_dir)
-    with torch.no_grad():
-        report = awq_ao.quantize(
-            model,
-            batches,
-            bits=args.bits,
-            group_size=args.group_size,
-            zero_point=not args.no_zero_point,
-            fallback=fallback,
-            max_search_samples=args.search_samples,
-            rounding=args.rounding,
-            **{k: v for k, v in (("search_loss", args.search_loss), ("gptq_act_order", args.act_order)) if v is not None},
-            progress=not args.no_progress,
-            verbose=False,
-            **layerwise,
+    with run_progress(not args.no_progress) as (run, _owned):  # one bar: calibration .. saving
+        run.plan("save", sum(CostModel(None).save(o, k) for _, o, k in _linear_shapes(model)))
+        with torch.no_grad():
+            report = awq_ao.quantize(
+                model,
+                batches,
+                bits=args.bits,
+                group_size=args.group_size,
+                zero_point=not args.no_zero_point,
+                fallback=fallback,
+                max_search_samples=args.search_samples,
+                rounding=args.rounding,
+                **{k: v for k, v in (("search_loss", args.search_loss), ("gptq_act_order", args.act_order)) if v is not None},
+                progress=not args.no_progress,
+                verbose=False,
+                **layerwise,
+            )
+        phases.done("quantization", f"{len(report.quantized)} linears quantized")
+        if not args.quiet:
+            run.write(report.summary(), sys.stdout)
+        card = {
+            "calibration": label,
+            "calibration samples": f"{args.n_samples} x {args.seq_len} tokens",
+            "chat template": "yes" if args.chat_template else "no",
+        }
+        out = save_quantized(
+            model, args.out, tokenizer=tok, format=args.format, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, progress=not args.no_progress, dtype=args.save_dtype,
+            model_card=card,
         )
-    phases.done("quantization", f"{len(report.quantized)} linears quantized")
-    if not args.quiet:
-        print(report.summary())
-    card = {
-        "calibration": label,
-        "calibration samples": f"{args.n_samples} x {args.seq_len} tokens",
-        "chat template": "yes" if args.chat_template else "no",
-    }
-    out = save_quantized(
-        model, args.out, tokenizer=tok, format=args.format, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, progress=not args.no_progress, dtype=args.save_dtype,
-        model_card=card,
-    )
-    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    phases.done("saving", f"{args.format}, {_human(size)}")
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        phases.done("saving", f"{args.format}, {_human(size)}")
     print(f"saved {args.format} checkpoint to {out} ({_human(size)}) in {time.perf_counter() - phases.start:.1f}s")
     phases.total()
     return 0
@@ -723,7 +726,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _log(args: argparse.Namespace, msg: str) -> None:
     if not getattr(args, "quiet", False):
-        print(msg, file=sys.stderr)
+        from awq_ao.progress import current
+
+        run = current()
+        if run is not None:
+            run.write(msg)  # above the run's bar, not through it
+        else:
+            print(msg, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

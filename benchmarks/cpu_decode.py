@@ -59,7 +59,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -70,6 +69,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # devtools/
     sys.path.insert(0, str(ROOT))
+from benchmarks.machine import cpu_info  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP = "llamacpp_q4_0"
 VARIANTS = ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16", LLAMACPP]
@@ -88,17 +89,8 @@ def variant_modes(variant: str, modes: list[str]) -> list[str]:
 
 
 def machine_info() -> dict:
-    info: dict = {"python": platform.python_version(), "platform": platform.platform(),
-                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    flags: set[str] = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and "cpu" not in info:
-            info["cpu"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-    info["isa"] = ("amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags
-                   else "avx2" if "avx2" in flags else "other")
+    info: dict = cpu_info()
+    info["torch_threads"] = torch.get_num_threads()
     # kernels restricted below what the CPU has (e.g. ATEN_CPU_CAPABILITY=avx2 on an AVX512 CPU)
     info["isa_limits"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                       "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}

@@ -54,6 +54,7 @@ from awq_ao.checkpoint.model_card import model_card as make_model_card
 from awq_ao.checkpoint.vllm_compat import describe_issues, marlin_issues
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
+from awq_ao.progress import current
 
 __all__ = ["save_quantized", "parse_size"]
 
@@ -573,7 +574,10 @@ def _write_shards(
     chunks = [[(k, by_name[k]) for k in split.filename_to_tensors.get(f, [])] for f in names]
     n = len(chunks)
     bar = None
-    if progress and n > 1:
+    run = current()  # a run that planned saving (the CLI's quantize) shows it on its own bar
+    planned = run.totals.get("save", 0.0) if run is not None and run.planned("save") else None
+    everything = sum(t.numel() * t.element_size() for _, t in items) or 1
+    if planned is None and progress and n > 1:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="writing shards", leave=False)
@@ -590,6 +594,8 @@ def _write_shards(
             total += t.numel() * t.element_size()
         if bar is not None:
             bar.update(1)
+        if planned is not None:
+            run.advance("save", planned * sum(t.numel() * t.element_size() for _, t in chunk) / everything, fname)
     if bar is not None:
         bar.close()
     if n > 1:

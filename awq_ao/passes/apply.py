@@ -8,7 +8,6 @@ model or one decoder block); report rows get ``prefix`` + name.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,18 +22,8 @@ from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
 from awq_ao.passes.rounding import error_feedback_codes, group_blocks, scale_full_gram
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
+from awq_ao.progress import current
 from awq_ao.report import ConvertReport, GroupReport
-
-
-def progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (or None when disabled or tqdm is missing)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def add_time(report: ConvertReport, key: str, dt: float) -> None:
@@ -272,7 +261,13 @@ def quantize_linears(
     scale_of = scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
     excluded = set(getattr(analysis, "excluded", set()) or set())
-    bar = progress(len(targets), "awq quantize", config.progress and not prefix)
+    run = current()
+
+    def done(name: str) -> None:
+        report.quantized.append(prefix + name)
+        if run is not None:
+            run.linear_done("round", prefix + name)
+
     pending: list[tuple[str, str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
     key: tuple | None = None
     group_gram = full = None
@@ -283,9 +278,7 @@ def quantize_linears(
             report.error_feedback += len(pending)
             for (name, handling, _, params), c in zip(pending, codes, strict=True):
                 pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn, replacements)
-                report.quantized.append(prefix + name)
-                if bar is not None:
-                    bar.update(1)
+                done(name)
         pending.clear()
 
     for name in targets:
@@ -317,12 +310,8 @@ def quantize_linears(
             txn.set_param(mod, "weight", w_grid.t().contiguous() if conv else w_grid)
         del w_grid, w_target
         pack_linear(root, name, handling, None, None, input_scale.get(name), config, txn, replacements)
-        report.quantized.append(prefix + name)
-        if bar is not None:
-            bar.update(1)
+        done(name)
     flush()
-    if bar is not None:
-        bar.close()
 
 
 def apply_found(

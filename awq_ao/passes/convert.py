@@ -11,6 +11,7 @@ prepared, observers attached) before it propagates.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from typing import Any
@@ -24,6 +25,7 @@ from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import CaptureError, call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
+from awq_ao.progress import current, plan_quantization, run_progress, tokens_of
 from awq_ao.report import ConvertReport
 from awq_ao.state import AWQState, get_state, set_state
 
@@ -93,30 +95,34 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     if saved_use_cache:
         hf_config.use_cache = False
     try:
-        if not config.needs_calibration:
-            apply_found(model, None, {}, {}, targets, config, txn, report, replacements)
-        elif _layer_by_layer(model, targets, config, report):
-            from awq_ao.passes.sequential import convert_sequential
+        with run_progress(config.progress) as (run, _owned):
+            plan_quantization(run, model, targets, config, _search_tokens(state))
+            if not config.needs_calibration:
+                apply_found(model, None, {}, {}, targets, config, txn, report, replacements)
+            elif _layer_by_layer(model, targets, config, report):
+                from awq_ao.passes.sequential import convert_sequential
 
-            assert state is not None and state.recorder is not None
-            try:
-                convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
-            except CaptureError as e:
-                if config.sequential != "auto" or config.spill_dir is not None:
-                    raise
-                # "auto": a block that torch.export cannot take on its own (e.g. inputs that
-                # only make sense batched with the rest of the model) -> undo, search whole
-                txn.rollback()
-                txn.close()
-                txn = Transaction(None)
-                replacements.clear()
-                report = ConvertReport(config.bits, config.group_size, config.zero_point)
-                report.size_before = model_size_bytes(model)
-                report.mode = f"whole model at once (a block could not be captured on its own: {str(e).split('. ')[0]})"
+                assert state is not None and state.recorder is not None
+                try:
+                    convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
+                except CaptureError as e:
+                    if config.sequential != "auto" or config.spill_dir is not None:
+                        raise
+                    # "auto": a block that torch.export cannot take on its own (e.g. inputs that
+                    # only make sense batched with the rest of the model) -> undo, search whole
+                    txn.rollback()
+                    txn.close()
+                    txn = Transaction(None)
+                    replacements.clear()
+                    report = ConvertReport(config.bits, config.group_size, config.zero_point)
+                    report.size_before = model_size_bytes(model)
+                    report.mode = f"whole model at once (a block could not be captured on its own: {str(e).split('. ')[0]})"
+                    _whole_model(model, state, targets, observers, config, txn, report, replacements)
+            else:
+                assert state is not None
                 _whole_model(model, state, targets, observers, config, txn, report, replacements)
-        else:
-            assert state is not None
-            _whole_model(model, state, targets, observers, config, txn, report, replacements)
+            run.finish("search")
+            run.finish("round")
     except BaseException:
         if saved_use_cache:
             hf_config.use_cache = saved_use_cache
@@ -156,10 +162,19 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
             + ", ".join(report.unseen[:5])
         )
     if config.verbose:
-        print(report.summary())
+        run = current()
+        run.write(report.summary(), sys.stdout) if run is not None else print(report.summary())
     for w in report.warnings:
         warnings.warn(w, stacklevel=2)
     return report
+
+
+def _search_tokens(state: AWQState | None) -> int:
+    """Tokens of the kept search sample (the recorder's calls)."""
+    rec = state.recorder if state is not None else None
+    if rec is None:
+        return 0
+    return sum(tokens_of(c.args if c.args else c.kwargs) for c in rec.calls)
 
 
 def _whole_model(

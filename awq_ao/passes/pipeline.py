@@ -19,12 +19,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from awq_ao.config import AWQConfig
 from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall
-from awq_ao.passes.apply import add_time, apply_found, has_custom_forward, progress
+from awq_ao.passes.apply import add_time, apply_found, has_custom_forward
 from awq_ao.passes.capture import CaptureError, capture
 from awq_ao.passes.experts import plan_experts, search_experts
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.groups import GraphAnalysis, find_groups
 from awq_ao.passes.search import GroupResult, ScaleSearch
+from awq_ao.progress import current
 from awq_ao.report import ConvertReport
 
 
@@ -51,7 +52,7 @@ def awq_root(
     """
     analysis = analyze(root, first_call, targets, config, report)  # capture -> scale groups
     for stage, stage_targets in stages(analysis, targets, split):
-        results, grams = search(root, stage, args, kwargs, observers, config, report, label)  # data only
+        results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix)  # data only
         release_freed_memory()
         # fold the scales, then per linear: clip -> error-feedback round -> pack / swap
         apply_found(root, stage, results, grams, stage_targets, config, txn, report, replacements, prefix)
@@ -101,6 +102,7 @@ def search(
     config: AWQConfig,
     report: ConvertReport,
     label: str = "",
+    prefix: str = "",
 ) -> tuple[dict[int, GroupResult], dict[str, torch.Tensor]]:
     """Scale search (and experts search) on one replay of the sample; the model is untouched.
 
@@ -110,9 +112,17 @@ def search(
     if not any(g.consumers for g in analysis.groups) and getattr(analysis, "moe", None) is None:
         return {}, {}
     t0 = time.perf_counter()
-    n_groups = sum(1 for g in analysis.groups if g.consumers)
-    bar = progress(n_groups, f"awq search{label}", config.progress)
-    scale_search = ScaleSearch(root, analysis, observers, config, bar)
+    run = current()
+    detail = label.strip()
+
+    def on_group(g: Any) -> None:
+        if run is not None:
+            for c in g.consumers:
+                run.linear_done("search", prefix + c, detail)
+
+    if run is not None:
+        run.set_detail("search", detail)
+    scale_search = ScaleSearch(root, analysis, observers, config, on_group)
     was_training = root.training
     root.eval()
     try:
@@ -120,8 +130,6 @@ def search(
         search_experts(root, analysis, results, scale_search.clip_inputs, args, kwargs, config)
     finally:
         root.train(was_training)
-        if bar is not None:
-            bar.close()
     add_time(report, "search", time.perf_counter() - t0)
     return results, scale_search.clip_inputs
 

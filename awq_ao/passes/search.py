@@ -251,7 +251,7 @@ class ScaleSearch:
         analysis: GraphAnalysis,
         observers: dict[str, ChannelStatsObserver],
         config: AWQConfig,
-        progress: Any = None,
+        on_group: Any = None,
     ) -> None:
         self.model = model
         self.analysis = analysis
@@ -263,7 +263,7 @@ class ScaleSearch:
         self.clip_inputs: dict[str, torch.Tensor] = {}
         self._last_gram: tuple[torch.Tensor, torch.Tensor] | None = None
         self.active = True
-        self.progress = progress
+        self.on_group = on_group  # called with each searched group (progress)
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._by_inspect: dict[str, list[int]] = {}
         self._direct: dict[str, list[int]] = {}
@@ -323,8 +323,8 @@ class ScaleSearch:
             self.results[gi] = self._search(g, call, x)
         finally:
             self.active = True
-            if self.progress is not None:
-                self.progress.update(1)
+            if self.on_group is not None:
+                self.on_group(g)
 
     def _search(self, g: ScaleGroup, call: Any, x: torch.Tensor | None) -> GroupResult:
         cfg = self.config

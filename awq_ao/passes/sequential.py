@@ -159,7 +159,7 @@ def convert_sequential(
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
             awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, replacements,
-                     prefix, label=f" block {i}/{len(blocks)}", split=config.split_blocks)
+                     prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
         with torch.no_grad():
             out = block(*a, **kw)
