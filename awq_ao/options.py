@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------
-# option groups (plain records: AWQConfig validates them, see awq_ao.config._validate)
+# option groups (plain records: AWQConfig validates them, see awq_ao.config_checks.validate)
 # ------------------------------------------------------------------------------------------------
 
 
