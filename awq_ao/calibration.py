@@ -160,7 +160,11 @@ def token_blocks(
     """``[n_samples, seq_len]`` consecutive, non-overlapping token blocks of the rows joined
     by blank lines (each row put through the tokenizer's chat template if ``chat_template``).
 
-    Deterministic; reads only as much text as it needs.
+    Where the tokenizer puts a BOS in front of a text by itself (Gemma, Llama:
+    :func:`awq_ao.evaluation.leading_bos`), every block is that BOS followed by ``seq_len - 1``
+    text tokens, as the model sees a sequence at inference (Gemma without its ``<bos>`` is far
+    off its trained distribution); with a chat template the template's own tokens are kept as
+    they are. Deterministic; reads only as much text as it needs.
 
     Raises:
         CalibrationDataError: the rows give fewer than ``n_samples * seq_len`` tokens.
@@ -168,7 +172,11 @@ def token_blocks(
     for name, v in (("n_samples", n_samples), ("seq_len", seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise CalibrationDataError(f"{name} must be an integer >= 1, got {v!r}.")
-    need = n_samples * seq_len
+    from awq_ao.evaluation import leading_bos
+
+    bos = None if chat_template else leading_bos(tokenizer)
+    per_block = seq_len - 1 if bos is not None else seq_len
+    need = n_samples * per_block
     ids: list[int] = []
     pending: list[str] = []
     chars = 0
@@ -186,10 +194,13 @@ def token_blocks(
         ids += tokenizer("\n\n".join(pending), add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < need:
         raise CalibrationDataError(
-            f"the calibration data gives {len(ids)} tokens; {n_samples} x {seq_len} = {need} are needed. "
+            f"the calibration data gives {len(ids)} tokens; {n_samples} x {per_block} = {need} are needed. "
             "Use more text or fewer / shorter samples."
         )
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_samples, seq_len)
+    blocks = torch.tensor(ids[:need], dtype=torch.long).view(n_samples, per_block)
+    if bos is not None:
+        blocks = torch.cat([blocks.new_full((n_samples, 1), bos), blocks], dim=1)
+    return blocks
 
 
 def calibration_batches(

@@ -520,7 +520,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from awq_ao.checkpoint import load_quantized
-    from awq_ao.evaluation import perplexity
+    from awq_ao.evaluation import leading_bos, perplexity, text_ids
 
     text_path = Path(args.text).expanduser()
     if not text_path.is_file():
@@ -550,10 +550,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kind = f"model: unquantized ({str(dtype).removeprefix('torch.')}, full precision): baseline perplexity"
     _log(args, f"loaded {args.dir} in {time.perf_counter() - t0:.1f}s")
     text = _eval_text(text_path, args.text_format)
-    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
+    bos = leading_bos(tok)  # Gemma/Llama: every window starts with <bos>, as the benchmarks' do
+    ids = text_ids(tok, text, bos)
     with torch.no_grad():
         try:
-            ppl, n = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.windows, progress=not args.no_progress)
+            ppl, n = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.windows,
+                                progress=not args.no_progress, bos_token_id=bos)
         except ValueError as e:
             raise CLIError(str(e)) from e
     if kind:

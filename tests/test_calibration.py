@@ -99,3 +99,28 @@ def test_quantize_with_tokenizer_and_dataset(tok):
 def test_text_options_without_a_tokenizer_are_an_error():
     with pytest.raises(CalibrationError, match="n_samples, seq_len need tokenizer"):
         awq_ao.quantize(tiny_model("llama"), [torch.zeros(1, 4, dtype=torch.long)], n_samples=8, seq_len=64)
+
+
+def _bos_char_tokenizer():
+    """A character tokenizer that, like Gemma's and Llama's, puts <bos> in front of a text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<bos>"], vocab["[UNK]"] = 95, 96
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 95)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>")
+
+
+def test_token_blocks_start_with_the_tokenizers_own_bos():
+    tok = _bos_char_tokenizer()
+    assert tok("ab").input_ids == [95, 65, 66]
+    blocks = token_blocks(tok, [SAMPLE_TEXT], n_samples=3, seq_len=20)
+    assert blocks.shape == (3, 20) and (blocks[:, 0] == 95).all()
+    text = tok(SAMPLE_TEXT, add_special_tokens=False).input_ids
+    assert blocks[:, 1:].reshape(-1).tolist() == text[: 3 * 19]  # consecutive text, no token lost
+    # a tokenizer without a BOS of its own: blocks are the text cut in pieces, as before
+    plain = token_blocks(char_tokenizer(), [SAMPLE_TEXT], n_samples=3, seq_len=20)
+    assert plain.reshape(-1).tolist() == char_tokenizer()(SAMPLE_TEXT).input_ids[:60]
