@@ -728,13 +728,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _log(args: argparse.Namespace, msg: str) -> None:
     if not getattr(args, "quiet", False):
-        from awq_ao.progress import current
+        from awq_ao.progress import write
 
-        run = current()
-        if run is not None:
-            run.write(msg)  # above the run's bar, not through it
-        else:
-            print(msg, file=sys.stderr)
+        write(msg)  # above a running bar, not through it
 
 
 def build_parser() -> argparse.ArgumentParser:

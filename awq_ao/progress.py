@@ -264,29 +264,44 @@ def plan_quantization(
     return cm
 
 
+def _first_input(batch: Any) -> Any:
+    """The tensor that carries a model input's tokens: ``input_ids`` (or ``inputs_embeds``)
+    of a dict, the first element of a tuple/list, or the batch itself."""
+    if isinstance(batch, dict):
+        return batch.get("input_ids", batch.get("inputs_embeds", next(iter(batch.values()), None)))
+    if isinstance(batch, (tuple, list)):
+        return batch[0] if batch else None
+    return batch
+
+
 def tokens_of(batch: Any) -> int:
     """Tokens in one model input: ``[B, S]`` ids (or ``[B, S, H]`` embeddings) count ``B x S``."""
     import torch
 
-    if isinstance(batch, dict):
-        batch = batch.get("input_ids", batch.get("inputs_embeds", next(iter(batch.values()), None)))
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0] if batch else None
-    if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
+    t = _first_input(batch)
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return 0
-    if batch.is_floating_point() and batch.dim() >= 2:
-        return batch.numel() // batch.shape[-1]
-    return batch.numel()
+    if t.is_floating_point() and t.dim() >= 2:
+        return t.numel() // t.shape[-1]
+    return t.numel()
 
 
 def rows_of(batch: Any) -> int:
     """Batch rows of one model input (1 for an unbatched tensor)."""
     import torch
 
-    if isinstance(batch, dict):
-        batch = batch.get("input_ids", batch.get("inputs_embeds", next(iter(batch.values()), None)))
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0] if batch else None
-    if not isinstance(batch, torch.Tensor) or batch.dim() < 2:
+    t = _first_input(batch)
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
         return 1
-    return int(batch.shape[0])
+    return int(t.shape[0])
+
+
+def write(msg: str, file: Any = None) -> None:
+    """Print ``msg`` (default: to stderr) above the running bar, or plainly when none runs."""
+    run = current()
+    if run is not None:
+        run.write(msg, file)
+    else:
+        import sys
+
+        print(msg, file=sys.stderr if file is None else file)

@@ -589,13 +589,14 @@ def _write_shards(
         save_file(tensors, str(path), metadata=metadata)
         os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600
         _fsync_path(path)
-        for k, t in chunk:
+        chunk_bytes = sum(t.numel() * t.element_size() for _, t in chunk)
+        for k, _ in chunk:
             weight_map[k] = fname
-            total += t.numel() * t.element_size()
+        total += chunk_bytes
         if bar is not None:
             bar.update(1)
         if planned is not None:
-            run.advance("save", planned * sum(t.numel() * t.element_size() for _, t in chunk) / everything, fname)
+            run.advance("save", planned * chunk_bytes / everything, fname)
     if bar is not None:
         bar.close()
     if n > 1:

@@ -25,7 +25,7 @@ from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import CaptureError, call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
-from awq_ao.progress import current, plan_quantization, run_progress, tokens_of
+from awq_ao.progress import plan_quantization, run_progress, tokens_of, write
 from awq_ao.report import ConvertReport
 from awq_ao.state import AWQState, get_state, set_state
 
@@ -162,8 +162,7 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
             + ", ".join(report.unseen[:5])
         )
     if config.verbose:
-        run = current()
-        run.write(report.summary(), sys.stdout) if run is not None else print(report.summary())
+        write(report.summary(), sys.stdout)
     for w in report.warnings:
         warnings.warn(w, stacklevel=2)
     return report
