@@ -334,7 +334,6 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
 
     import awq_ao
     from awq_ao.lowering import Int4WeightTensor
-    from awq_ao.lowering.int4_experts import Int4ExpertsTensor
     from awq_ao.observers.attach import accepts_kwarg, is_quantizable
     from devtools.tiny_configs import TinyConfigError
 
@@ -405,7 +404,7 @@ def _run_arch(name: str, do_compile: bool, seed: int) -> ArchResult:
             res.unseen = len(report.unseen)
             res.expert_params_unquantized = sum(
                 1 for n, p in model.named_parameters()
-                if p.dim() >= 3 and "expert" in n and not isinstance(p, (Int4WeightTensor, Int4ExpertsTensor))
+                if p.dim() >= 3 and "expert" in n and not isinstance(p, Int4WeightTensor)
             )
             stage = "eager"
             out = _forward(model, test_ids)

@@ -287,6 +287,71 @@ def test_state_dict_save_load():
 
 
 # ------------------------------------------------------------------------------------------
+# 3-D (MoE experts) weights: the same class with a leading expert dim
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["nibble", "byte", "cpu_tinygemm"])
+def test_experts_weight_is_stacked_2d_slabs(transposed, layout):
+    if layout == "cpu_tinygemm" and not HAS_TINYGEMM:
+        pytest.skip("no CPU tinygemm in this build")
+    e, n, k, gs = 3, 32, 96, 32  # ragged last group on the 2-D layouts (96 = 3 groups) is whole
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(0))
+    logical = w.transpose(1, 2).contiguous() if transposed else w
+    q = Int4WeightTensor.from_float(logical, 4, gs, True, layout=layout, transposed=transposed)
+    assert (q.dim(), q.num_experts, q.out_features, q.in_features, q.transposed) == (3, e, n, k, transposed)
+    assert tuple(q.shape) == tuple(logical.shape) and q.pack_layout == layout
+    assert q.scale.shape == q.zero.shape == (e, n, k // gs) and q.codes().shape == (e, n, k)
+    for i in range(e):  # every slab is exactly the 2-D weight of that expert
+        ref = Int4WeightTensor.from_float(w[i], 4, gs, True, layout=layout)
+        s = q.slab(i)
+        assert s.dim() == 2 and torch.equal(s.codes(), ref.codes()) and torch.equal(s.scale, ref.scale)
+        assert torch.equal(q.codes()[i], ref.codes()) and torch.equal(q.zero[i], ref.zero)
+    assert q.bits_per_weight() <= (8 if layout == "byte" else 4) + 32 / gs + 1e-9  # byte: a code per byte
+    assert q.num_experts == 3 and Int4WeightTensor.from_float(w[0], 4, gs).num_experts == 0
+    assert "experts=3" in repr(q)
+
+
+def test_experts_weight_convert_save_load_and_copy():
+    w = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    q = Int4WeightTensor.from_float(w.transpose(1, 2).contiguous(), 4, 32, transposed=True)
+    h = q.to(torch.bfloat16)
+    assert isinstance(h, Int4WeightTensor) and h.dtype == torch.bfloat16 and h.transposed and h.shape == q.shape
+    torch.testing.assert_close(h.dequantize(torch.float32), q.dequantize(), rtol=1e-2, atol=1e-2)
+    buf = io.BytesIO()  # flatten/unflatten keeps the optional ``transposed`` attribute
+    torch.save({"w": nn.Parameter(q, requires_grad=False)}, buf)
+    buf.seek(0)
+    back = torch.load(buf)["w"]  # weights_only=True: the class is allow-listed
+    assert isinstance(back, Int4WeightTensor) and back.transposed and torch.equal(back.dequantize(), q.dequantize())
+    dst = Int4WeightTensor.from_float(torch.zeros(2, 64, 16), 4, 32, transposed=True)
+    dst.copy_(q)
+    assert torch.equal(dst.dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="does not match"):
+        Int4WeightTensor.from_float(torch.zeros(2, 16, 64), 4, 32).copy_(q)  # same numel, not transposed
+
+
+def test_experts_weight_clear_errors():
+    q = Int4WeightTensor.from_float(torch.randn(2, 16, 64), 4, 32)
+    with pytest.raises(TypeError, match="grouped_linear"):
+        F.linear(torch.randn(3, 64), q)
+    assert q[1].dim() == 2 and torch.equal(q[1].codes(), q.slab(1).codes())  # W[e]
+    with pytest.raises(NotImplementedError, match="only for"):
+        Int4WeightTensor.from_float(torch.randn(2, 64, 16), 4, 32, transposed=True)[0]
+    w2 = Int4WeightTensor.from_float(torch.randn(16, 64), 4, 32)
+    with pytest.raises(ValueError, match="3-D"):
+        w2.slab(0)
+    with pytest.raises(ValueError, match="3-D"):
+        w2.grouped_linear(torch.randn(1, 64), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="3-D"):
+        Int4WeightTensor.from_float(torch.randn(16, 64), 4, 32, transposed=True)
+    with pytest.raises(ValueError, match="2-D"):
+        Int4WeightTensor.from_float(torch.randn(2, 2, 16, 64), 4, 32)
+    with pytest.raises(ValueError, match="agree"):
+        Int4WeightTensor.from_slabs([w2, Int4WeightTensor.from_float(torch.randn(16, 64), 4, 16)])
+
+
+# ------------------------------------------------------------------------------------------
 # eager == torch.compile == torch.export, autograd
 # ------------------------------------------------------------------------------------------
 

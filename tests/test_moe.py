@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import awq_ao
 from awq_ao import awq_config
-from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
+from awq_ao.lowering.int4_experts import IMPLEMENTATION
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.swap import model_size_bytes
 from awq_ao.observers.activation import RecordedCall
@@ -63,6 +63,10 @@ def tiny_moe(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> to
     return model
 
 
+def _is_experts(p: object) -> bool:
+    return isinstance(p, Int4WeightTensor) and p.dim() == 3
+
+
 def batches(n: int = 3, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, VOCAB, (2, 16), generator=g), "use_cache": False} for _ in range(n)]
@@ -102,7 +106,7 @@ def test_grouped_int4_roundtrip_and_linear(e, n, k, gs, transposed, rows, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(e, n, k, generator=g, dtype=torch.float64)
     logical = w.transpose(1, 2).contiguous() if transposed else w
-    q = Int4ExpertsTensor.from_float(logical, 4, gs, True, transposed=transposed)
+    q = Int4WeightTensor.from_float(logical, 4, gs, True, transposed=transposed)
     assert q.shape == logical.shape
     deq = q.dequantize()
     for i in range(e):  # same codes/scales as the 2-D tensor, one slab per expert
@@ -131,7 +135,7 @@ def test_int4_experts_forward_matches_dequantized_reference(name):
     for m in mods:  # back to float weights with the model's eager implementation
         for attr in ("gate_up_proj", "up_proj", "down_proj"):
             p = getattr(m, attr, None)
-            if isinstance(p, Int4ExpertsTensor):
+            if _is_experts(p):
                 setattr(m, attr, torch.nn.Parameter(p.dequantize(), requires_grad=False))
         m.config._experts_implementation_internal = "eager"  # the module's own config copy
     ref = logits(model, TEST_IDS)
@@ -196,7 +200,7 @@ def test_convert_quantizes_experts(name):
     mods = experts_modules(model)
     for m in mods:
         for attr in ("gate_up_proj", "down_proj"):
-            assert isinstance(getattr(m, attr), Int4ExpertsTensor)
+            assert _is_experts(getattr(m, attr))
     assert len(report.experts_quantized) == 2 * len(mods)
     # 4-bit codes + per-group fp32 scale/zero: at least 4x smaller than fp32 expert weights
     saved = report.size_before - report.size_after
@@ -234,13 +238,13 @@ def test_sequential_mode_and_experts_off():
     model = tiny_moe("Qwen2MoeForCausalLM")
     ref = logits(model, TEST_IDS)
     quantize_(model, batches(), sequential=True)
-    assert all(isinstance(m.down_proj, Int4ExpertsTensor) for m in experts_modules(model))
+    assert all(_is_experts(m.down_proj) for m in experts_modules(model))
     err = float((logits(model, TEST_IDS) - ref).abs().max() / ref.abs().max())
     assert err < 0.3, err
     model = tiny_moe("MixtralForCausalLM")
     quantize_(model, batches(1), experts=False)
     assert get_state(model).report.experts_quantized == []
-    assert all(not isinstance(m.down_proj, Int4ExpertsTensor) for m in experts_modules(model))
+    assert all(not _is_experts(m.down_proj) for m in experts_modules(model))
 
 
 # --- (iv) experts without calibration tokens ----------------------------------------------------
@@ -280,7 +284,7 @@ def test_convert_failure_restores_model(monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     configs = [m.config for m in experts_modules(model)]
     calls = {"n": 0}
-    real = Int4ExpertsTensor.from_slabs.__func__  # every expert weight is built through it
+    real = Int4WeightTensor.from_slabs.__func__  # every expert weight is built through it
 
     def flaky(cls, *a, **kw):
         calls["n"] += 1
@@ -288,7 +292,7 @@ def test_convert_failure_restores_model(monkeypatch):
             raise RuntimeError("boom")
         return real(cls, *a, **kw)
 
-    monkeypatch.setattr(Int4ExpertsTensor, "from_slabs", classmethod(flaky))
+    monkeypatch.setattr(Int4WeightTensor, "from_slabs", classmethod(flaky))
     with pytest.raises(RuntimeError, match="boom"):
         tq(model, awq_config(**opts))
     assert calls["n"] == 3
@@ -305,8 +309,8 @@ def test_convert_failure_restores_model(monkeypatch):
 # --- (vi) checkpoints: INT4 experts survive save_quantized -> load_quantized ---------------------
 
 
-def _expert_params(model: torch.nn.Module) -> dict[str, Int4ExpertsTensor]:
-    return {n: p for n, p in model.named_parameters() if isinstance(p, Int4ExpertsTensor)}
+def _expert_params(model: torch.nn.Module) -> dict[str, Int4WeightTensor]:
+    return {n: p for n, p in model.named_parameters() if _is_experts(p)}
 
 
 @pytest.mark.parametrize("name", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"])

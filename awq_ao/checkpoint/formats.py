@@ -13,7 +13,7 @@ a ``quantization_config`` entry, safetensors shards, optional tokenizer files):
     ScaledInputLinear modules and the tied weights.
 
     INT4 MoE experts (a 3-D parameter ``p`` of a transformers experts module held as an
-    :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor`) are stored per parameter as
+    3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor`) are stored per parameter as
     ``p_packed`` (uint8 ``[E, N, ceil(K/2)]``, each expert's ``[out, in]`` slab in the same
     canonical layout as a linear; ``[E, N, K]`` above 4 bits), ``p_scale`` ``[E, N, G]`` and
     ``p_zero`` (uint8 ``[E, N, G]``); ``quantization_config.quantized_experts`` maps ``p`` to its
@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_ao.lowering.int4_experts import Int4ExpertsTensor
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
@@ -461,7 +460,7 @@ def find_quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
     out: dict[str, QuantLayer] = {}
     for name, mod in model.named_modules():
         w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
-        if not isinstance(w, Int4WeightTensor):
+        if not isinstance(w, Int4WeightTensor) or w.dim() != 2:
             continue
         if isinstance(mod, ScaledInputLinear):
             out[name] = QuantLayer(name, mod, w, True)
@@ -481,7 +480,7 @@ class QuantExperts:
 
     key: str
     module: nn.Module
-    weight: Int4ExpertsTensor
+    weight: Int4WeightTensor
 
     @property
     def num_experts(self) -> int:
@@ -497,11 +496,11 @@ class QuantExperts:
 
 
 def find_quantized_experts(model: nn.Module) -> dict[str, QuantExperts]:
-    """Every parameter held as an :class:`Int4ExpertsTensor`, by its full name."""
+    """Every parameter held as a 3-D (experts) :class:`Int4WeightTensor`, by its full name."""
     out: dict[str, QuantExperts] = {}
     for mname, mod in model.named_modules():
         for attr, p in mod._parameters.items():
-            if isinstance(p, Int4ExpertsTensor):
+            if isinstance(p, Int4WeightTensor) and p.dim() == 3:
                 key = f"{mname}.{attr}" if mname else attr
                 out[key] = QuantExperts(key, mod, p)
     return out

@@ -38,7 +38,7 @@ from awq_ao.checkpoint.formats import (
 )
 from awq_ao.checkpoint.hub import resolve_checkpoint
 from awq_ao.lowering import packing
-from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
+from awq_ao.lowering.int4_experts import IMPLEMENTATION
 from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
 from awq_ao.lowering.quant_math import num_groups
 from awq_ao.lowering.scaled_input import ScaledInputLinear
@@ -216,14 +216,14 @@ def _plan_awq_ao_experts(qc: dict[str, Any], shards: ShardSet, model: nn.Module,
 
 def _make_experts(
     ep: ExpertsPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
-) -> Int4ExpertsTensor:
-    """The :class:`Int4ExpertsTensor` of ``ep`` from its stored tensors, one slab per expert
+) -> Int4WeightTensor:
+    """The 3-D :class:`Int4WeightTensor` of ``ep`` from its stored tensors, one slab per expert
     (each built like a quantized linear's weight, in the layout ``device`` reads)."""
     slabs = []
     for e in range(ep.num_experts):
         lp = LayerPlan(f"{ep.key}[{e}]", ep.bits, ep.group_size, ep.out_features, ep.in_features, None, ep.nibble_packed)
         slabs.append(_make_weight(lp, data[e], scale[e], zero[e], device, dtype))
-    return Int4ExpertsTensor.from_slabs(slabs, ep.transposed)
+    return Int4WeightTensor.from_slabs(slabs, ep.transposed)
 
 
 def _use_int4_experts_implementation(mod: nn.Module) -> None:

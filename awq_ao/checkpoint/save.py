@@ -877,7 +877,7 @@ def save_quantized(
         model: a transformers ``PreTrainedModel`` whose linears hold
             :class:`~awq_ao.lowering.Int4WeightTensor` weights (after ``awq_ao.quantize`` or
             the ``quantize_`` flow, or :func:`load_quantized`); MoE experts may hold
-            :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor` weights.
+            3-D :class:`~awq_ao.lowering.Int4WeightTensor` weights.
         out_dir: target directory. Written atomically: files go to a hidden temporary
             directory beside it, are fsynced, and the directory is renamed into place.
         tokenizer: optional tokenizer (anything with ``save_pretrained``) saved alongside.

@@ -1,8 +1,16 @@
-"""``Int4WeightTensor``: a packed low-bit weight that behaves like an ``[N, K]`` float weight.
+"""``Int4WeightTensor``: a packed low-bit weight that behaves like a float weight.
 
-A wrapper tensor subclass in torchao's ``TorchAOBaseTensor`` style. It stands in for an
-``nn.Linear`` weight: ``F.linear(x, w, b)`` runs the ``awq_ao::w4a16_linear`` custom op on the
-packed data, so eager, ``torch.compile(fullgraph=True)`` and ``torch.export`` all work.
+A wrapper tensor subclass in torchao's ``TorchAOBaseTensor`` style, one class for every
+quantized weight awq_ao makes:
+
+* a 2-D ``[N, K]`` ``nn.Linear`` weight: ``F.linear(x, w, b)`` runs the ``awq_ao::w4a16_linear``
+  custom op on the packed data, so eager, ``torch.compile(fullgraph=True)`` and
+  ``torch.export`` all work;
+* a 3-D MoE experts weight (transformers' ``gate_up_proj`` / ``down_proj``, ``[E, N, K]``, or
+  ``[E, K, N]`` when ``transposed``): ``E`` slabs with exactly the 2-D layout, stacked along a
+  leading expert dim; :meth:`Int4WeightTensor.grouped_linear` runs the
+  ``awq_ao::w4a16_grouped_linear`` op of the same family (:mod:`awq_ao.lowering.int4_experts`),
+  and ``W[e]`` is expert ``e``'s 2-D weight (views of the storage).
 
 Inner tensors: ``packed`` (uint8, see :mod:`awq_ao.lowering.packing`) and one copy of the
 quantization metadata: ``qscale`` (16-bit) and ``qzero`` (uint8), ``[N, G]`` with
@@ -19,7 +27,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from awq_ao.lowering import ops as _ops  # noqa: F401  (registers awq_ao:: custom ops)
@@ -42,7 +49,6 @@ from awq_ao.lowering.quant_math import (
 
 __all__ = ["Int4WeightTensor", "scale_storage_dtype", "round_scale"]
 
-aten = torch.ops.aten
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,9 +72,12 @@ def scale_storage_dtype(
 
 
 class Int4WeightTensor(TorchAOBaseTensor):
-    """Group-wise quantized ``[N, K]`` weight (2..8 bits) with a packed storage layout.
+    """Group-wise quantized weight (2..8 bits) with a packed storage layout.
 
-    Logical shape ``[N, K]`` and dtype = the original float dtype (``dtype``).
+    Logical shape ``[N, K]`` (a linear's ``[out, in]``), or ``[E, N, K]`` for ``E`` experts
+    (``[E, K, N]`` when ``transposed``: the parameter stores ``[E, in, out]``; the slabs are
+    still stored ``[out, in]``, groups always run along the input features). Logical dtype =
+    the original float dtype (``dtype``).
 
     Inner tensors (one copy of the quantization metadata, whatever the layout):
         packed: packed codes, uint8.
@@ -80,12 +89,14 @@ class Int4WeightTensor(TorchAOBaseTensor):
     Attributes: ``bits`` (2..8), ``group_size`` (-1: one group per row), ``pack_layout``
     (``"nibble"``, ``"byte"`` or ``"cpu_tinygemm"``), ``layout_variant`` (cpu_tinygemm
     permutation, e.g. ``"b64i"``; ``""`` otherwise). :attr:`scale` and :attr:`zero` give the
-    ``[N, G]`` parameters for every layout.
+    ``[N, G]`` parameters for every layout. ``transposed`` (3-D only, default False): see
+    above. A 3-D weight's inner tensors carry the leading expert dim ``E``.
     """
 
     tensor_data_names = ["packed"]
     tensor_attribute_names = ["bits", "group_size", "pack_layout", "layout_variant", "shape", "dtype"]
     optional_tensor_data_names = ["qscale", "qzero", "scales_and_zeros"]
+    optional_tensor_attribute_names = ["transposed"]
 
     def __new__(
         cls,
@@ -99,6 +110,7 @@ class Int4WeightTensor(TorchAOBaseTensor):
         qscale: torch.Tensor | None = None,
         qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
+        transposed: bool = False,
     ):
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls, shape, dtype=dtype, device=packed.device, requires_grad=False
@@ -116,6 +128,7 @@ class Int4WeightTensor(TorchAOBaseTensor):
         qscale: torch.Tensor | None = None,
         qzero: torch.Tensor | None = None,
         scales_and_zeros: torch.Tensor | None = None,
+        transposed: bool = False,
     ):
         super().__init__()
         self.packed = packed
@@ -126,6 +139,9 @@ class Int4WeightTensor(TorchAOBaseTensor):
         self.pack_layout = pack_layout
         self.layout_variant = layout_variant
         self.scales_and_zeros = scales_and_zeros
+        self.transposed = transposed
+        if transposed and len(shape) != 3:
+            raise ValueError("transposed=True is for 3-D [E, in, out] expert weights only.")
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -140,6 +156,7 @@ class Int4WeightTensor(TorchAOBaseTensor):
         zero_point: bool = True,
         layout: str | None = None,
         params: tuple[torch.Tensor, torch.Tensor] | None = None,
+        transposed: bool = False,
     ) -> Int4WeightTensor:
         """Round-to-nearest quantize a float ``[N, K]`` weight (see ``quant_math.quantize``).
 
@@ -148,11 +165,26 @@ class Int4WeightTensor(TorchAOBaseTensor):
         ``layout=None`` picks one for ``w.device``. ``params``: per-group ``(scale, zero)``
         ``[N, G]`` to round against instead of the weight's min/max (e.g. chosen by
         error-feedback rounding).
+
+        A 3-D experts weight ``[E, N, K]`` (``[E, K, N]`` with ``transposed=True``) is
+        quantized one expert slab at a time, groups along K (the input features), exactly as
+        ``E`` 2-D weights would be, and stacked (:meth:`from_slabs`).
         """
         if isinstance(w, Int4WeightTensor):
             raise TypeError("weight is already an Int4WeightTensor.")
+        if w.dim() == 3:
+            if params is not None:
+                raise ValueError("params (per-group scale, zero) are for 2-D weights; quantize 3-D experts per slab.")
+            w = w.detach()
+            slabs = [(w[e].t() if transposed else w[e]).contiguous() for e in range(w.shape[0])]
+            if layout is None and slabs:
+                layout = choose_layout(w.device, bits, *slabs[0].shape, group_size)
+            q = [cls.from_float(s, bits, group_size, zero_point, layout=layout) for s in slabs]
+            return cls.from_slabs(q, transposed)
         if w.dim() != 2:
-            raise ValueError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}.")
+            raise ValueError(f"expected a 2-D [N, K] (or 3-D experts) weight, got shape {tuple(w.shape)}.")
+        if transposed:
+            raise ValueError("transposed=True is for 3-D [E, in, out] expert weights only.")
         if w.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"expected a floating point weight, got {w.dtype}.")
         check_quant_args(bits, group_size)
@@ -246,40 +278,99 @@ class Int4WeightTensor(TorchAOBaseTensor):
         packed = packing.pack(codes, bits, layout, None)
         return cls(packed, bits, group_size, layout, "", torch.Size([n, k]), dtype, scale_t, zero_t)
 
+    @classmethod
+    def from_slabs(cls, slabs: list[Int4WeightTensor], transposed: bool = False) -> Int4WeightTensor:
+        """A 3-D experts weight from quantized 2-D ``[N, K]`` slabs, one per expert (same
+        shape, bits, group size, layout and dtype); ``transposed``: the logical shape is
+        ``[E, K, N]``."""
+        if not slabs:
+            raise ValueError("need at least one expert slab.")
+        first = slabs[0]
+        key = (first.shape, first.bits, first.group_size, first.pack_layout, first.layout_variant, first.dtype)
+        if first.dim() != 2 or any(
+            (s.shape, s.bits, s.group_size, s.pack_layout, s.layout_variant, s.dtype) != key for s in slabs[1:]
+        ):
+            raise ValueError("expert slabs must be 2-D and agree in shape, bits, group size, layout and dtype.")
+        n, k = first.shape
+        shape = torch.Size([len(slabs), k, n] if transposed else [len(slabs), n, k])
+
+        def stack(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.stack([getattr(s, name) for s in slabs])
+
+        return cls(
+            torch.stack([s.packed for s in slabs]), first.bits, first.group_size, first.pack_layout,
+            first.layout_variant, shape, first.dtype, stack("qscale"), stack("qzero"),
+            stack("scales_and_zeros"), transposed=transposed,
+        )
+
     # ----------------------------------------------------------------------------------------
     # accessors
     # ----------------------------------------------------------------------------------------
 
     @property
+    def num_experts(self) -> int:
+        """Experts of a 3-D weight (its leading dim); 0 for a 2-D linear weight."""
+        return int(self.shape[0]) if self.dim() == 3 else 0
+
+    @property
     def out_features(self) -> int:
+        """N: output features of the (per-expert) ``[N, K]`` weight."""
+        if self.dim() == 3:
+            return int(self.shape[2] if self.transposed else self.shape[1])
         return self.shape[0]
 
     @property
+    def in_features(self) -> int:
+        """K: input features of the (per-expert) ``[N, K]`` weight."""
+        if self.dim() == 3:
+            return int(self.shape[1] if self.transposed else self.shape[2])
+        return self.shape[1]
+
+    def slab(self, e: int) -> Int4WeightTensor:
+        """Expert ``e`` of a 3-D weight as a 2-D ``[N, K]`` weight (views of the storage)."""
+        if self.dim() != 3:
+            raise ValueError(f"slab() is for 3-D experts weights; this one is {list(self.shape)}.")
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[e]
+
+        return Int4WeightTensor(
+            self.packed[e], self.bits, self.group_size, self.pack_layout, self.layout_variant,
+            torch.Size([self.out_features, self.in_features]), self.dtype,
+            pick(self.qscale), pick(self.qzero), pick(self.scales_and_zeros),
+        )
+
+    def _slabs(self) -> list[Int4WeightTensor]:
+        return [self.slab(e) for e in range(self.num_experts)]
+
+    @property
     def scale(self) -> torch.Tensor:
-        """Per-group scales ``[N, G]`` (stored dtype; derived from ``scales_and_zeros`` for
-        the cpu_tinygemm layout)."""
+        """Per-group scales ``[N, G]`` (``[E, N, G]`` for experts; stored dtype; derived from
+        ``scales_and_zeros`` for the cpu_tinygemm layout)."""
         if self.qscale is not None:
             return self.qscale
+        if self.dim() == 3:
+            return torch.stack([s.scale for s in self._slabs()])
         s, _ = tinygemm_qparams(self.scales_and_zeros, self.shape[1], self.group_size)
         return s.to(self.scales_and_zeros.dtype)
 
     @property
     def zero(self) -> torch.Tensor:
-        """Per-group integer zero points ``uint8 [N, G]``."""
+        """Per-group integer zero points ``uint8 [N, G]`` (``[E, N, G]`` for experts)."""
         if self.qzero is not None:
             return self.qzero
+        if self.dim() == 3:
+            return torch.stack([s.zero for s in self._slabs()])
         return tinygemm_qparams(self.scales_and_zeros, self.shape[1], self.group_size)[1]
 
     def bits_per_weight(self) -> float:
         """Bits held per logical weight element, everything included."""
-        return 8.0 * self.nbytes_packed() / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
+        return 8.0 * self.nbytes_packed() / max(1, self.numel())
 
     def codes(self) -> torch.Tensor:
-        """The integer codes, ``uint8 [N, K]``."""
+        """The integer codes, ``uint8 [N, K]`` (``[E, N, K]`` for experts, stored orientation)."""
+        if self.dim() == 3:
+            return torch.stack([s.codes() for s in self._slabs()])
         return packing.unpack(
             self.packed,
             self.bits,
@@ -290,7 +381,11 @@ class Int4WeightTensor(TorchAOBaseTensor):
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
-        """The dequantized weight ``(code - zero) * scale`` as a plain ``[N, K]`` tensor."""
+        """The dequantized weight ``(code - zero) * scale`` as a plain tensor of the logical
+        shape."""
+        if self.dim() == 3:
+            w = torch.stack([s.dequantize(dtype or self.dtype) for s in self._slabs()])
+            return w.transpose(1, 2).contiguous() if self.transposed else w
         return torch.ops.awq_ao.dequantize(
             self.packed,
             self.qscale,
@@ -315,7 +410,7 @@ class Int4WeightTensor(TorchAOBaseTensor):
     def _stable_hash_for_caching(self) -> str:
         """Metadata hash for the AOT autograd cache (layout, attributes, inner tensor meta)."""
         parts = [type(self).__qualname__, str(self.requires_grad)]
-        parts += [repr(getattr(self, a)) for a in self.tensor_attribute_names]
+        parts += [repr(getattr(self, a)) for a in self.tensor_attribute_names + self.optional_tensor_attribute_names]
         for name in self.__tensor_flatten__()[0]:
             t = getattr(self, name)
             parts.append(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.stride()}:{t.device}")
@@ -323,17 +418,33 @@ class Int4WeightTensor(TorchAOBaseTensor):
 
     def __repr__(self) -> str:
         layout = self.pack_layout + (f"/{self.layout_variant}" if self.layout_variant else "")
+        experts = f"experts={self.num_experts}, transposed={self.transposed}, " if self.dim() == 3 else ""
         return (
             f"{type(self).__name__}(shape={list(self.shape)}, dtype={self.dtype}, "
             f"device={self.device}, bits={self.bits}, group_size={self.group_size}, "
-            f"layout={layout}, nbytes_packed={self.nbytes_packed()})"
+            f"layout={layout}, {experts}nbytes_packed={self.nbytes_packed()})"
         )
 
     # ----------------------------------------------------------------------------------------
     # compute
     # ----------------------------------------------------------------------------------------
 
+    def grouped_linear(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """``y[r] = x[r] @ W[expert_ids[r]]`` for a 3-D experts weight, each expert as a
+        linear's ``[out, in]`` weight; rows with an id outside ``[0, E)`` get zeros."""
+        if self.dim() != 3:
+            raise ValueError(f"grouped_linear needs a 3-D experts weight, got {list(self.shape)}.")
+        return torch.ops.awq_ao.w4a16_grouped_linear(
+            x, expert_ids, self.packed, self.qscale, self.qzero, self.bits, self.group_size,
+            self.in_features, self.pack_layout, self.layout_variant, self.scales_and_zeros,
+        )
+
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.dim() != 2:
+            raise TypeError(
+                f"F.linear needs a 2-D weight; this Int4WeightTensor holds {self.num_experts} experts "
+                f"{list(self.shape)}: use W[e] or grouped_linear(x, expert_ids)."
+            )
         if isinstance(x, Int4WeightTensor):
             raise TypeError("F.linear: the input must be a plain tensor, got an Int4WeightTensor.")
         if not x.is_floating_point():
@@ -382,6 +493,9 @@ class Int4WeightTensor(TorchAOBaseTensor):
                 f"Int4WeightTensor can only be cast to a floating dtype {_FLOAT_DTYPES}, got "
                 f"{dtype}; its codes stay packed."
             )
+        if self.dim() == 3:
+            slabs = [s._convert(device, dtype, layout, non_blocking) for s in self._slabs()]
+            return Int4WeightTensor.from_slabs(slabs, self.transposed)
         n, k = self.shape
         if layout is None:
             same_device = device == self.device
@@ -434,87 +548,3 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0**-24
     s = torch.where(s > 0, s.clamp(min=tiny), s).to(dtype)
     return s.float()
-
-
-implements = Int4WeightTensor.implements
-implements_torch_function = Int4WeightTensor.implements_torch_function
-
-
-def _linear_args(args, kwargs):
-    x = args[0] if len(args) > 0 else kwargs["input"]
-    w = args[1] if len(args) > 1 else kwargs["weight"]
-    b = args[2] if len(args) > 2 else kwargs.get("bias")
-    return x, w, b
-
-
-@implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    x, w, b = _linear_args(args, kwargs)
-    if not isinstance(w, Int4WeightTensor):
-        raise TypeError("F.linear: an Int4WeightTensor can only be used as the weight.")
-    return w._linear(x, b)
-
-
-@implements(aten.linear.default)
-def _(func, types, args, kwargs):
-    x, w, b = _linear_args(args, kwargs)
-    if not isinstance(w, Int4WeightTensor):
-        raise TypeError("aten.linear: an Int4WeightTensor can only be used as the weight.")
-    return w._linear(x, b)
-
-
-def _to_kwargs(self: Int4WeightTensor, args, kwargs):
-    kwargs = dict(kwargs)
-    for key in ("layout", "pin_memory", "memory_format", "copy"):
-        kwargs.pop(key, None)
-    args = tuple(a for a in args if not isinstance(a, torch.layout))
-    return self._get_to_kwargs(*args, **kwargs)
-
-
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    self = args[0]
-    kw = _to_kwargs(self, args[1:], kwargs)
-    return self._convert(kw["device"], kw["dtype"], non_blocking=kw["non_blocking"])
-
-
-@implements(aten.to.dtype_layout)
-def _(func, types, args, kwargs):
-    self = args[0]
-    kw = _to_kwargs(self, args[1:], kwargs)
-    if kw["device"] == self.device and kw["dtype"] == self.dtype:
-        return self
-    return self._convert(kw["device"], kw["dtype"], non_blocking=kw["non_blocking"])
-
-
-@implements(aten.copy_.default)
-def _(func, types, args, kwargs):
-    dst, src = args[0], args[1]
-    if not isinstance(src, Int4WeightTensor):
-        raise TypeError(
-            "cannot copy a plain tensor into an Int4WeightTensor; quantize it first with "
-            "Int4WeightTensor.from_float (or load the state dict with assign=True)."
-        )
-    if (src.shape, src.bits, src.group_size) != (dst.shape, dst.bits, dst.group_size):
-        raise ValueError(
-            f"Int4WeightTensor copy_: source (shape={list(src.shape)}, bits={src.bits}, "
-            f"group_size={src.group_size}) does not match destination (shape="
-            f"{list(dst.shape)}, bits={dst.bits}, group_size={dst.group_size})."
-        )
-    if (src.pack_layout, src.layout_variant, src.device, src.dtype) != (
-        dst.pack_layout,
-        dst.layout_variant,
-        dst.device,
-        dst.dtype,
-    ):
-        src = src._convert(dst.device, dst.dtype, layout=dst.pack_layout)
-    for name in ("packed", "qscale", "qzero", "scales_and_zeros"):
-        d, s = getattr(dst, name), getattr(src, name)
-        if (d is None) != (s is None) or (d is not None and d.shape != s.shape):
-            raise ValueError(f"Int4WeightTensor copy_: {name} differs in shape.")
-        if d is not None:
-            d.copy_(s)
-    return dst
-
-
-torch.serialization.add_safe_globals([Int4WeightTensor])

@@ -24,7 +24,7 @@ Three steps, hooked into the normal convert flow (passes/convert.py):
    statistics of the whole block: their search and clipping run on all of the block's
    tokens (as if every token were routed to them); the report counts and names them.
 3. **apply** (:func:`quantize_experts`): fold, clip and store each 3-D weight as an
-   :class:`~awq_ao.lowering.int4_experts.Int4ExpertsTensor`; the module's forward switches
+   3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor`; the module's forward switches
    to the ``"awq_ao_int4"`` experts implementation through a per-module config copy. Every
    edit goes through the convert transaction.
 """
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.int4_experts import IMPLEMENTATION, Int4ExpertsTensor
+from awq_ao.lowering.int4_experts import IMPLEMENTATION
 from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
 from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import fake_quantize, quant_params
@@ -120,7 +120,7 @@ def find_experts(root: nn.Module, config: AWQConfig) -> dict[str, ExpertsInfo]:
             continue
         info = _info(name, mod)
         w = getattr(mod, info.up_attr)
-        if isinstance(w, Int4ExpertsTensor) or isinstance(mod.down_proj, Int4ExpertsTensor):
+        if isinstance(w, Int4WeightTensor) or isinstance(mod.down_proj, Int4WeightTensor):
             continue
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or w.is_meta:
             continue
@@ -631,7 +631,7 @@ def _set_param(txn: Transaction, mod: nn.Module, attr: str, value: torch.Tensor,
 
 def _error_feedback_experts(
     w: torch.Tensor, target: torch.Tensor, grams: list[torch.Tensor | None], config: AWQConfig, transposed: bool
-) -> Int4ExpertsTensor:
+) -> Int4WeightTensor:
     """Round each expert ``[N, K]`` slab with error feedback, as a linear's weight is rounded:
     the grid (scale, zero) of the clipped slab ``w[e]``, the codes chosen on the unclipped
     scaled slab ``target[e]`` with the expert's input Gram (RTN for an expert without one)."""
@@ -650,7 +650,7 @@ def _error_feedback_experts(
             damp=config.gptq_damp, act_order=config.gptq_act_order,
         )
         slabs.append(Int4WeightTensor.from_codes(codes, gs, zs, config.bits, config.group_size, w_now.dtype, layout=layout))
-    return Int4ExpertsTensor.from_slabs(slabs, transposed)
+    return Int4WeightTensor.from_slabs(slabs, transposed)
 
 
 def quantize_experts(
@@ -735,7 +735,7 @@ def quantize_experts(
                 report.error_feedback += info.num_experts
             else:
                 logical = w.transpose(1, 2) if info.transposed else w
-                q = Int4ExpertsTensor.from_float(logical.contiguous(), config.bits, config.group_size, config.zero_point, transposed=info.transposed)
+                q = Int4WeightTensor.from_float(logical.contiguous(), config.bits, config.group_size, config.zero_point, transposed=info.transposed)
             _set_param(txn, mod, attr, q, frozen=True)
             report.experts_quantized.append(f"{prefix}{name}.{attr}")
         cfg_copy = copy.copy(mod.config)
