@@ -401,6 +401,43 @@ def test_cli_refuses_export_formats_for_moe_before_quantizing():
     _precheck_format(model, "awq_ao", 4, 32)
 
 
+def test_search_refine_applies_to_experts(monkeypatch):
+    """search_refine=True searches the experts' scales (the MoE input group and every expert's
+    up -> down pair) on the refined grid too: fewer candidates, the same grid otherwise."""
+    import awq_ao.passes.experts as experts_pass
+    from awq_ao.passes import search as search_pass
+
+    calls: list[tuple[bool, int]] = []
+    real = search_pass.grid_search
+
+    def counting(loss_of, best, x_mean, w_mean, n_grid, duo, tie=None, refine=False):
+        n = [0]
+
+        def counted(s):
+            n[0] += 1
+            return loss_of(s)
+
+        out = real(counted, best, x_mean, w_mean, n_grid, duo, tie, refine=refine)
+        calls.append((refine, n[0]))
+        return out
+
+    monkeypatch.setattr(experts_pass, "grid_search", counting)
+    seen = {}
+    for refine in (False, True):
+        calls.clear()
+        model = tiny_moe("MixtralForCausalLM")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            awq_ao.quantize(model, batches(3), group_size=32, n_grid=10, search_refine=refine, progress=False, verbose=False)
+        seen[refine] = list(calls)
+    n_layers = tiny_moe("MixtralForCausalLM").config.num_hidden_layers
+    n_experts = tiny_moe("MixtralForCausalLM").config.num_local_experts
+    for refine, want in ((False, 10), (True, 7)):  # refine at n_grid=10: 5 coarse + 2 neighbours at most
+        assert len(seen[refine]) == n_layers * (1 + n_experts)  # the MoE input group + each expert
+        assert all(r is refine for r, _ in seen[refine])
+        assert all(n == want for _, n in seen[refine]) if not refine else all(6 <= n <= want for _, n in seen[refine])
+
+
 @pytest.mark.parametrize("name", ["MixtralForCausalLM", "GptOssForCausalLM"])
 def test_rounding_option_applies_to_experts(name):
     """rounding='gptq' rounds expert weights with error feedback (it used to be ignored for

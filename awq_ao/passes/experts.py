@@ -53,8 +53,8 @@ from awq_ao.passes.search import (
     GroupResult,
     apply_clip,
     clip_ratios,
+    grid_search,
     group_gram,
-    scale_candidates,
     tie_mean,
     weight_2d,
     weight_mean,
@@ -469,13 +469,15 @@ class _ExpertsSearch:
                 ref = run()
                 quantized(None)
                 loss_rtn = _mse(run(), ref)
-                best: tuple[float, float | None, torch.Tensor | None] = (loss_rtn, None, None)
                 wm = None if w_mean is None else w_mean.to(saved_up.device)
-                for alpha, s in scale_candidates(x_mean.to(saved_up.device), wm, cfg.n_grid, cfg.duo_scaling, tie):
+
+                def loss_of(s: torch.Tensor) -> float:
                     quantized(s)
-                    loss = _mse(run(), ref)
-                    if loss < best[0]:
-                        best = (loss, alpha, s)
+                    return _mse(run(), ref)
+
+                # the dense groups' grid search: same candidates, refine and tie rules
+                best = grid_search(loss_of, (loss_rtn, None, None), x_mean.to(saved_up.device), wm, cfg.n_grid,
+                                   cfg.duo_scaling, tie, refine=cfg.search_refine)
         finally:
             w_up.data = saved_up
             for m, w in zip(mods, saved, strict=True):
@@ -537,17 +539,17 @@ class _ExpertsSearch:
         x_mean = h.abs().mean(0)
         w_mean = weight_mean([w], cfg.group_size) if cfg.duo_scaling else None
         loss_rtn = _mse(h @ fake_quantize(w, cfg.bits, cfg.group_size, cfg.zero_point).t(), ref)
-        best: tuple[float, torch.Tensor | None] = (loss_rtn, None)
-        for _alpha, s in scale_candidates(x_mean, w_mean, cfg.n_grid, cfg.duo_scaling):
-            q = fake_quantize(w * s, cfg.bits, cfg.group_size, cfg.zero_point)
-            loss = _mse((h / s) @ q.t(), ref)
-            if loss < best[0]:
-                best = (loss, s)
+
+        def loss_of(s: torch.Tensor) -> float:
+            return _mse((h / s) @ fake_quantize(w * s, cfg.bits, cfg.group_size, cfg.zero_point).t(), ref)
+
+        loss, _alpha, s = grid_search(loss_of, (loss_rtn, None, None), x_mean, w_mean, cfg.n_grid, cfg.duo_scaling,
+                                      refine=cfg.search_refine)
         res.loss_rtn += loss_rtn
-        res.loss_best += best[0]
-        if best[1] is not None:
+        res.loss_best += loss
+        if s is not None:
             res.scaled += 1
-        return best[1]
+        return s
 
     def _clip(self, w: torch.Tensor, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
