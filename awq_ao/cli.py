@@ -419,7 +419,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import awq_ao
     from awq_ao.calibration import CalibrationDataError, token_blocks
     from awq_ao.checkpoint import save_quantized
-    from awq_ao.checkpoint.save import check_output_dir
+    from awq_ao.checkpoint.atomic_dir import check_output_dir
     from awq_ao.progress import CostModel, run_progress
 
     # every argument is checked before the (slow) model load
@@ -645,8 +645,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """``awq-ao convert``: re-save a quantized checkpoint in another format (no re-quantizing)."""
     from awq_ao.checkpoint import checkpoint_summary, load_quantized, save_quantized
+    from awq_ao.checkpoint.atomic_dir import check_output_dir
     from awq_ao.checkpoint.formats import find_quantized_layers
-    from awq_ao.checkpoint.save import check_output_dir
 
     phases = _Phases(args)
     src = _resolve_dir(args.dir)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 
+import awq_ao.checkpoint.atomic_dir as atomic_mod
 import awq_ao.checkpoint.save as save_mod
 from awq_ao.checkpoint import CheckpointError, checkpoint_summary, load_quantized, save_quantized
 from awq_ao.lowering import Int4WeightTensor
@@ -293,8 +294,8 @@ def test_interrupted_save_never_looks_valid(tmp_path, monkeypatch):
     """Even when the process dies mid-save (simulated: cleanup disabled), the target does not
     exist and the leftover is a hidden temp directory without config.json."""
     model = quantized("llama")
-    monkeypatch.setattr(save_mod.shutil, "rmtree", lambda *a, **k: None)
-    monkeypatch.setattr(save_mod, "_write_json", _raise_keyboard_interrupt_on_config)
+    monkeypatch.setattr(atomic_mod.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(save_mod, "write_json", _raise_keyboard_interrupt_on_config)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
@@ -303,7 +304,7 @@ def test_interrupted_save_never_looks_valid(tmp_path, monkeypatch):
     assert not (left[0] / "config.json").exists()
 
 
-_real_write_json = save_mod._write_json
+_real_write_json = save_mod.write_json
 
 
 def _raise_keyboard_interrupt_on_config(path, obj):

@@ -28,6 +28,7 @@ import torch
 from checkpoint_helpers import SAMPLE_TEXT, char_tokenizer, logits, quantized, tied_llama
 from safetensors import SafetensorError
 
+import awq_ao.checkpoint.atomic_dir as atomic_mod
 import awq_ao.checkpoint.load as load_mod
 import awq_ao.checkpoint.save as save_mod
 from awq_ao.checkpoint import (
@@ -40,7 +41,7 @@ from awq_ao.checkpoint import (
 from awq_ao.checkpoint.formats import MARKER_NAME
 from awq_ao.cli import main
 
-HAS_RENAMEAT2 = save_mod._RENAMEAT2 is not None
+HAS_RENAMEAT2 = atomic_mod._RENAMEAT2 is not None
 
 
 def _tree(d: Path) -> dict[str, bytes | None]:
@@ -62,7 +63,7 @@ def rename_mode(request, monkeypatch):
         if not HAS_RENAMEAT2:
             pytest.skip("libc has no renameat2 here")
     else:
-        monkeypatch.setattr(save_mod, "_RENAMEAT2", None)
+        monkeypatch.setattr(atomic_mod, "_RENAMEAT2", None)
     return request.param
 
 
@@ -173,7 +174,7 @@ def test_every_save_writes_a_marker(tmp_path, fmt):
     d = save_quantized(quantized("tied_llama"), tmp_path / "ckpt", format=fmt)
     marker = json.loads((d / MARKER_NAME).read_text())
     assert marker["writer"] == "awq_ao" and marker["format"] == fmt and marker["version"] == 1
-    assert oct((d / MARKER_NAME).stat().st_mode & 0o777) == oct(0o666 & ~save_mod._umask())
+    assert oct((d / MARKER_NAME).stat().st_mode & 0o777) == oct(0o666 & ~atomic_mod.current_umask())
 
 
 def _project(root: Path) -> Path:
@@ -344,9 +345,9 @@ def test_overwrite_is_one_exchange_and_target_never_missing(tmp_path, monkeypatc
     a, b = quantized("llama"), quantized("tied_llama")
     target = save_quantized(a, tmp_path / "ckpt")
     calls = []
-    real_rename2 = save_mod._rename2
-    monkeypatch.setattr(save_mod, "_rename2", lambda s, d, f: (calls.append(f), real_rename2(s, d, f))[1])
-    monkeypatch.setattr(save_mod.os, "rename", lambda *a: pytest.fail("os.rename used although renameat2 exists"))
+    real_rename2 = atomic_mod._rename2
+    monkeypatch.setattr(atomic_mod, "_rename2", lambda s, d, f: (calls.append(f), real_rename2(s, d, f))[1])
+    monkeypatch.setattr(atomic_mod.os, "rename", lambda *a: pytest.fail("os.rename used although renameat2 exists"))
     missing = []
     stop = threading.Event()
 
@@ -364,7 +365,7 @@ def test_overwrite_is_one_exchange_and_target_never_missing(tmp_path, monkeypatc
         stop.set()
         t.join()
     # each save first tries to claim the name (RENAME_NOREPLACE), finds it taken, then exchanges
-    assert calls.count(save_mod._RENAME_EXCHANGE) == 6 and set(calls) <= {save_mod._RENAME_EXCHANGE, save_mod._RENAME_NOREPLACE}
+    assert calls.count(atomic_mod._RENAME_EXCHANGE) == 6 and set(calls) <= {atomic_mod._RENAME_EXCHANGE, atomic_mod._RENAME_NOREPLACE}
     assert not missing
     assert torch.equal(logits(load_quantized(target)), logits(a))
     assert _names(tmp_path) == ["ckpt"]
@@ -373,7 +374,7 @@ def test_overwrite_is_one_exchange_and_target_never_missing(tmp_path, monkeypatc
 @pytest.mark.skipif(not HAS_RENAMEAT2, reason="needs renameat2")
 def test_foreign_folder_swapped_in_at_the_last_moment_is_put_back(tmp_path, monkeypatch):
     target = save_quantized(quantized("llama"), tmp_path / "ckpt")
-    real_lock = save_mod._lock_marker
+    real_lock = atomic_mod._lock_marker
 
     def intrude(d):  # between the marker check and the exchange, a user replaces the folder
         fd = real_lock(d)
@@ -382,7 +383,7 @@ def test_foreign_folder_swapped_in_at_the_last_moment_is_put_back(tmp_path, monk
         (target / "notes.txt").write_text("keep me")
         return fd
 
-    monkeypatch.setattr(save_mod, "_lock_marker", intrude)
+    monkeypatch.setattr(atomic_mod, "_lock_marker", intrude)
     with pytest.raises(FileExistsError, match="replaced by a folder awq_ao did not write"):
         save_quantized(quantized("tied_llama"), target, overwrite=True)
     assert _names(target) == ["notes.txt"] and _names(tmp_path) == ["ckpt"]
@@ -447,7 +448,7 @@ for i in itertools.count():
 
 def _kill_during_saves(tmp_path: Path, kills: int, monkeypatch) -> None:
     # no other save runs here, so a killed save's empty folder may be removed at once
-    monkeypatch.setattr(save_mod, "_EMPTY_LEFTOVER_AGE_S", 0.0)
+    monkeypatch.setattr(atomic_mod, "_EMPTY_LEFTOVER_AGE_S", 0.0)
     qa, qb = quantized("llama"), quantized("tied_llama")
     a, b = save_quantized(qa, tmp_path / "a"), save_quantized(qb, tmp_path / "b")
     target = save_quantized(qa, tmp_path / "target")
@@ -520,7 +521,7 @@ def test_other_write_failures_are_the_same_error(tmp_path, monkeypatch):
     def no_permission(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(save_mod.tempfile, "mkdtemp", no_permission)
+    monkeypatch.setattr(atomic_mod.tempfile, "mkdtemp", no_permission)
     with pytest.raises(CheckpointWriteError, match=r"cannot save to .*ckpt: .*Permission denied") as ei:
         save_quantized(quantized("llama"), tmp_path / "ckpt")
     assert ei.value.errno == errno.EACCES
