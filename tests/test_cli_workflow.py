@@ -17,8 +17,9 @@ from tiny_models import tiny_model
 from torch import nn
 
 import awq_ao
-from awq_ao import cli
 from awq_ao.checkpoint import load_quantized, save_quantized
+from awq_ao.cli import commands as cli_commands
+from awq_ao.cli import inputs as cli_inputs
 from awq_ao.cli import main
 from awq_ao.evaluation import perplexity
 from awq_ao.lowering import quantize_linear_module
@@ -215,15 +216,15 @@ def test_default_calibration_source():
     """The library's default needs no project files: WikiText-2 validation from the hub."""
     from awq_ao import calibration
 
-    assert cli._DEFAULT_DATASET == calibration.DEFAULT_DATASET  # the --help text names the real default
-    assert not hasattr(cli, "_default_calibration")
+    assert cli_inputs.DEFAULT_DATASET == calibration.DEFAULT_DATASET  # the --help text names the real default
+    assert not hasattr(cli_inputs, "_default_calibration") and not hasattr(cli_commands, "_default_calibration")
 
 
 def _no_model_load(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(cli, "load_source_model", fail)
+    monkeypatch.setattr(cli_commands, "load_source_model", fail)
 
 
 def test_calib_errors_before_model_load(model_dir, text_file, tmp_path, capsys, monkeypatch):

@@ -386,7 +386,7 @@ def test_cli_eval_numbers_refused_when_parsing(tmp_path, capsys, extra, match):
      (["--device", "tpu:x"], "is not a device")],
 )
 def test_cli_combinations_refused_before_loading(tmp_path, capsys, monkeypatch, extra, match):
-    import awq_ao.cli as cli
+    import awq_ao.cli.commands as cli
 
     def never(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")

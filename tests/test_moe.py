@@ -392,13 +392,13 @@ def test_export_formats_refuse_int4_experts(fmt, tmp_path):
 
 
 def test_cli_refuses_export_formats_for_moe_before_quantizing():
-    from awq_ao.cli import CLIError, _precheck_format
+    from awq_ao.cli.inputs import CLIError, precheck_format
 
     model = tiny_moe("MixtralForCausalLM")
     for fmt in ("autoawq", "compressed-tensors"):
         with pytest.raises(CLIError, match=rf"--format {fmt} cannot hold INT4 MoE experts \(model\.layers\.0\.mlp\.experts.*use --format awq_ao"):
-            _precheck_format(model, fmt, 4, 32)
-    _precheck_format(model, "awq_ao", 4, 32)
+            precheck_format(model, fmt, 4, 32)
+    precheck_format(model, "awq_ao", 4, 32)
 
 
 def test_search_refine_applies_to_experts(monkeypatch):
