@@ -22,8 +22,8 @@ from awq_ao.passes.experts import (
     as_scale_group,
     is_experts_module,
     plan_experts,
-    quantize_experts,
 )
+from awq_ao.passes.experts_apply import quantize_experts
 from awq_ao.passes.fold import Transaction, fold_group
 from awq_ao.passes.groups import find_groups
 from awq_ao.passes.search import GroupResult
@@ -404,7 +404,7 @@ def test_cli_refuses_export_formats_for_moe_before_quantizing():
 def test_search_refine_applies_to_experts(monkeypatch):
     """search_refine=True searches the experts' scales (the MoE input group and every expert's
     up -> down pair) on the refined grid too: fewer candidates, the same grid otherwise."""
-    import awq_ao.passes.experts as experts_pass
+    import awq_ao.passes.experts_search as experts_pass
     from awq_ao.passes import search as search_pass
 
     calls: list[tuple[bool, int]] = []

@@ -198,9 +198,9 @@ def pack_linear(
 
     mod = root.get_submodule(name)
     # quantize_linear_module may assign the weight in place; record it first
-    txn._save(mod, "weight")
+    txn.record(mod, "weight")
     if getattr(mod, "bias", None) is not None:
-        txn._save(mod, "bias")
+        txn.record(mod, "bias")
     # an nn.Linear subclass whose forward computes F.linear (FalconLinear: x @ W.T + b)
     # becomes a plain nn.Linear: the INT4 weight runs through F.linear
     target = _plain_linear(mod) if handling == "plain" else mod
@@ -327,7 +327,7 @@ def apply_found(
     prefix: str = "",
 ) -> None:
     """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
-    from awq_ao.passes.experts import quantize_experts
+    from awq_ao.passes.experts_apply import quantize_experts
 
     t0 = time.perf_counter()
     input_scale = fold_scales(root, analysis, results, config, txn, report, prefix) if analysis is not None else {}

@@ -129,7 +129,9 @@ class Transaction:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None
 
-    def _save(self, obj: Any, attr: str) -> None:
+    def record(self, obj: Any, attr: str) -> None:
+        """Remember ``obj.<attr>`` as it is now (once per attribute) so that :meth:`rollback`
+        restores it; call before changing the attribute in place or by assignment."""
         key = (id(obj), attr)
         if key not in self._seen:
             self._seen.add(key)
@@ -137,7 +139,7 @@ class Transaction:
 
     def set_param(self, module: nn.Module, attr: str, value: torch.Tensor) -> None:
         """Replace ``module.<attr>`` by a new parameter holding ``value``."""
-        self._save(module, attr)
+        self.record(module, attr)
         old = getattr(module, attr)
         req = bool(getattr(old, "requires_grad", False))
         setattr(module, attr, nn.Parameter(value, requires_grad=req))
@@ -147,7 +149,7 @@ class Transaction:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         old = getattr(parent, child)
-        self._save(parent, child)
+        self.record(parent, child)
         setattr(parent, child, new)
         if isinstance(old, nn.Module) and not any(m is old for m in new.modules()):
             self._release(old)

@@ -21,7 +21,8 @@ from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall
 from awq_ao.passes.apply import add_time, apply_found, has_custom_forward
 from awq_ao.passes.capture import CaptureError, capture
-from awq_ao.passes.experts import plan_experts, search_experts
+from awq_ao.passes.experts import plan_experts
+from awq_ao.passes.experts_search import search_experts
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.groups import GraphAnalysis, find_groups
 from awq_ao.passes.search import GroupResult, ScaleSearch
