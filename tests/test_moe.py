@@ -401,6 +401,27 @@ def test_cli_refuses_export_formats_for_moe_before_quantizing():
     precheck_format(model, "awq_ao", 4, 32)
 
 
+def test_unpickled_experts_weight_registers_its_implementation(tmp_path):
+    """A pickled 3-D weight loaded in a fresh process that has transformers registers the
+    "awq_ao_int4" experts implementation (its module's forward dispatches to it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.pt"
+    torch.save(Int4WeightTensor.from_float(torch.randn(2, 16, 64), 4, 32), path)
+    code = (
+        "import sys, torch, transformers\n"
+        "from transformers.integrations.moe import ExpertsInterface\n"
+        "import awq_ao.lowering\n"
+        "assert 'awq_ao.lowering.int4_experts' not in sys.modules\n"
+        f"w = torch.load({str(path)!r})\n"
+        "print(w.dim(), 'awq_ao_int4' in ExpertsInterface._global_mapping)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["3", "True"]
+
+
 def test_search_refine_applies_to_experts(monkeypatch):
     """search_refine=True searches the experts' scales (the MoE input group and every expert's
     up -> down pair) on the refined grid too: fewer candidates, the same grid otherwise."""

@@ -14,8 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from awq_ao.lowering.int4_tensor import Int4WeightTensor
-
 __all__ = ["model_card"]
 
 _LOAD = {
@@ -79,7 +77,7 @@ def model_card(
     gs_set = sorted({w.group_size for w in weights}) or [qc.get("group_size")]
     bits = "/".join(str(b) for b in bits_set)
     gs = "/".join("per channel" if g in (-1, 0) else str(g) for g in gs_set)
-    zp = not all(zero_is_symmetric(w) for w in weights if isinstance(w, Int4WeightTensor)) if weights else qc.get("zero_point")
+    zp = not all(zero_is_symmetric(w) for w in weights) if weights else qc.get("zero_point")  # experts included
     rows: list[tuple[str, Any]] = [
         ("architecture", arch),
         ("weights", f"INT{bits}, group size {gs}" + ("" if zp is None else (", asymmetric (zero points)" if zp else ", symmetric"))),

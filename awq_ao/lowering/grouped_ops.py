@@ -43,7 +43,7 @@ def w4a16_grouped_linear(
     Args:
         x: ``[S, in_features]`` rows. expert_ids: ``[S]`` integer expert per row; rows with
             an id outside ``[0, E)`` (expert-parallel sentinels) get zeros.
-        packed, scale, zero, scales_and_zeros: the stacked inner tensors of an
+        packed, scale, zero, scales_and_zeros: the stacked inner tensors of a
             3-D :class:`Int4WeightTensor` (leading dim E).
         bits, group_size, in_features, layout, variant: as for ``awq_ao::w4a16_linear``.
     """

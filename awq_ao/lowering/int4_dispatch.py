@@ -74,11 +74,12 @@ def _(func, types, args, kwargs):
             "cannot copy a plain tensor into an Int4WeightTensor; quantize it first with "
             "Int4WeightTensor.from_float (or load the state dict with assign=True)."
         )
-    if (src.shape, src.bits, src.group_size, src.transposed) != (dst.shape, dst.bits, dst.group_size, dst.transposed):
+    if (src.shape, src.bits, src.group_size, bool(src.transposed)) != (dst.shape, dst.bits, dst.group_size, bool(dst.transposed)):
         raise ValueError(
             f"Int4WeightTensor copy_: source (shape={list(src.shape)}, bits={src.bits}, "
-            f"group_size={src.group_size}) does not match destination (shape="
-            f"{list(dst.shape)}, bits={dst.bits}, group_size={dst.group_size})."
+            f"group_size={src.group_size}, transposed={bool(src.transposed)}) does not match "
+            f"destination (shape={list(dst.shape)}, bits={dst.bits}, group_size={dst.group_size}, "
+            f"transposed={bool(dst.transposed)})."
         )
     if (src.pack_layout, src.layout_variant, src.device, src.dtype) != (
         dst.pack_layout,
@@ -109,4 +110,6 @@ def _(func, types, args, kwargs):
     return self.slab(int(index))
 
 
-torch.serialization.add_safe_globals([Int4WeightTensor])
+# the 3-D experts weight class of awq_ao < 2026-12-02 was ``int4_experts.Int4ExpertsTensor``
+# (same inner tensors and attributes): its pickles load as Int4WeightTensor
+torch.serialization.add_safe_globals([Int4WeightTensor, (Int4WeightTensor, "awq_ao.lowering.int4_experts.Int4ExpertsTensor")])

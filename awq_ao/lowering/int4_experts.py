@@ -32,6 +32,10 @@ __all__ = ["int4_experts_forward", "IMPLEMENTATION", "register_implementation"]
 #: Name of the experts implementation registered in transformers' ``ExpertsInterface``.
 IMPLEMENTATION = "awq_ao_int4"
 
+#: The former 3-D experts weight class, now :class:`Int4WeightTensor` itself (kept so that
+#: tensors pickled before 2026-12-02 unpickle).
+Int4ExpertsTensor = Int4WeightTensor
+
 
 # ------------------------------------------------------------------------------------------
 # the experts implementation

@@ -9,7 +9,7 @@ quantized weight awq_ao makes:
 * a 3-D MoE experts weight (transformers' ``gate_up_proj`` / ``down_proj``, ``[E, N, K]``, or
   ``[E, K, N]`` when ``transposed``): ``E`` slabs with exactly the 2-D layout, stacked along a
   leading expert dim; :meth:`Int4WeightTensor.grouped_linear` runs the
-  ``awq_ao::w4a16_grouped_linear`` op of the same family (:mod:`awq_ao.lowering.int4_experts`),
+  ``awq_ao::w4a16_grouped_linear`` op of the same family (:mod:`awq_ao.lowering.grouped_ops`),
   and ``W[e]`` is expert ``e``'s 2-D weight (views of the storage).
 
 Inner tensors: ``packed`` (uint8, see :mod:`awq_ao.lowering.packing`) and one copy of the
@@ -25,6 +25,7 @@ The packing layout tag is ``pack_layout`` (``Tensor.layout`` is torch's own attr
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 from torchao.utils import TorchAOBaseTensor
@@ -430,8 +431,8 @@ class Int4WeightTensor(TorchAOBaseTensor):
     # ----------------------------------------------------------------------------------------
 
     def grouped_linear(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """``y[r] = x[r] @ W[expert_ids[r]]`` for a 3-D experts weight, each expert as a
-        linear's ``[out, in]`` weight; rows with an id outside ``[0, E)`` get zeros."""
+        """``y[r] = x[r] @ W_e.T`` with ``W_e`` the ``[out, in]`` weight of expert
+        ``e = expert_ids[r]`` (a 3-D experts weight); rows with an id outside ``[0, E)`` get zeros."""
         if self.dim() != 3:
             raise ValueError(f"grouped_linear needs a 3-D experts weight, got {list(self.shape)}.")
         return torch.ops.awq_ao.w4a16_grouped_linear(
@@ -548,3 +549,20 @@ def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0**-24
     s = torch.where(s > 0, s.clamp(min=tiny), s).to(dtype)
     return s.float()
+
+
+_base_setstate = Int4WeightTensor.__setstate__  # torchao's (set when the class is created)
+
+
+def _setstate(self: Int4WeightTensor, state: object) -> None:
+    """Unpickling: a tensor pickled before ``transposed`` existed is a 2-D weight (torchao sets
+    a missing optional attribute to None); a 3-D experts weight loaded into a process that
+    has transformers registers the ``"awq_ao_int4"`` experts implementation its module runs."""
+    _base_setstate(self, state)
+    if self.transposed is None:
+        self.transposed = False
+    if self.dim() == 3 and "transformers" in sys.modules:
+        from awq_ao.lowering import int4_experts  # noqa: F401  (registers the implementation)
+
+
+Int4WeightTensor.__setstate__ = _setstate  # type: ignore[method-assign]

@@ -23,7 +23,7 @@ Three steps, hooked into the one pipeline (passes/pipeline.py), one module each:
    of both of e's weights. Experts that receive no calibration tokens fall back to the
    statistics of the whole block: their search and clipping run on all of the block's
    tokens (as if every token were routed to them); the report counts and names them.
-3. **apply** (:func:`~awq_ao.passes.experts_apply.quantize_experts`): fold, clip and store each 3-D weight as an
+3. **apply** (:func:`~awq_ao.passes.experts_apply.quantize_experts`): fold, clip and store each 3-D weight as a
    3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor`; the module's forward switches
    to the ``"awq_ao_int4"`` experts implementation through a per-module config copy. Every
    edit goes through the convert transaction.
@@ -320,7 +320,8 @@ def expert_rows(w: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 def as_scale_group(g: MoENormGroup) -> Any:
     """The producer/linear-consumer part of an MoE norm group as a foldable ``ScaleGroup``
-    (the router and the experts are rescaled by :func:`quantize_experts`)."""
+    (the router and the experts are rescaled by
+    :func:`~awq_ao.passes.experts_apply.quantize_experts`)."""
     from awq_ao.passes.groups import ScaleGroup
 
     return ScaleGroup(
