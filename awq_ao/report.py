@@ -82,12 +82,9 @@ class ConvertReport:
                 f"layouts: {lays}); {fp['full_precision_bytes'] / 2**20:.1f} MiB kept in full precision"
             )
             if "cpu_tinygemm" in fp.get("layouts", {}):
-                from awq_ao.lowering.cpu_kernels import DECODE_MAX_M
+                from awq_ao.lowering.cpu_kernels import describe
 
-                lines.append(
-                    f"  CPU kernels: cpu_tinygemm layers decode (<= {DECODE_MAX_M} rows) with tinygemm "
-                    "in bf16, prefill by block dequantization + fp32 matmul"
-                )
+                lines.append(f"  CPU kernels: {describe()}")
             if "nibble" in fp.get("layouts", {}) or "byte" in fp.get("layouts", {}):
                 lines.append(
                     "  nibble/byte layers: Triton W4A16 kernels on CUDA; on CPU (N % 16 != 0, bits > 4 "

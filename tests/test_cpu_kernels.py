@@ -126,6 +126,7 @@ def test_compiled_dequant_equals_eager(monkeypatch):
     """The inductor-compiled dequantization (used for big weights) is bit-identical."""
     t = Int4WeightTensor.from_float(torch.randn(128, 512), 4, 128)
     x = torch.randn(ops.TINYGEMM_MAX_M + 8, 512)
+    monkeypatch.setattr(ck, "ext_supports", lambda *a: False)  # the Python dequantization
     monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
     y_c = F.linear(x, t)
     assert ck.chosen_paths()[(128, 512, "float32", "prefill")].startswith("dequant (")
@@ -143,6 +144,7 @@ def test_compile_failure_falls_back_to_eager_and_says_so(monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
+    monkeypatch.setattr(ck, "ext_supports", lambda *a: False)  # the Python dequantization
     monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
     monkeypatch.setattr(ck, "_compiled", broken)
     monkeypatch.setattr(ck, "_compile_failed", None)

@@ -99,26 +99,32 @@ def test_batched_1d_and_empty_inputs():
         assert F.linear(torch.randn(0, 128, dtype=dt), t).shape == (0, 64)
 
 
+def _decode_paths() -> list[str]:
+    paths = ["tinygemm"] if HAS_TINYGEMM else []
+    if getattr(torch.cpu, "_is_avx2_supported", lambda: False)():
+        paths.append("ext")
+    return paths
+
+
 @needs_tinygemm
+@pytest.mark.parametrize("path", _decode_paths())
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize(
     "n, k, gs", [(96, 200, 64), (64, 128, -1), (128, 256, 128), (80, 512, 512)]
 )
-def test_tinygemm_path_agrees_with_dequant_path(monkeypatch, m, n, k, gs):
+def test_decode_paths_agree_with_dequant_path(path, m, n, k, gs):
     t = Int4WeightTensor.from_float(_weight(n, k, torch.bfloat16), 4, gs)
     assert t.pack_layout == "cpu_tinygemm" and t.scales_and_zeros is not None
     x = torch.randn(m, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
-    calls = []
-    monkeypatch.setattr(cpu_kernels, "tinygemm_linear", _wrap(cpu_kernels.tinygemm_linear, calls))
-    y_tg = F.linear(x, t, bias)
-    assert len(calls) == (m <= ops.TINYGEMM_MAX_M), "tinygemm path (not) taken"
-    monkeypatch.setattr(ops, "TINYGEMM_MAX_M", 0)
-    y_dq = F.linear(x, t, bias)
+    with cpu_kernels.forced_path(path):
+        y_dec = F.linear(x, t, bias)
+    with cpu_kernels.forced_path("dequant"):
+        y_dq = F.linear(x, t, bias)
     ref = _ref_linear(x, t, bias)
-    assert _rel_err(y_tg, ref) < RTOL[torch.bfloat16]
+    assert _rel_err(y_dec, ref) < RTOL[torch.bfloat16]
     assert _rel_err(y_dq, ref) < RTOL[torch.bfloat16]
-    assert _rel_err(y_tg, y_dq.double()) < RTOL[torch.bfloat16]
+    assert _rel_err(y_dec, y_dq.double()) < RTOL[torch.bfloat16]
 
 
 def _wrap(fn, calls):
@@ -130,21 +136,26 @@ def _wrap(fn, calls):
 
 
 @needs_tinygemm
-def test_tinygemm_for_every_activation_dtype_up_to_max_m(monkeypatch):
+def test_decode_path_for_every_activation_dtype_up_to_max_m(monkeypatch):
     t = Int4WeightTensor.from_float(_weight(64, 128, torch.float32), 4, 64)
-    tg, dq = [], []
-    monkeypatch.setattr(cpu_kernels, "tinygemm_linear", _wrap(cpu_kernels.tinygemm_linear, tg))
+    max_m = cpu_kernels.decode_max_m(t.layout_variant, t.scales_and_zeros)
+    ext = cpu_kernels.ext_supports(t.layout_variant, t.scales_and_zeros)
+    dec, dq = [], []
+    name = "ext_linear" if ext else "tinygemm_linear"
+    monkeypatch.setattr(cpu_kernels, name, _wrap(getattr(cpu_kernels, name), dec))
     monkeypatch.setattr(cpu_kernels, "dequant_linear", _wrap(cpu_kernels.dequant_linear, dq))
+    monkeypatch.setattr(cpu_kernels, "_seen", {})
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        y = F.linear(torch.randn(ops.TINYGEMM_MAX_M, 128, dtype=dt), t)
+        y = F.linear(torch.randn(max_m, 128, dtype=dt), t)
         assert y.dtype == dt
-    assert len(tg) == 3 and not dq
+    assert len(dec) == 3 and not dq
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        F.linear(torch.randn(ops.TINYGEMM_MAX_M + 1, 128, dtype=dt), t)
-    assert len(tg) == 3 and len(dq) == 3
+        F.linear(torch.randn(max_m + 1, 128, dtype=dt), t)
+    assert len(dec) == 3 and len(dq) == 3
     paths = cpu_kernels.chosen_paths()
-    assert paths[(64, 128, "float16", "decode")] == "tinygemm bf16"
-    assert paths[(64, 128, "float16", "prefill")].startswith("dequant (eager)")
+    decode = "awq_ao C++ kernel (AVX2, int16 activations)" if ext else "tinygemm bf16"
+    assert paths[(64, 128, "float16", "decode")].startswith(decode)
+    assert paths[(64, 128, "float16", "prefill")].startswith("dequant (C++)" if ext else "dequant (eager)")
 
 
 @pytest.mark.parametrize("layout", ["nibble", "byte", "cpu_tinygemm"])

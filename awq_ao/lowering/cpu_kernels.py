@@ -2,38 +2,53 @@
 
 The weight holds only the packed codes and tinygemm's ``scales_and_zeros`` (bfloat16
 ``[G_tg, N, 2]``: scale and offset, ``w = (q - 8) * scale + offset``), so the footprint is
-``4 + 32 / group_size`` bits per weight. Two paths, chosen by the number of activation rows
-``M`` (measured in ``benchmarks/cpu_decode.py``; table in ``docs/cpu_kernels.md``):
+``4 + 32 / group_size`` bits per weight. Paths, chosen by the number of activation rows ``M``
+(measured in ``benchmarks/cpu_kernels.py``; table in ``docs/cpu_kernels.md``):
 
-decode (``0 < M <= DECODE_MAX_M`` = 128)
-    ``aten._weight_int4pack_mm_for_cpu`` in bfloat16: activations are cast to bfloat16 and
-    the result back to the activation dtype. ATen's float32 and float16 variants of the same
-    kernel were measured 10-60x slower than its bfloat16 one, and slower than a dense matmul.
+decode (``0 < M <= decode_max_m()``)
+    awq_ao's own C++ kernel (:mod:`awq_ao.lowering.cpu_ext`, AVX2 + FMA) where it can be
+    built: activations quantized per (row, tinygemm group) to int16, an exact integer dot
+    product with the 4-bit codes, scales applied per group in float32. Without it, ATen's
+    ``_weight_int4pack_mm_for_cpu`` in bfloat16 (activations cast to bfloat16 and back;
+    ATen's float32 / float16 variants of that kernel are 10-60x slower than its bfloat16 one).
 
-prefill (``M > DECODE_MAX_M``)
+prefill (larger ``M``)
     The weight is dequantized in column blocks of about 16 MiB straight from the packed
-    layout to a transposed float32 ``[K, R]`` block (no unpacking to ``[N, K]`` codes and no
-    ``[N, K]`` buffer), each block multiplied by the float32 activations. Large weights use
-    an inductor-compiled dequantization (one vectorised pass); small weights, or machines
-    where inductor cannot compile, use the same function in eager mode. The matmul runs in
-    float32 for every activation dtype: on these CPUs it is as fast as or faster than a
-    bfloat16 matmul, and more exact.
+    layout to a transposed float32 ``[K, R]`` block (the C++ kernel where available, else an
+    inductor-compiled or eager dequantization), each block multiplied by the float32
+    activations. The matmul runs in float32 for every activation dtype: on these CPUs it is
+    as fast as or faster than a bfloat16 matmul, and more exact.
 
-Both paths are logged once per (shape, dtype, path) and listed by :func:`chosen_paths`.
+Every path is logged once per (shape, dtype, path) and listed by :func:`chosen_paths`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from awq_ao.lowering.packing import LAYOUT_CPU_TINYGEMM, parse_variant, tinygemm_geometry, unpack
+from awq_ao.lowering import cpu_ext
+from awq_ao.lowering.packing import (
+    LAYOUT_CPU_TINYGEMM,
+    cpu_tinygemm_variant,
+    parse_variant,
+    tinygemm_geometry,
+    unpack,
+)
 
 __all__ = [
     "DECODE_MAX_M",
+    "EXT_DECODE_MAX_M",
+    "decode_max_m",
+    "describe",
+    "ext_supports",
+    "ext_linear",
+    "forced_path",
+    "linear",
     "COMPILE_MIN_ELEMS",
     "tinygemm_linear",
     "dequant_transposed",
@@ -43,7 +58,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest M sent to tinygemm. Measured (benchmarks/results/cpu_kernels.json: 2-core Xeon,
+#: Largest M sent to awq_ao's C++ decode kernel (:mod:`cpu_ext`). Measured: see
+#: ``docs/cpu_kernels.md`` (2-core AMD EPYC, AVX2).
+EXT_DECODE_MAX_M = 64
+
+#: Largest M sent to tinygemm (when the C++ kernel is unavailable). Measured (benchmarks/results/cpu_kernels.json: 2-core Xeon,
 #: AVX512-BF16, no AMX; 8192x2048 g128, bf16): tinygemm 0.45 ms at M=1 (dense fp32 1.10),
 #: 14.4 at M=64 and 26.5 at M=128 vs 23.6 and 29.3 for dequantization + fp32 matmul, which
 #: wins at M=512 (64.6 vs 108.7); the crossover is near M = 160.
@@ -85,8 +104,125 @@ def _note(n: int, k: int, dtype: torch.dtype, kind: str, path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# decode: tinygemm
+# path choice
 # --------------------------------------------------------------------------------------------
+
+_FORCED: str | None = None
+_PATHS = ("ext", "tinygemm", "dequant")
+
+
+@contextlib.contextmanager
+def forced_path(path: str | None):
+    """Run every cpu_tinygemm matmul through one path (``"ext"``, ``"tinygemm"`` or
+    ``"dequant"``) inside the block, whatever M is; for tests and benchmarks. A path that
+    cannot run a weight (no C++ kernel, another CPU's tinygemm permutation) raises."""
+    global _FORCED
+    if path is not None and path not in _PATHS:
+        raise ValueError(f"forced_path: path must be one of {_PATHS} or None, got {path!r}.")
+    before, _FORCED = _FORCED, path
+    try:
+        yield
+    finally:
+        _FORCED = before
+
+
+def describe() -> str:
+    """One line for the convert report: which kernels cpu_tinygemm layers run on this machine
+    (builds the C++ kernels if they are not built yet)."""
+    if cpu_ext.load():
+        return (
+            f"cpu_tinygemm layers decode (<= {EXT_DECODE_MAX_M} rows) with awq_ao's C++ kernel "
+            "(AVX2, int16 activations), prefill by C++ block dequantization + fp32 matmul"
+        )
+    return (
+        f"cpu_tinygemm layers decode (<= {DECODE_MAX_M} rows) with ATen's tinygemm in bf16, prefill "
+        f"by block dequantization + fp32 matmul (awq_ao's C++ kernels unavailable: "
+        f"{cpu_ext.unavailable_reason()})"
+    )
+
+
+def ext_supports(variant: str, scales_and_zeros: torch.Tensor) -> bool:
+    """Whether the C++ kernels can run a weight of this variant (building them on first use)."""
+    block, interleaved = parse_variant(variant)
+    return (
+        interleaved
+        and block in (32, 64)
+        and scales_and_zeros.dtype == torch.bfloat16
+        and cpu_ext.load()
+    )
+
+
+def decode_max_m(variant: str, scales_and_zeros: torch.Tensor) -> int:
+    """Largest M that takes the decode path for this weight."""
+    return EXT_DECODE_MAX_M if ext_supports(variant, scales_and_zeros) else DECODE_MAX_M
+
+
+def linear(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    variant: str,
+) -> torch.Tensor:
+    """``x2d @ W.T`` (``x2d.dtype`` out, ``M > 0`` rows) by the path for ``M`` (module doc)."""
+    m = x2d.shape[0]
+    ext = ext_supports(variant, scales_and_zeros)
+    path = _FORCED
+    if path is None:
+        if m > (EXT_DECODE_MAX_M if ext else DECODE_MAX_M):
+            path = "dequant"
+        elif ext:
+            path = "ext"
+        elif variant == cpu_tinygemm_variant():
+            path = "tinygemm"
+        else:  # packed for another CPU's tinygemm permutation
+            path = "dequant"
+    if path == "ext":
+        if not ext:
+            raise RuntimeError(f"awq_ao's CPU kernel cannot run this weight ({_ext_missing(variant)}).")
+        return ext_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
+    if path == "tinygemm":
+        if variant != cpu_tinygemm_variant():
+            raise RuntimeError(f"weight packed as {variant}, this CPU's tinygemm reads {cpu_tinygemm_variant()}.")
+        return tinygemm_linear(x2d, packed, scales_and_zeros, in_features, group_size, _ext_missing(variant))
+    return dequant_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
+
+
+def _ext_missing(variant: str) -> str:
+    reason = cpu_ext.unavailable_reason()
+    return reason if reason is not None else f"variant {variant}; the C++ kernel reads b32i and b64i"
+
+
+# --------------------------------------------------------------------------------------------
+# decode: awq_ao's C++ kernel, or tinygemm
+# --------------------------------------------------------------------------------------------
+
+
+def _padded_float32(x2d: torch.Tensor, in_features: int, k_pad: int) -> torch.Tensor:
+    x = x2d.to(torch.float32)
+    if k_pad != in_features:
+        x = F.pad(x, (0, k_pad - in_features))
+    return x.contiguous()
+
+
+def ext_linear(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    variant: str,
+) -> torch.Tensor:
+    """``x2d @ W.T`` through awq_ao's C++ kernel (int16 activations, float32 accumulation of
+    the exact integer group sums; ``x2d.dtype`` out)."""
+    tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
+    block, _ = parse_variant(variant)
+    x = _padded_float32(x2d, in_features, k_pad)
+    y = torch.ops.awq_ao_cpu.int4_gemm(x, packed, scales_and_zeros, tg, block)
+    _note(packed.shape[0], in_features, x2d.dtype, "decode", "awq_ao C++ kernel (AVX2, int16 activations)")
+    return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+
 
 
 def tinygemm_linear(
@@ -95,14 +231,16 @@ def tinygemm_linear(
     scales_and_zeros: torch.Tensor,
     in_features: int,
     group_size: int,
+    why: str = "",
 ) -> torch.Tensor:
-    """``x2d @ W.T`` through ``aten._weight_int4pack_mm_for_cpu`` in bfloat16 (``x2d.dtype`` out)."""
+    """``x2d @ W.T`` through ``aten._weight_int4pack_mm_for_cpu`` in bfloat16 (``x2d.dtype`` out);
+    ``why`` (the C++ kernel is not used) goes into the path log."""
     tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
     xb = x2d.to(torch.bfloat16)
     if k_pad != in_features:
         xb = F.pad(xb, (0, k_pad - in_features))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, tg, scales_and_zeros)
-    _note(packed.shape[0], in_features, x2d.dtype, "decode", "tinygemm bf16")
+    _note(packed.shape[0], in_features, x2d.dtype, "decode", "tinygemm bf16" + (f" ({why})" if why else ""))
     return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)
 
 
@@ -185,6 +323,29 @@ def _run_block(fn, how, *args):
     return dequant_transposed(*args), "eager"
 
 
+_buffers = threading.local()
+
+
+def _buffer(elems: int) -> torch.Tensor:
+    """This thread's float32 dequantization buffer (kept between calls: no page faults per call)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.numel() < elems:
+        buf = _buffers.buf = torch.empty(elems, dtype=torch.float32)
+    return buf
+
+
+def _ext_dequant_matmul(x32, y, packed, scales_and_zeros, in_features, tg, k_pad, block) -> None:
+    """``y[:, :n_full] = x32 @ W[:n_full].T`` by C++ dequantization of ~16 MiB column blocks."""
+    nb = packed.shape[0] // block
+    per = min(nb, max(1, _BLOCK_ELEMS // (k_pad * block)))
+    buf = _buffer(k_pad * per * block)
+    for b0 in range(0, nb, per):
+        b1 = min(nb, b0 + per)
+        wt = buf[: k_pad * (b1 - b0) * block].view(k_pad, (b1 - b0) * block)
+        torch.ops.awq_ao_cpu.int4_dequant_t(packed, scales_and_zeros, tg, block, b0, b1, wt)
+        y[:, b0 * block : b1 * block] = x32 @ wt[:in_features]
+
+
 def dequant_linear(
     x2d: torch.Tensor,
     packed: torch.Tensor,
@@ -201,7 +362,10 @@ def dequant_linear(
     y = x32.new_empty(x32.shape[0], n)
     n_full = n // block * block
     how = "eager"
-    if n_full:
+    if n_full and ext_supports(variant, scales_and_zeros):
+        how = "C++"
+        _ext_dequant_matmul(x32, y, packed, scales_and_zeros, in_features, tg, k_pad, block)
+    elif n_full:
         nb = n_full // block
         per = max(1, _BLOCK_ELEMS // (k_pad * block))
         fn, how = _dequant_fn(n * k_pad)

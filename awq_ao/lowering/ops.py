@@ -5,9 +5,10 @@
     preserved by ``torch.export``; fake (meta) and autograd (grad w.r.t. ``x`` and ``bias``,
     never the weight) formulas are registered.
 
-    * CPU, ``cpu_tinygemm`` layout: :mod:`awq_ao.lowering.cpu_kernels` (tinygemm in bfloat16
-      for up to :data:`TINYGEMM_MAX_M` rows, block-wise dequantization + float32 matmul
-      above), for float32, bfloat16 and float16 activations.
+    * CPU, ``cpu_tinygemm`` layout: :mod:`awq_ao.lowering.cpu_kernels` (awq_ao's C++ decode
+      kernel, or ATen's tinygemm in bfloat16 where it cannot be built, for small M;
+      block-wise dequantization + float32 matmul above), for float32, bfloat16 and float16
+      activations.
     * CPU, other layouts: a vectorised dequantization in row chunks followed by ``F.linear``
       (chunking keeps the dequantized block cache-sized).
     * CUDA: ``awq_ao.kernels.w4a16_linear`` when that module is importable, the layout is
@@ -31,7 +32,6 @@ from awq_ao.lowering.packing import (
     LAYOUT_BYTE,
     LAYOUT_CPU_TINYGEMM,
     LAYOUT_NIBBLE,
-    cpu_tinygemm_variant,
     tinygemm_geometry,
 )
 from awq_ao.lowering.quant_math import effective_group_size, num_groups
@@ -40,7 +40,8 @@ __all__ = ["w4a16_linear", "dequantize_weight", "dequantize_packed", "TINYGEMM_M
 
 log = logging.getLogger(__name__)
 
-#: Largest number of activation rows sent to CPU tinygemm (see :mod:`cpu_kernels`).
+#: Largest number of activation rows sent to CPU tinygemm when awq_ao's C++ kernel is not
+#: available (see :mod:`cpu_kernels`).
 TINYGEMM_MAX_M = cpu_kernels.DECODE_MAX_M
 
 #: Elements of the dequantized weight block materialised at a time on CPU.
@@ -187,10 +188,7 @@ def _linear_cpu_tinygemm(x2d, packed, bias, group_size, in_features, variant, sc
         )
         cpu_kernels._note(packed.shape[0], in_features, x2d.dtype, "any", "dequant + fp64 matmul")
         return _add_bias(F.linear(x2d, w), bias)
-    if 0 < x2d.shape[0] <= TINYGEMM_MAX_M and variant == cpu_tinygemm_variant():
-        y = cpu_kernels.tinygemm_linear(x2d, packed, scales_and_zeros, in_features, group_size)
-    else:  # prefill, or packed for another CPU's tinygemm permutation
-        y = cpu_kernels.dequant_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
+    y = cpu_kernels.linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
     return _add_bias(y, bias)
 
 

@@ -1,0 +1,112 @@
+"""Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, AVX2 + FMA).
+
+The kernels are compiled once per machine with :func:`torch.utils.cpp_extension.load` (a C++
+compiler and ``ninja`` are needed; the build takes about a minute and is cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). They register the ops
+``torch.ops.awq_ao_cpu.int4_gemm`` and ``torch.ops.awq_ao_cpu.int4_dequant_t``.
+
+:func:`load` never raises: where the kernels cannot be had (no AVX2/FMA, no compiler, a
+failed build, or ``AWQ_AO_CPU_KERNELS=0``) it returns ``False`` and :func:`unavailable_reason`
+says why; :mod:`awq_ao.lowering.cpu_kernels` then uses ATen's kernels and its path log names
+the reason. ``AWQ_AO_CPU_KERNELS=1`` turns a failed build into an error instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "unavailable_reason", "SOURCE"]
+
+log = logging.getLogger(__name__)
+
+#: The kernels' source file.
+SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _setting() -> str:
+    v = os.environ.get("AWQ_AO_CPU_KERNELS", "auto").strip().lower()
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"AWQ_AO_CPU_KERNELS must be 0, 1 or auto, got {v!r}.")
+    return v
+
+
+def _why_not() -> str | None:
+    if _setting() == "0":
+        return "disabled by AWQ_AO_CPU_KERNELS=0"
+    if not (hasattr(torch.cpu, "_is_avx2_supported") and torch.cpu._is_avx2_supported()):
+        return "this CPU has no AVX2"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (set CXX or install g++)"
+    return None
+
+
+def _ninja_on_path() -> None:
+    """Make a pip-installed ``ninja`` (in this interpreter's scripts folder) visible."""
+    scripts = sysconfig.get_path("scripts")
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    for d in (scripts, str(Path(sys.executable).parent)):
+        if d and d not in dirs and (Path(d) / "ninja").exists():
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    log.info("awq_ao: building the CPU kernels (once per machine, about a minute)...")
+    cpp_extension.load(
+        name="awq_ao_int4_cpu",
+        sources=[str(SOURCE)],
+        extra_cflags=_FLAGS,
+        is_python_module=False,
+        verbose=False,
+    )
+    x = torch.zeros(1, 64)
+    packed = torch.zeros(32, 32, dtype=torch.uint8)
+    sz = torch.zeros(1, 32, 2, dtype=torch.bfloat16)
+    torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 64, 32)  # the op is callable
+
+
+def load() -> bool:
+    """Build (first call) and load the kernels; ``True`` if ``torch.ops.awq_ao_cpu`` is usable."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        reason = _why_not()
+        if reason is None:
+            try:
+                _build()
+            except Exception as e:  # compiler errors, missing ninja, ...
+                reason = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+                if _setting() == "1":
+                    raise RuntimeError(f"awq_ao: AWQ_AO_CPU_KERNELS=1 but {reason}") from e
+                log.warning(
+                    "awq_ao: the C++ CPU kernels are unavailable: %s; INT4 layers use ATen's "
+                    "slower kernels. Set AWQ_AO_CPU_KERNELS=0 to silence this.",
+                    reason,
+                )
+        elif _setting() == "1":
+            raise RuntimeError(f"awq_ao: AWQ_AO_CPU_KERNELS=1 but {reason}")
+        _state["reason"] = reason
+        _state["ok"] = reason is None
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not used (``None`` if they are, or :func:`load` was not called)."""
+    return _state.get("reason")  # type: ignore[return-value]
