@@ -6,13 +6,15 @@ swapped for ``nn.Linear`` modules holding :class:`~awq_ao.lowering.Int4WeightTen
 (:class:`~awq_ao.lowering.scaled_input.ScaledInputLinear` where recorded); every tensor is then
 read once from the memory-mapped safetensors shards. No full-precision copy of a quantized
 weight is ever made.
+
+The awq_ao format's load plan is in :mod:`~awq_ao.checkpoint.awq_ao_plan`, the building of
+INT4 weights and modules in :mod:`~awq_ao.checkpoint.build_int4`, and ``checkpoint_summary`` in
+:mod:`~awq_ao.checkpoint.summary`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -22,30 +24,24 @@ import torch
 from torch import nn
 
 from awq_ao.checkpoint import autoawq, compressed_tensors, validate
+from awq_ao.checkpoint.awq_ao_plan import _check_version, _plan_awq_ao
+from awq_ao.checkpoint.build_int4 import (
+    _make_experts,
+    _use_int4_experts_implementation,
+    quantized_linear,
+)
 from awq_ao.checkpoint.formats import (
     FORMAT_AUTOAWQ,
     FORMAT_AWQ_AO,
-    FORMAT_VERSION,
     CheckpointError,
-    ExpertsPlan,
-    LayerPlan,
-    LoadPlan,
     ShardSet,
-    codes_shape,
     detect_format,
-    quantized_keys,
     refuse_custom_code,
 )
 from awq_ao.checkpoint.hub import resolve_checkpoint
-from awq_ao.lowering import packing
-from awq_ao.lowering.int4_experts import IMPLEMENTATION
-from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
-from awq_ao.lowering.quant_math import num_groups
-from awq_ao.lowering.scaled_input import ScaledInputLinear
+from awq_ao.checkpoint.summary import checkpoint_summary
 
 __all__ = ["load_quantized", "build_empty_model", "checkpoint_summary", "quantized_linear"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _as_dtype(x: Any) -> torch.dtype | None:
@@ -114,186 +110,6 @@ def build_empty_model(path: str | os.PathLike, dtype: torch.dtype | None = None)
     if qc is not None:
         model.config.quantization_config = qc
     return model
-
-
-def _linear_shape(name: str, mod: nn.Module) -> tuple[int, int]:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features, mod.in_features
-    if type(mod).__name__ == "Conv1D":
-        k, n = mod.weight.shape
-        return int(n), int(k)
-    raise CheckpointError(f"{name}: listed as quantized, but the model built from config.json has a {type(mod).__name__} there.")
-
-
-def _check_version(qc: dict[str, Any]) -> None:
-    version = qc.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"quantization_config.format_version is {version!r}; expected an integer >= 1.")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"unsupported awq_ao checkpoint format version {version}: this awq_ao reads versions "
-            f"up to {FORMAT_VERSION}; upgrade awq_ao."
-        )
-
-
-def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> LoadPlan:
-    """The :class:`LoadPlan` of an awq_ao checkpoint (every key's shape and dtype checked
-    against the model built from ``config.json``; no data read)."""
-    _check_version(qc)
-    version = int(qc["format_version"])
-    try:
-        bits, gs = int(qc["bits"]), int(qc["group_size"])
-        qmods = list(qc["quantized_modules"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"quantization_config is incomplete: {e!r} missing or invalid.") from e
-    scaled = set(qc.get("scaled_input_modules") or [])
-    if scaled - set(qmods):
-        raise CheckpointError(f"scaled_input_modules not in quantized_modules: {sorted(scaled - set(qmods))}")
-    overrides = qc.get("module_overrides") or {}
-    plan = LoadPlan(strict_dtypes=True, tied=dict(qc.get("tied_weights") or {}))
-    for name in qmods:
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"config lists quantized module {name!r}, but the model built from config.json has none.") from e
-        n, k = _linear_shape(name, mod)
-        b = int(overrides.get(name, {}).get("bits", bits))
-        g = int(overrides.get(name, {}).get("group_size", gs))
-        ng = num_groups(k, g)
-        keys = quantized_keys(f"{name}.weight", version)
-        shards.expect(keys[0], codes_shape((), n, k, b, version), (torch.uint8,))
-        shards.expect(keys[1], (n, ng), _FLOAT_DTYPES)
-        shards.expect(keys[2], (n, ng), (torch.uint8,))
-
-        def read(keys: tuple[str, ...] = keys, n: int = n, k: int = k) -> tuple:
-            codes = shards.get(keys[0])
-            return (codes.reshape(n, k) if codes.dim() == 3 else codes), shards.get(keys[1]), shards.get(keys[2])
-
-        plan.layers[name] = LayerPlan(
-            name, b, g, n, k, read, nibble_packed=b <= 4, scaled_input=name in scaled, keys=keys
-        )
-        plan.consumed |= set(keys)
-    _plan_awq_ao_experts(qc, shards, model, plan)
-    return plan
-
-
-def _plan_awq_ao_experts(qc: dict[str, Any], shards: ShardSet, model: nn.Module, plan: LoadPlan) -> None:
-    """Add the INT4 MoE experts parameters listed in ``quantized_experts`` to ``plan``."""
-    entries = qc.get("quantized_experts") or {}
-    if not isinstance(entries, dict):
-        raise CheckpointError("quantization_config.quantized_experts must map parameter names to settings.")
-    for key, opts in entries.items():
-        mod_name, _, attr = key.rpartition(".")
-        try:
-            mod = model.get_submodule(mod_name)
-        except AttributeError as e:
-            raise CheckpointError(f"config lists quantized experts {key!r}, but the model built from config.json has no {mod_name!r}.") from e
-        p = mod._parameters.get(attr)
-        if p is None or p.dim() != 3:
-            raise CheckpointError(f"config lists quantized experts {key!r}, but the model built from config.json has no 3-D parameter there.")
-        try:
-            b, g, transposed = int(opts["bits"]), int(opts["group_size"]), bool(opts["transposed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"quantized_experts[{key!r}] is incomplete: {e!r} missing or invalid.") from e
-        if transposed != bool(getattr(mod, "is_transposed", transposed)):
-            raise CheckpointError(f"{key}: stored transposed={transposed}, but the model's experts module has is_transposed={mod.is_transposed}.")
-        e, a, c = (int(d) for d in p.shape)
-        n, k = (c, a) if transposed else (a, c)
-        ng = num_groups(k, g)
-        version = int(qc["format_version"])
-        keys = quantized_keys(key, version)
-        shards.expect(keys[0], codes_shape((e,), n, k, b, version), (torch.uint8,))
-        shards.expect(keys[1], (e, n, ng), _FLOAT_DTYPES)
-        shards.expect(keys[2], (e, n, ng), (torch.uint8,))
-
-        def read(keys: tuple[str, ...] = keys, shape: tuple[int, ...] = (e, n, k)) -> tuple:
-            codes = shards.get(keys[0])
-            return (codes.reshape(shape) if codes.dim() == 4 else codes), shards.get(keys[1]), shards.get(keys[2])
-
-        plan.experts[key] = ExpertsPlan(key, b, g, e, n, k, transposed, read, nibble_packed=b <= 4, keys=keys)
-        plan.consumed |= set(keys)
-
-
-def _make_experts(
-    ep: ExpertsPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
-) -> Int4WeightTensor:
-    """The 3-D :class:`Int4WeightTensor` of ``ep`` from its stored tensors, one slab per expert
-    (each built like a quantized linear's weight, in the layout ``device`` reads)."""
-    slabs = []
-    for e in range(ep.num_experts):
-        lp = LayerPlan(f"{ep.key}[{e}]", ep.bits, ep.group_size, ep.out_features, ep.in_features, None, ep.nibble_packed)
-        slabs.append(_make_weight(lp, data[e], scale[e], zero[e], device, dtype))
-    return Int4WeightTensor.from_slabs(slabs, ep.transposed)
-
-
-def _use_int4_experts_implementation(mod: nn.Module) -> None:
-    """Switch one experts module to the ``"awq_ao_int4"`` implementation through a copy of
-    its config (the model's shared config, and every other module, keep theirs)."""
-    cfg = getattr(mod, "config", None)
-    if cfg is None:
-        raise CheckpointError(f"{type(mod).__name__}: experts module without a config; cannot select the INT4 experts implementation.")
-    cfg = copy.copy(cfg)
-    cfg._experts_implementation_internal = IMPLEMENTATION
-    mod.config = cfg
-
-
-def _make_weight(
-    lp: LayerPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, device: torch.device, dtype: torch.dtype
-) -> Int4WeightTensor:
-    n, k = lp.out_features, lp.in_features
-    # scales keep the checkpoint's 16-bit dtype where the layout allows (exact imports)
-    scale = scale.to(device=device).contiguous()
-    zero = zero.to(device=device).contiguous()
-    layout = packing.choose_layout(device, lp.bits, n, k, lp.group_size)
-    try:
-        if lp.nibble_packed:
-            if layout == packing.LAYOUT_NIBBLE and lp.bits == 4:
-                # no repacking: build directly (from_codes would validate the zero points)
-                if zero.numel() and (float(zero.min()) < 0 or float(zero.max()) > 2**lp.bits - 1):
-                    raise CheckpointError(f"{lp.name}: zero points outside [0, {2**lp.bits - 1}].")
-                sdt = scale_storage_dtype(dtype, packing.LAYOUT_NIBBLE, scale.dtype)
-                return Int4WeightTensor(
-                    data.to(device).contiguous(), lp.bits, lp.group_size,
-                    packing.LAYOUT_NIBBLE, "", torch.Size([n, k]), dtype,
-                    round_scale(scale, sdt).to(sdt), zero.round().to(torch.uint8),
-                )
-            codes = packing.unpack(data, lp.bits, packing.LAYOUT_NIBBLE, n, k)
-        else:
-            codes = data
-        return Int4WeightTensor.from_codes(
-            codes.to(device), scale, zero, lp.bits, lp.group_size, dtype, layout=layout
-        )
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{lp.name}: invalid quantized weight ({e}).") from e
-
-
-def quantized_linear(
-    lp: LayerPlan,
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    bias: torch.Tensor | None,
-    input_scale: torch.Tensor | None = None,
-) -> nn.Module:
-    """The eval-mode ``nn.Linear`` (or :class:`ScaledInputLinear` where ``lp.scaled_input``)
-    holding the :class:`Int4WeightTensor` built from a layer's stored tensors.
-
-    ``bias`` / ``input_scale`` may be meta tensors, filled later by the caller.
-    """
-    w = _make_weight(lp, data, scale, zero, device, dtype)
-    lin = nn.Linear(lp.in_features, lp.out_features, bias=False, device="meta", dtype=dtype)
-    lin.weight = nn.Parameter(w, requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().to(dtype=dtype), requires_grad=bool(getattr(bias, "requires_grad", False)))
-    new: nn.Module = lin
-    if lp.scaled_input:
-        if input_scale is None:
-            raise CheckpointError(f"{lp.name}: recorded as a ScaledInputLinear, but no input_scale was given.")
-        new = ScaledInputLinear(lin, input_scale)
-    new.train(False)
-    return new
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -510,101 +326,3 @@ def load_quantized(
             warnings.warn(f"ignoring {gen}: {e}", stacklevel=2)
     model.eval()
     return model
-
-
-def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint holds, from ``config.json`` and the shard headers (no weights read).
-
-    Keys: ``format``, ``architecture``, ``bits``, ``group_size``, ``zero_point``,
-    ``quantized_layers`` (names), ``quantized_experts`` (3-D INT4 MoE expert parameters,
-    awq_ao format), ``scaled_input_layers``, ``float_linears`` (if recorded),
-    ``size_bytes`` (all files), ``tensor_bytes``, ``shards``, ``dtype``.
-    """
-    from awq_ao.checkpoint.formats import read_config
-
-    path = resolve_checkpoint(path)
-    fmt, qc = detect_format(path)
-    cfg = read_config(path)
-    shards = ShardSet(path)
-    out: dict[str, Any] = {
-        "path": str(path),
-        "format": fmt,
-        "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
-        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
-        "shards": list(shards.files),
-        "size_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        "tensor_bytes": shards.total_bytes(),
-    }
-    if fmt == FORMAT_AWQ_AO:
-        out.update(
-            format_version=qc.get("format_version"),
-            bits=qc.get("bits"),
-            group_size=qc.get("group_size"),
-            zero_point=qc.get("zero_point"),
-            quantized_layers=list(qc.get("quantized_modules") or []),
-            scaled_input_layers=list(qc.get("scaled_input_modules") or []),
-            float_linears=list(qc.get("modules_to_not_convert") or []),
-            module_overrides=qc.get("module_overrides") or {},
-            quantized_experts=sorted(qc.get("quantized_experts") or {}),
-        )
-    elif fmt == FORMAT_AUTOAWQ:
-        out.update(
-            bits=qc.get("bits", qc.get("w_bit")),
-            group_size=qc.get("group_size", qc.get("q_group_size")),
-            zero_point=qc.get("zero_point"),
-            version=qc.get("version"),
-            quantized_layers=sorted(k[: -len(".qweight")] for k in shards.keys() if k.endswith(".qweight")),
-            scaled_input_layers=[],
-            float_linears=list(qc.get("modules_to_not_convert") or []),
-        )
-    else:
-        groups = qc.get("config_groups") or {}
-        w = next(iter(groups.values()), {}).get("weights", {}) if groups else {}
-        out.update(
-            bits=w.get("num_bits"),
-            group_size=w.get("group_size") if w.get("strategy") == "group" else -1,
-            zero_point=not w.get("symmetric", True),
-            quantized_layers=sorted(
-                k[: -len(".weight_packed")] for k in shards.keys() if k.endswith(".weight_packed")
-            ),
-            scaled_input_layers=[],
-            float_linears=list(qc.get("ignore") or []),
-        )
-    out.setdefault("quantized_experts", [])
-    out["num_quantized_layers"] = len(out["quantized_layers"])
-    out["num_quantized_experts"] = len(out["quantized_experts"])
-    out["num_tensors"] = len(shards.keys())
-    out["num_stored_elements"] = sum(math.prod(shards.shape(k)) for k in shards.keys())
-    out.update(_footprint(shards, out["quantized_layers"], fmt, out.get("bits")))
-    return out
-
-
-def _footprint(shards: ShardSet, layers: list[str], fmt: str, bits: int | None) -> dict[str, Any]:
-    """Bytes of the quantized layers' tensors (codes, scales, zeros), the logical weights they
-    hold, bits per weight, and the bytes of everything else (kept in full precision).
-
-    The weight count comes from ``weight_shape`` (compressed-tensors), or from the packed codes
-    (awq_ao: the uint8 ``m.weight``, ``m.weight_packed`` before format version 3):
-    two per byte for awq_ao's nibble layout (bits <= 4; an odd K counts half a code more),
-    one per byte above, eight per int32 ``qweight`` element (AutoAWQ).
-    """
-    prefixes = {f"{n}." for n in layers}
-    q_bytes, q_weights = 0, 0
-    for key in shards.keys():
-        prefix = key[: key.rfind(".") + 1]
-        if prefix not in prefixes or key.endswith(".bias"):
-            continue
-        q_bytes += math.prod(shards.shape(key)) * shards.dtype(key).itemsize
-        if key.endswith(".weight_shape"):
-            q_weights += int(math.prod(shards.get(key).tolist()))
-        elif key.endswith(".qweight"):
-            q_weights += 8 * math.prod(shards.shape(key))
-        elif fmt == FORMAT_AWQ_AO and shards.dtype(key) == torch.uint8 and key.endswith((".weight", ".weight_packed")):
-            q_weights += (2 if (bits or 4) <= 4 else 1) * math.prod(shards.shape(key))
-    total = sum(math.prod(shards.shape(k)) * shards.dtype(k).itemsize for k in shards.keys())
-    return {
-        "quantized_bytes": q_bytes,
-        "quantized_weights": q_weights,
-        "bits_per_weight": round(8 * q_bytes / q_weights, 3) if q_weights else None,
-        "full_precision_bytes": total - q_bytes,
-    }
