@@ -9,6 +9,10 @@ model's own dtype for the module call and float32 for statistics, on the model's
 The search runs inside forward hooks during one replay of the recorded calibration sample,
 so only one module's inputs are held at a time. Nothing in the model changes here: results
 are returned and applied afterwards (passes/fold), which keeps a failed search harmless.
+
+The losses a candidate is scored by are in :mod:`~awq_ao.passes.search_loss` and the
+weight-clipping search in :mod:`~awq_ao.passes.clipping`; their public names are re-exported
+here.
 """
 
 from __future__ import annotations
@@ -21,11 +25,39 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.quant_math import fake_quantize, fake_quantize_grouped, group_geometry
+from awq_ao.lowering.quant_math import group_geometry
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
+from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
-from awq_ao.passes.rounding import full_gram, sample_tokens
+from awq_ao.passes.rounding import full_gram
+from awq_ao.passes.search_loss import (
+    _mse,
+    _Swap,
+    fake_quantize_scaled,
+    gram_output_mse,
+    use_gram_loss,
+)
+
+__all__ = [
+    "GroupResult",
+    "weight_2d",
+    "tie_mean",
+    "weight_mean",
+    "candidate_scales",
+    "scale_candidates",
+    "grid_search",
+    "ScaleSearch",
+    # re-exported from search_loss and clipping
+    "fake_quantize_scaled",
+    "gram_output_mse",
+    "use_gram_loss",
+    "group_gram",
+    "scale_gram",
+    "clip_ratios",
+    "apply_clip",
+]
+
 
 
 @dataclass
@@ -150,89 +182,6 @@ def _grid_point(
     s = candidate_scales(x_mean, w_mean, i / n_grid, tie)
     return loss_of(s), s
 
-
-class _Swap:
-    """Temporarily replaces the weights of the consumers (restored exactly on exit)."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
-        self.saved = [m.weight.data for m in modules]
-
-    def set(self, i: int, w: torch.Tensor) -> None:
-        self.modules[i].weight.data = w
-
-    def restore(self) -> None:
-        for m, w in zip(self.modules, self.saved, strict=True):
-            m.weight.data = w
-
-
-def fake_quantize_scaled(
-    w: torch.Tensor,
-    s: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    zero_point: bool,
-    transpose: bool = False,
-    rows_per_chunk: int = 512,
-) -> torch.Tensor:
-    """``Q(w * s) / s`` for ``w [N, K]`` in ``w``'s dtype (``transpose``: returned as [K, N]).
-
-    Row chunks are computed in float32 one at a time, so the temporaries are a few chunks,
-    not several float32 copies of the whole weight (a 8192 x 2048 bf16 weight would need
-    ~5 x 64 MiB at once).
-    """
-    n = w.shape[0]
-    out = torch.empty(w.shape[::-1] if transpose else w.shape, dtype=w.dtype, device=w.device)
-    sf = None if s is None else s.to(w.device, torch.float32)
-    for r0 in range(0, n, rows_per_chunk):
-        wc = w[r0 : r0 + rows_per_chunk].float()
-        if sf is None:
-            q = fake_quantize(wc, bits, group_size, zero_point)
-        else:
-            q = fake_quantize(wc * sf, bits, group_size, zero_point) / sf
-        if transpose:
-            out[:, r0 : r0 + rows_per_chunk] = q.t()
-        else:
-            out[r0 : r0 + rows_per_chunk] = q
-    return out
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).pow(2).mean())
-
-
-def gram_output_mse(
-    weights: list[torch.Tensor],
-    s: torch.Tensor | None,
-    gram: torch.Tensor,
-    bits: int,
-    group_size: int,
-    zero_point: bool,
-    rows_per_chunk: int = 512,
-) -> float:
-    """Mean squared output error of linears sharing one input, from the input's Gram.
-
-    For weights ``w [N, K]`` reading ``x [T, K]`` with ``gram = x^T x / T``, the error of
-    ``Q(w * s) / s`` over the tokens and all outputs is ``sum_n d_n gram d_n^T / sum N``
-    (``d = Q(w*s)/s - w``): what the direct search measures as the MSE of ``x @ d^T``, at
-    ``N K^2`` instead of ``T N K`` multiply-adds per candidate.
-    """
-    total, rows = 0.0, 0
-    h = gram.to(weights[0].device)
-    for w in weights:
-        for r0 in range(0, w.shape[0], rows_per_chunk):
-            wc = w[r0 : r0 + rows_per_chunk]
-            d = fake_quantize_scaled(wc, s, bits, group_size, zero_point).to(h.dtype) - wc.to(h.dtype)
-            total += float(((d @ h) * d).sum())
-        rows += w.shape[0]
-    return total / max(rows, 1)
-
-
-def use_gram_loss(tokens: int, k: int, rows: int, candidates: int, have_gram: bool) -> bool:
-    """Whether the Gram form of a direct group's loss costs fewer multiply-adds."""
-    direct = candidates * tokens * rows * k
-    gram = candidates * rows * k * k + (0 if have_gram else tokens * k * k)
-    return gram < direct
 
 
 def _module_loss(search_loss: str, g: ScaleGroup, qk_linears: set[str]) -> bool:
@@ -432,136 +381,3 @@ class ScaleSearch:
             self._inputs.clear()
             self._last_gram = None
         return self.results
-
-
-def _clip_bounds(wg: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group clipping bounds at ratio 1 for grouped weights ``[n, G, g]``.
-
-    ``"symmetric"`` (AutoAWQ): ±max|w|. ``"range"`` and ``"asymmetric"``: [min(w, 0),
-    max(w, 0)], so shrinking moves the ends of an asymmetric group's range toward 0.
-    """
-    if mode == "symmetric":
-        amax = wg.abs().amax(dim=-1)
-        return -amax, amax
-    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
-
-
-def _expand(v: torch.Tensor, g: int, k: int) -> torch.Tensor:
-    return v.repeat_interleave(g, dim=1)[:, :k]
-
-
-def group_gram(x: torch.Tensor, group_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Per-group second moments ``[G, g, g]`` of activations ``x [..., K]`` (float32).
-
-    ``H[j] = X_j^T X_j / T`` for the columns of group ``j`` (the last, ragged group is padded
-    with zeros). The clipping error of a weight change ``d`` in group ``j`` averaged over the
-    tokens is ``d^T H[j] d``, so the search needs only these ``K x g`` numbers instead of the
-    tokens themselves: cheaper to keep and, for T > g, cheaper to evaluate. ``max_tokens``
-    evenly subsamples the tokens first.
-    """
-    x2 = sample_tokens(x, max_tokens)
-    t, k = x2.shape
-    g, groups, pad = group_geometry(k, group_size)
-    xf = x2.float()
-    if pad:
-        xf = torch.cat([xf, xf.new_zeros(t, pad)], dim=1)
-    xg = xf.view(t, groups, g).permute(1, 0, 2)  # [G, T, g]
-    return torch.bmm(xg.transpose(1, 2), xg) / max(t, 1)
-
-
-def scale_gram(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The Gram of ``x / s`` from the Gram ``h [G, g, g]`` of ``x`` (``s``: [K] scales)."""
-    groups, g, _ = h.shape
-    sp = s.to(h.device, torch.float32)
-    pad = groups * g - sp.numel()
-    if pad:
-        sp = torch.cat([sp, sp.new_ones(pad)])
-    inv = (1.0 / sp).view(groups, g)
-    return h * inv[:, :, None] * inv[:, None, :]
-
-
-def _gram_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Mean squared partial-output error ``[n, G]`` of group weight errors ``d [n, G, g]``."""
-    dt = d.permute(1, 0, 2)  # [G, n, g]
-    return (torch.bmm(dt, h) * dt).sum(dim=-1).t()
-
-
-def clip_ratios(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    bits: int,
-    group_size: int,
-    zero_point: bool,
-    grid: int = 20,
-    max_shrink: float = 0.5,
-    rows_per_chunk: int = 256,
-    mode: str = "range",
-) -> torch.Tensor:
-    """Best per-(row, group) clipping ratios for the bounds of :func:`_clip_bounds`.
-
-    Minimises the mean squared error of each group's partial output x_g · w_g over the
-    sample ``x``: tokens ``[T, K]`` or their per-group Gram ``[G, g, g]`` from
-    :func:`group_gram` (the error is evaluated through the Gram either way). Ratios lie in
-    (1 - max_shrink, 1]. Returns ``[N, G, 2]`` float32 ratios for the (lower, upper) bound:
-    equal for ``"range"``/``"symmetric"`` (one ratio searched); for ``"asymmetric"`` the
-    common ratio is refined by a search of the lower bound's ratio (upper fixed), then the
-    upper bound's (lower fixed), which can only lower the error. Rows are searched in chunks
-    of ``rows_per_chunk`` (their temporaries stay in cache).
-    """
-    n, k = w.shape
-    g, groups, pad = group_geometry(k, group_size)
-    h = x.to(w.device, torch.float32) if x.dim() == 3 else group_gram(x.to(w.device), group_size)
-    if h.shape != (groups, g, g):
-        raise ValueError(f"clip_ratios: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
-    steps = max(1, int(max_shrink * grid))
-    cand = [1.0 - i / grid for i in range(steps)]
-    ratios = torch.ones(n, groups, 2, device=w.device)
-    chunk = rows_per_chunk
-    for r0 in range(0, n, chunk):
-        wc = w[r0 : r0 + chunk].float()
-        nc = wc.shape[0]
-        # zero padding: the clamp keeps it 0 (the bounds include 0), so it adds no error
-        wg = (torch.cat([wc, wc.new_zeros(nc, pad)], dim=1) if pad else wc).view(nc, groups, g)
-        lo, hi = _clip_bounds(wg, mode)  # [n, G]
-
-        best_err = torch.full((nc, groups), math.inf, device=w.device)
-        best_lo = torch.ones(nc, groups, device=w.device)
-        best_hi = torch.ones(nc, groups, device=w.device)
-        passes = ("both", "lo", "hi") if mode == "asymmetric" else ("both",)
-        for which in passes:
-            base_lo, base_hi = best_lo.clone(), best_hi.clone()
-            for r in cand:
-                full = torch.full_like(best_lo, r)
-                r_lo = base_lo if which == "hi" else full
-                r_hi = base_hi if which == "lo" else full
-                clamped = torch.minimum(torch.maximum(wg, (lo * r_lo).unsqueeze(-1)), (hi * r_hi).unsqueeze(-1))
-                err = _gram_error(fake_quantize_grouped(clamped, bits, zero_point) - wg, h)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_lo = torch.where(better, r_lo, best_lo)
-                best_hi = torch.where(better, r_hi, best_hi)
-        ratios[r0 : r0 + nc, :, 0] = best_lo
-        ratios[r0 : r0 + nc, :, 1] = best_hi
-    return ratios
-
-
-def apply_clip(
-    w: torch.Tensor, ratios: torch.Tensor, group_size: int, mode: str = "range", rows_per_chunk: int = 512
-) -> torch.Tensor:
-    """Clamp ``w [N, K]`` to ratio × the group's bounds (returns a new tensor, same dtype).
-
-    ``ratios`` is ``[N, G]`` (one ratio for both bounds) or ``[N, G, 2]`` (lower, upper).
-    """
-    n, k = w.shape
-    g, _, pad = group_geometry(k, group_size)
-    r = ratios.to(w.device)
-    r_lo, r_hi = (r[..., 0], r[..., 1]) if r.dim() == 3 else (r, r)
-    out = torch.empty_like(w)
-    for r0 in range(0, n, rows_per_chunk):  # float32 temporaries of one chunk at a time
-        rows = slice(r0, r0 + rows_per_chunk)
-        wf = w[rows].float()
-        wp = torch.cat([wf, wf.new_zeros(wf.shape[0], pad)], dim=1) if pad else wf
-        lo, hi = _clip_bounds(wp.view(wf.shape[0], -1, g), mode)
-        out[rows] = torch.minimum(torch.maximum(wf, _expand(lo * r_lo[rows], g, k)), _expand(hi * r_hi[rows], g, k))
-    return out
-
