@@ -6,346 +6,40 @@ producer is per-channel affine in its output (a norm, or a linear reached throug
 movement, attention's value path, a positively homogeneous activation or one factor of a
 product) and nothing else reads the rescaled channels. Everything here works from graph
 patterns; there is no per-model code.
+
+The pieces live in smaller modules, re-exported here: the result types in
+:mod:`~awq_ao.passes.group_types`, the graph reading in :mod:`~awq_ao.passes.graph_context` and
+the producer walk in :mod:`~awq_ao.passes.producers`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import fx, nn
 
-from awq_ao.observers.attach import conv1d_class, is_quantizable
 from awq_ao.passes.channel_map import ChannelMapError, channel_set, replay_path, replay_user
+from awq_ao.passes.graph_context import _INPUT_ALIAS_OPS as _INPUT_ALIAS_OPS
+from awq_ao.passes.graph_context import _alias_source, _Ctx, transposed_weight
 from awq_ao.passes.graph_utils import (
-    ADD_OPS,
     ADDMM_OPS,
-    AFFINE_SCALAR_OPS,
-    DIV_OPS,
-    IDENTITY_OPS,
-    LAYER_NORM_OPS,
-    LIKE_OPS,
     LINEAR_OPS,
-    MATMUL_OPS,
-    MUL_OPS,
-    RMS_NORM_OPS,
-    RSUB_OPS,
     SDPA_OPS,
-    SHAPE_OPS,
-    SUB_OPS,
     WEIGHT_T_OPS,
     is_op,
     meta_shape,
-    owner_module,
     real_users,
-    scalar_operand,
 )
+from awq_ao.passes.group_types import GraphAnalysis, ParamFold, Producer, ScaleGroup
+from awq_ao.passes.producers import _find_producer
 
-# Ops through which a consumer's input is still "the same tensor" (views keeping channels).
-_INPUT_ALIAS_OPS = {
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.contiguous.default,
-    torch.ops.aten.to.dtype,
-    torch.ops.aten.to.dtype_layout,
-    torch.ops.aten._to_copy.default,
-}
-
-
-@dataclass
-class ParamFold:
-    """How to divide a producer's output channels by s through one parameter.
-
-    ``affine`` lists scalar ops (name, constant) applied to the parameter before it
-    multiplies the normalised activations, e.g. Gemma's ``1 + w`` is ``[("add", 1.0)]``;
-    the fold solves ``f(w') = f(w) / s``. ``dim`` is the parameter dimension holding the
-    producer's output channels.
-    """
-
-    name: str
-    dim: int = 0
-    affine: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class Producer:
-    """What computes X (``kind``: "norm", "linear" or "none") and how to fold into it."""
-
-    kind: str
-    module: str | None = None
-    params: list[ParamFold] = field(default_factory=list)
-    out_channels: int = 0
-    path: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ScaleGroup:
-    """One AWQ scale group: consumers sharing an input X and X's producer."""
-
-    x_node: str
-    in_features: int
-    consumers: list[str]
-    rescaled: list[str] = field(default_factory=list)
-    producer: Producer = field(default_factory=lambda: Producer("none"))
-    foldable: bool = False
-    reason: str = ""
-    inspect: str | None = None
-    channel_map: torch.Tensor | None = None  # X channel -> producer channel
-    consumer_is_conv1d: dict[str, bool] = field(default_factory=dict)
-
-    @property
-    def kind(self) -> str:
-        """Short label for reports: the producer kind or "fallback"."""
-        return self.producer.kind if self.foldable else "fallback"
-
-    def tie_groups(self) -> torch.Tensor | None:
-        """Class id per X channel: channels mapped to one producer channel share a scale."""
-        if self.channel_map is None:
-            return None
-        if torch.unique(self.channel_map).numel() == self.channel_map.numel():
-            return None
-        return self.channel_map
-
-
-@dataclass
-class GraphAnalysis:
-    """Result of :func:`find_groups`."""
-
-    groups: list[ScaleGroup]
-    unseen: list[str]  # targets that never appear as a linear in the graph
-    qk_linears: set[str]  # linears feeding attention queries/keys (clipping is skipped)
-    shared_calls: list[str]  # targets called more than once (scaling skipped)
-    # targets whose weight the model also reads directly (``x @ lin.weight.T``,
-    # ``lin.weight.view(...)``): the op that does, per target. A quantized weight tensor
-    # must support those ops, or such layers must stay in full precision.
-    direct_weight_use: dict[str, str] = field(default_factory=dict)
-
-
-class _Ctx:
-    def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module) -> None:
-        self.ep = ep
-        self.graph = ep.graph
-        sig = ep.graph_signature
-        self.param_of: dict[str, str] = dict(sig.inputs_to_parameters)
-        self.param_of.update(sig.inputs_to_buffers)
-        self.modules = dict(model.named_modules())
-        counts: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        self.params = dict(model.named_parameters())
-        self.param_count = {n: counts[id(p)] for n, p in self.params.items()}
-        self.conv1d = conv1d_class()
-
-    def param_name(self, node: object) -> str | None:
-        if isinstance(node, fx.Node) and node.op == "placeholder":
-            return self.param_of.get(node.name)
-        return None
-
-    def unshared(self, pname: str) -> bool:
-        return self.param_count.get(pname, 0) == 1
-
-    def linear_module(self, node: fx.Node) -> str | None:
-        """Module name if ``node`` is a call of a quantizable module's weight: ``linear(x, W)``,
-        ``addmm(b, x, W)``, or ``x @ W.T`` (a linear written as a matmul, as FalconLinear is)."""
-        if is_op(node, LINEAR_OPS):
-            w = node.args[1]
-        elif is_op(node, ADDMM_OPS):
-            w = node.args[2]
-        elif (w := transposed_weight(node)) is None:
-            return None
-        mod = owner_module(node)
-        pname = self.param_name(w)
-        if mod is None or pname is None or mod not in self.modules:
-            return None
-        m = self.modules[mod]
-        if not is_quantizable(m) or m.weight is not self.params.get(pname):
-            return None
-        return mod
-
-    def linear_input(self, node: fx.Node) -> fx.Node:
-        """The tensor X a linear reads, looking through channel-keeping views and casts and
-        through multiplications by constants (they commute with per-channel scaling)."""
-        x = node.args[1] if is_op(node, ADDMM_OPS) else node.args[0]
-        assert isinstance(x, fx.Node)
-        while True:
-            src = _alias_source(x)
-            if src is None:
-                return x
-            x = src
-
-
-def _alias_source(node: fx.Node) -> fx.Node | None:
-    """The tensor ``node`` re-expresses channel for channel (same last dim), or ``None``.
-
-    Views/casts keep every value; ``x * c`` and ``x / c`` with a constant ``c`` scale all
-    channels alike, so AWQ's per-channel scales pass through them unchanged.
-    """
-    if node.op != "call_function":
-        return None
-    src: object = None
-    if node.target in _INPUT_ALIAS_OPS:
-        src = node.args[0]
-    else:
-        sc = scalar_operand(node)
-        if sc is not None:
-            src = sc[0]
-    if not isinstance(src, fx.Node):
-        return None
-    last = (meta_shape(node) or (None,))[-1]
-    if last is None or (meta_shape(src) or (None,))[-1] != last:
-        return None
-    return src
-
-
-def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tuple[str, float]]] | None:
-    """If ``node`` is a per-channel vector computed from one parameter by scalar-affine ops."""
-    ops: list[tuple[str, float]] = []
-    cur = node
-    for _ in range(8):
-        if not isinstance(cur, fx.Node):
-            return None
-        shape = meta_shape(cur)
-        if shape is None or (shape and shape[-1] != channels) or any(s != 1 for s in shape[:-1]):
-            return None
-        pname = ctx.param_name(cur)
-        if pname is not None:
-            p = ctx.params.get(pname)
-            if p is None or p.dim() != 1 or p.shape[0] != channels or not ctx.unshared(pname):
-                return None
-            if len(real_users(cur)) != 1:
-                return None
-            return pname, list(reversed(ops))
-        if len(real_users(cur)) != 1 and cur is not node:
-            return None
-        if is_op(cur, IDENTITY_OPS) or is_op(cur, SHAPE_OPS):
-            cur = cur.args[0]
-            continue
-        if is_op(cur, AFFINE_SCALAR_OPS):
-            a, b = cur.args[0], cur.args[1]
-            if len(cur.args) > 2 or cur.kwargs.get("alpha", 1) != 1:
-                return None
-            if isinstance(a, fx.Node) and isinstance(b, (int, float)):
-                tensor, const, const_first = a, float(b), False
-            elif isinstance(b, fx.Node) and isinstance(a, (int, float)):
-                tensor, const, const_first = b, float(a), True
-            else:
-                return None
-            if cur.target in MUL_OPS:
-                if const == 0:
-                    return None
-                ops.append(("mul", const))
-            elif cur.target in ADD_OPS:
-                ops.append(("add", const))
-            elif cur.target in SUB_OPS:
-                ops.append(("rsub", const) if const_first else ("add", -const))
-            elif cur.target in RSUB_OPS:
-                ops.append(("add", -const) if const_first else ("rsub", const))
-            cur = tensor
-            continue
-        return None
-    return None
-
-
-def _norm_producer(
-    ctx: _Ctx, node: fx.Node, w_arg: int, b_arg: int | None, channels: int
-) -> Producer | None:
-    """A ``layer_norm``/``rms_norm`` call whose weight is its own 1-D parameter, possibly
-    through scalar-affine ops (``F.layer_norm(x, shape, 1 + self.weight, self.bias)``),
-    and whose bias (if any) is its own parameter."""
-
-    def arg(i: int | None, kw: str) -> object:
-        if i is not None and len(node.args) > i:
-            return node.args[i]
-        return node.kwargs.get(kw)
-
-    w_node, b_node = arg(w_arg, "weight"), arg(b_arg, "bias")
-    chain = _affine_chain(ctx, w_node, channels) if isinstance(w_node, fx.Node) else None
-    if chain is None:
-        return None
-    w, affine = chain
-    b = ctx.param_name(b_node)
-    if b_node is not None:  # a computed or shared bias cannot be rescaled
-        if b is None or not ctx.unshared(b) or len(real_users(b_node)) != 1:  # type: ignore[arg-type]
-            return None
-        pb = ctx.params.get(b)
-        if pb is None or pb.dim() != 1 or pb.shape[0] != channels:
-            return None
-    params = [ParamFold(w, 0, affine)] + ([ParamFold(b)] if b else [])
-    return Producer("norm", w.rsplit(".", 1)[0], params, channels)
-
-
-def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | None:
-    """Walk back from X through channel-preserving ops to a foldable producer.
-
-    Norm parameters may have fewer channels than X (a per-head norm whose weight is shared
-    by every head, followed by a reshape): the channel count is the producer node's own last
-    dimension, and the channel map replayed later ties the X channels that share a weight.
-    """
-
-    def walk(node: fx.Node, path: list[fx.Node], depth: int) -> tuple[Producer, list[fx.Node]] | None:
-        if depth > 48 or not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        channels = (meta_shape(node) or (0,))[-1] if node.meta.get("val") is not None else 0
-        mod = ctx.linear_module(node)
-        if mod is not None:
-            m = ctx.modules[mod]
-            is_c1d = ctx.conv1d is not None and isinstance(m, ctx.conv1d)
-            params = [ParamFold(f"{mod}.weight", dim=1 if is_c1d else 0)]
-            if getattr(m, "bias", None) is not None:
-                params.append(ParamFold(f"{mod}.bias", dim=0))
-            if not all(ctx.unshared(p.name) for p in params):
-                return None
-            out_ch = int(m.weight.shape[1] if is_c1d else m.weight.shape[0])
-            return Producer("linear", mod, params, out_ch), [node, *path]
-        if is_op(node, LAYER_NORM_OPS) or is_op(node, RMS_NORM_OPS):
-            prod = _norm_producer(ctx, node, 2, 3 if is_op(node, LAYER_NORM_OPS) else None, channels)
-            return (prod, [node, *path]) if prod is not None else None
-        if is_op(node, MUL_OPS) and len(node.args) == 2:
-            for i in (0, 1):
-                chain = _affine_chain(ctx, node.args[i], channels)
-                if chain is not None and isinstance(node.args[1 - i], fx.Node):
-                    pname, affine = chain
-                    return (
-                        Producer("norm", pname.rsplit(".", 1)[0], [ParamFold(pname, 0, affine)], channels),
-                        [node, *path],
-                    )
-            # a product: scaling one factor by 1/s scales the product by 1/s
-            for i in (1, 0):
-                a = node.args[i]
-                if isinstance(a, fx.Node) and meta_shape(a) == meta_shape(node):
-                    r = walk(a, [node, *path], depth + 1)
-                    if r is not None:
-                        return r
-            return None
-        if is_op(node, DIV_OPS):
-            sc = scalar_operand(node)  # x / c: scaling x by 1/s scales the quotient by 1/s
-            return walk(sc[0], [node, *path], depth + 1) if sc is not None else None
-        if is_op(node, ADD_OPS) and len(node.args) == 2 and not node.kwargs:
-            # y = a * w + b with per-channel parameters w and b (a hand-written LayerNorm)
-            for i in (0, 1):
-                chain = _affine_chain(ctx, node.args[i], channels)
-                other = node.args[1 - i]
-                if chain is None or chain[1] or not isinstance(other, fx.Node):
-                    continue
-                inner = walk(other, [node, *path], depth + 1)
-                if inner is not None and inner[0].kind == "norm" and inner[1][0] is other:
-                    prod = inner[0]
-                    prod.params.append(ParamFold(chain[0]))
-                    return prod, inner[1]
-            return None
-        if is_op(node, MATMUL_OPS) and len(node.args) == 2:
-            v = node.args[1]
-            return walk(v, [node, *path], depth + 1) if isinstance(v, fx.Node) else None
-        if is_op(node, SDPA_OPS):
-            v = node.args[2]
-            return walk(v, [node, *path], depth + 1) if isinstance(v, fx.Node) else None
-        if is_op(node, SHAPE_OPS) or is_op(node, IDENTITY_OPS) or is_op(node, LIKE_OPS):
-            a = node.args[0]
-            return walk(a, [node, *path], depth + 1) if isinstance(a, fx.Node) else None
-        return None
-
-    return walk(x, [], 0)
+__all__ = [
+    "ParamFold",
+    "Producer",
+    "ScaleGroup",
+    "GraphAnalysis",
+    "find_groups",
+    "transposed_weight",
+]
 
 
 def _consumers_of(ctx: _Ctx, x: fx.Node, linear_nodes: dict[fx.Node, str]) -> tuple[list[str], list[fx.Node]]:
@@ -448,18 +142,6 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
         groups, unseen, _qk_linears(ctx, linear_nodes), shared_calls, _direct_weight_use(ctx, targets)
     )
 
-
-def transposed_weight(node: fx.Node) -> fx.Node | None:
-    """``W`` if ``node`` is ``matmul(x, W.T)`` with ``W`` a graph input (a parameter)."""
-    if not is_op(node, MATMUL_OPS) or len(node.args) != 2:
-        return None
-    wt = node.args[1]
-    if not isinstance(wt, fx.Node) or not is_op(wt, WEIGHT_T_OPS):
-        return None
-    w = wt.args[0]
-    if not isinstance(w, fx.Node) or w.op != "placeholder":
-        return None
-    return w
 
 
 def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
