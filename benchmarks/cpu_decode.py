@@ -98,6 +98,9 @@ def machine_info() -> dict:
     from awq_ao.lowering.packing import cpu_tinygemm_variant
 
     info["tinygemm_variant"] = cpu_tinygemm_variant()
+    from awq_ao.lowering import cpu_ext
+
+    info["awq_ao_cpp_kernels"] = True if cpu_ext.load() else cpu_ext.unavailable_reason()
     return info
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 #: The kernels' source file.
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

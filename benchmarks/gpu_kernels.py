@@ -31,9 +31,9 @@ Each of our results is also checked against ``F.linear`` with the dequantized we
 Prints a table and writes ``benchmarks/results/kernels-<gpu>.json`` with the command, the
 machine, library versions and the date. Needs a CUDA GPU; exits with a message otherwise.
 
-    python benchmarks/kernels.py                      # everything (a few minutes)
-    python benchmarks/kernels.py --quick              # 3 shapes, M in 1 16 512
-    python benchmarks/kernels.py --shapes down_proj --m 1 4 --dtypes bf16
+    python benchmarks/gpu_kernels.py                      # everything (a few minutes)
+    python benchmarks/gpu_kernels.py --quick              # 3 shapes, M in 1 16 512
+    python benchmarks/gpu_kernels.py --shapes down_proj --m 1 4 --dtypes bf16
 """
 
 from __future__ import annotations
@@ -342,12 +342,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit(
-            "benchmarks/kernels.py: TRITON_INTERPRET is set; timings of the CPU "
+            "benchmarks/gpu_kernels.py: TRITON_INTERPRET is set; timings of the CPU "
             "interpreter mean nothing. Unset it and run on a CUDA GPU."
         )
     if not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False "
+            "benchmarks/gpu_kernels.py needs a CUDA GPU: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). "
             "Nothing was measured."
         )
