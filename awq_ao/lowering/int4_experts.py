@@ -86,7 +86,7 @@ def int4_experts_forward(
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     b_down = getattr(self, "down_proj_bias", None) if self.has_bias else None
     y = _grouped(self.down_proj, h, ids, b_down, num_experts)
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # absent before transformers 5.2x
         y = self.post_expert_norm(y)
     valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
     y = torch.where(valid, y * weights.unsqueeze(-1), 0)
