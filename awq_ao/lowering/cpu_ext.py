@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 #: The kernels' source file.
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17"]
+#: -fopenmp: at::parallel_for is inline OpenMP code in torch's OpenMP builds; without the flag
+#: it runs on one thread. The extension then needs libgomp.so.1, which resolves to the one
+#: torch already loaded (torch/lib/libgomp.so.1, same soname): one thread pool, torch's.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -71,6 +75,7 @@ def _build() -> None:
         name="awq_ao_int4_cpu",
         sources=[str(SOURCE)],
         extra_cflags=_FLAGS,
+        extra_ldflags=_LDFLAGS,
         is_python_module=False,
         verbose=False,
     )

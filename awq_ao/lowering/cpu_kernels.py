@@ -31,7 +31,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from awq_ao.lowering import cpu_ext
+import awq_ao.lowering.cpu_ext as cpu_ext
 from awq_ao.lowering.packing import (
     LAYOUT_CPU_TINYGEMM,
     cpu_tinygemm_variant,
@@ -58,9 +58,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest M sent to awq_ao's C++ decode kernel (:mod:`cpu_ext`). Measured: see
-#: ``docs/cpu_kernels.md`` (2-core AMD EPYC, AVX2).
-EXT_DECODE_MAX_M = 64
+#: Largest M sent to awq_ao's C++ decode kernel (:mod:`cpu_ext`). Measured
+#: (benchmarks/results/cpu_kernels_avx2_epyc.json, 2-core AMD EPYC, AVX2, float32, ms of the
+#: C++ kernel vs C++ dequantization + fp32 matmul): M=128 8.3 / 10.0 (2048x2048), 39.6 / 49.1
+#: (8192x2048), 26.6 / 39.8 (2048x8192); M=256 15.4 / 17.6, 53.6 / 74.0, 65.0 / 64.3; M=512
+#: 41.7 / 33.6, 103.7 / 113.0, 126.6 / 112.2: the crossover lies between 256 and 512.
+EXT_DECODE_MAX_M = 256
 
 #: Largest M sent to tinygemm (when the C++ kernel is unavailable). Measured (benchmarks/results/cpu_kernels.json: 2-core Xeon,
 #: AVX512-BF16, no AMX; 8192x2048 g128, bf16): tinygemm 0.45 ms at M=1 (dense fp32 1.10),
