@@ -8,6 +8,9 @@ then moved into place with ``renameat2`` (``RENAME_NOREPLACE`` for a new target,
 folder awq_ao wrote (marker present) or an empty one, never the current directory or a parent
 of it, the home directory, the filesystem root, or the model's own source folder. Leftovers
 of killed saves are cleaned at the next save to the same target.
+
+The marker file and its lock are in :mod:`~awq_ao.checkpoint.marker` and the checks of what
+may be replaced in :mod:`~awq_ao.checkpoint.output_dir`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from awq_ao.checkpoint.formats import FORMAT_AWQ_AO, MARKER_NAME, MARKER_VERSION
+from awq_ao.checkpoint.formats import FORMAT_AWQ_AO, MARKER_NAME
+from awq_ao.checkpoint.marker import _flock, _lock_marker, _write_marker, has_marker
+from awq_ao.checkpoint.output_dir import (
+    _is_empty_dir,
+    _replace_refusal,
+    check_output_dir,
+    source_dirs,
+)
 
 __all__ = ["atomic_directory", "check_output_dir", "current_umask", "fsync_path", "has_marker", "source_dirs", "write_json"]
 
@@ -58,118 +68,6 @@ def write_json(path: Path, obj: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-# ---- what may be replaced -------------------------------------------------------------------
-
-
-def _marker_json(fmt: str) -> dict[str, Any]:
-    from awq_ao import __version__
-
-    return {"writer": "awq_ao", "format": fmt, "version": MARKER_VERSION, "awq_ao_version": __version__}
-
-
-def has_marker(d: str | os.PathLike) -> bool:
-    """True if folder ``d`` carries awq_ao's marker file (:data:`MARKER_NAME`): awq_ao wrote it."""
-    p = Path(d) / MARKER_NAME
-    try:
-        if p.is_symlink() or not p.is_file() or p.stat().st_size > 4096:
-            return False
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("writer") == "awq_ao" and isinstance(data.get("version"), int)
-
-
-def _is_empty_dir(p: Path) -> bool:
-    try:
-        with os.scandir(p) as it:
-            return next(it, None) is None
-    except OSError:
-        return False
-
-
-def source_dirs(*objs: Any) -> list[Path]:
-    """Local folders the model / tokenizer were loaded from (``name_or_path``), if any."""
-    out = []
-    for obj in objs:
-        for holder in (obj, getattr(obj, "config", None)):
-            for attr in ("name_or_path", "_name_or_path"):
-                v = getattr(holder, attr, None) if holder is not None else None
-                if isinstance(v, (str, os.PathLike)) and str(v).strip():
-                    p = Path(v).expanduser()
-                    if p.is_dir():
-                        out.append(p)
-    return out
-
-
-def _protected_reason(target: Path, sources: tuple[Path, ...] | list[Path]) -> str | None:
-    """Why ``target`` must never be replaced whatever it holds, or None."""
-    real = target.resolve()
-    if real.parent == real:
-        return "it is the filesystem root"
-    try:
-        cwd: Path | None = Path.cwd().resolve()
-    except OSError:
-        cwd = None
-    if cwd is not None and real == cwd:
-        return "it is the current directory"
-    if cwd is not None and real in cwd.parents:
-        return f"it is a parent of the current directory ({cwd})"
-    try:
-        home: Path | None = Path.home().resolve()
-    except (OSError, RuntimeError):
-        home = None
-    if home is not None and real == home:
-        return "it is your home directory"
-    if home is not None and real in home.parents:
-        return f"it contains your home directory ({home})"
-    for s in sources:
-        sr = Path(s).expanduser().resolve()
-        if real == sr:
-            return "it is the folder the model (or its tokenizer) was loaded from"
-        if real in sr.parents:
-            return f"it contains the folder the model was loaded from ({sr})"
-    return None
-
-
-def _replace_refusal(target: Path, sources: tuple[Path, ...] | list[Path]) -> str | None:
-    """Why an existing ``target`` may not be replaced with ``overwrite=True``, or None."""
-    reason = _protected_reason(target, sources)
-    if reason is not None:
-        return reason
-    if target.is_symlink():
-        return "it is a symbolic link"
-    if not target.is_dir():
-        return "it exists and is not a directory"
-    if _is_empty_dir(target) or has_marker(target):
-        return None
-    return (
-        f"it has no {MARKER_NAME} marker, so awq_ao did not write it (it does not look like a "
-        "model directory saved by awq_ao); remove it yourself or choose another folder"
-    )
-
-
-def check_output_dir(
-    out_dir: str | os.PathLike, overwrite: bool, sources: tuple[Path, ...] | list[Path] = ()
-) -> Path:
-    """Validate the target of a save early (before expensive work); returns it as a Path.
-
-    ``sources`` are folders the model was loaded from: never replaced. The same checks are
-    made again, atomically with the final rename, when the save commits.
-
-    Raises:
-        FileExistsError: the target exists and ``overwrite`` is False, or ``overwrite`` is
-            True but the target may not be replaced (see :func:`save_quantized`).
-    """
-    target = Path(out_dir).expanduser().absolute()
-    if os.path.lexists(target):
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
-        reason = _replace_refusal(target, sources)
-        if reason is not None:
-            raise FileExistsError(f"refusing to overwrite {target}: {reason}. Nothing was changed.")
-    return target
 
 
 # ---- renameat2 --------------------------------------------------------------------------------
@@ -212,38 +110,7 @@ def _rename2(src: Path, dst: Path, flags: int) -> None:
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
-# ---- locks, removal, leftovers ----------------------------------------------------------------
-
-
-def _flock(fd: int, blocking: bool) -> bool | None:
-    """Exclusive flock on ``fd``: True if taken, False if another holder has it (non-blocking),
-    None if locks are not supported here."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        return True
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return None
-
-
-def _lock_marker(d: Path, timeout_s: float = 30.0) -> int | None:
-    """Open and lock ``d``'s marker (a folder being replaced, so that no other save takes it
-    for a leftover while this one moves it); the fd, or None."""
-    try:
-        fd = os.open(d / MARKER_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    deadline = time.monotonic() + timeout_s
-    while _flock(fd, blocking=False) is False:  # held by a save that is just finishing
-        if time.monotonic() > deadline:
-            break  # proceed unlocked rather than hang
-        time.sleep(0.01)
-    return fd
+# ---- removal, leftovers ----------------------------------------------------------------------
 
 
 def _remove_tree(p: Path) -> None:
@@ -321,21 +188,6 @@ def _clean_leftovers(target: Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
-
-
-def _write_marker(d: Path, fmt: str) -> int:
-    """Create ``d``'s marker, locked for as long as the returned fd stays open. The lock is
-    taken before the content is written, so the marker never looks valid unlocked while the
-    save that writes it is alive."""
-    fd = os.open(d / MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        _flock(fd, blocking=True)
-        os.write(fd, (json.dumps(_marker_json(fmt), sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 # ---- committing the new folder --------------------------------------------------------------
