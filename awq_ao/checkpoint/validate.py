@@ -18,13 +18,15 @@
 
 Every failure is a :class:`~awq_ao.checkpoint.formats.CheckpointError` naming the file, the
 field or tensor, and what to do.
+
+The field checks of step 1 are in :mod:`~awq_ao.checkpoint.validate_config` and the tensor
+checks of step 3 in :mod:`~awq_ao.checkpoint.validate_tensors`; their names are re-exported
+here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import time
 import warnings
@@ -47,7 +49,9 @@ from awq_ao.checkpoint.formats import (
     detect_format,
     shard_files,
 )
-from awq_ao.lowering.quant_math import SUPPORTED_BITS, num_groups
+from awq_ao.checkpoint.validate_config import _RESTORE, _is_int, check_config
+from awq_ao.checkpoint.validate_tensors import check_quantized_tensors
+from awq_ao.lowering.quant_math import SUPPORTED_BITS
 
 __all__ = [
     "check_config", "check_manifest", "check_plan", "check_quantized_tensors", "verify_checkpoint",
@@ -72,140 +76,7 @@ LOAD_RELEVANT_KEYS: dict[str, tuple[str, ...]] = {
     FORMAT_COMPRESSED_TENSORS: ("quant_method", "format", "quantization_status", "config_groups", "ignore"),
 }
 
-_RESTORE = "restore the value the checkpoint was saved with, or re-save the checkpoint with awq_ao"
 _MISSING = object()
-
-
-def _kind(v: Any) -> str:
-    return "a bool" if isinstance(v, bool) else f"a {type(v).__name__}"
-
-
-def _fail(file: Path, field: str, value: Any, expected: str) -> CheckpointError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return CheckpointError(f"{file}: {field} is {shown} ({_kind(value)}); expected {expected}. Fix: {_RESTORE}.")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _bits(file: Path, field: str, v: Any, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
-    if not _is_int(v) or int(v) not in allowed:
-        raise _fail(file, field, v, f"an integer in {', '.join(map(str, allowed))}")
-
-
-def _group_size(file: Path, field: str, v: Any) -> None:
-    if not _is_int(v) or not (int(v) == -1 or int(v) >= 1):
-        raise _fail(file, field, v, "an integer >= 1, or -1 for one group per row")
-
-
-def _bool(file: Path, field: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise _fail(file, field, v, "true or false")
-
-
-def _str_list(file: Path, field: str, v: Any, optional: bool = True) -> None:
-    if v is None and optional:
-        return
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _fail(file, field, v, "a list of module names (strings)")
-
-
-def _mapping(file: Path, field: str, v: Any) -> dict[str, Any]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise _fail(file, field, v, "an object mapping names to settings")
-    return v
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. config.json fields
-# ------------------------------------------------------------------------------------------------
-
-
-def check_config(path: str | os.PathLike, fmt: str, qc: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` unless the quantization fields of ``qc`` (read from
-    ``path``'s ``config.json``, or AutoAWQ's ``quant_config.json``) have valid types and ranges.
-
-    Checked: bits (integers the format supports), group sizes (integers >= 1, or -1), flags
-    (booleans) and module lists, including per-layer overrides and MoE experts entries. No
-    value is coerced: ``4.0``, ``"4"``, ``true`` and ``0`` are all refused.
-    """
-    d = Path(path)
-    file = d / CONFIG_NAME
-    if fmt == FORMAT_AUTOAWQ and "quantization_config" not in _raw_config(d):
-        file = d / "quant_config.json"
-    p = "quantization_config."
-    if fmt == FORMAT_AWQ_AO:
-        _bits(file, p + "bits", qc.get("bits"))
-        _group_size(file, p + "group_size", qc.get("group_size"))
-        if "zero_point" in qc:
-            _bool(file, p + "zero_point", qc["zero_point"])
-        _str_list(file, p + "quantized_modules", qc.get("quantized_modules"), optional=False)
-        _str_list(file, p + "scaled_input_modules", qc.get("scaled_input_modules"))
-        for name, o in _mapping(file, p + "module_overrides", qc.get("module_overrides")).items():
-            if not isinstance(o, dict):
-                raise _fail(file, f"{p}module_overrides[{name!r}]", o, "an object with bits and/or group_size")
-            if "bits" in o:
-                _bits(file, f"{p}module_overrides[{name!r}].bits", o["bits"])
-            if "group_size" in o:
-                _group_size(file, f"{p}module_overrides[{name!r}].group_size", o["group_size"])
-        tied = _mapping(file, p + "tied_weights", qc.get("tied_weights"))
-        for k, v in tied.items():
-            if not isinstance(v, str):
-                raise _fail(file, f"{p}tied_weights[{k!r}]", v, "the name of the tensor it shares (a string)")
-        for key, o in _mapping(file, p + "quantized_experts", qc.get("quantized_experts")).items():
-            f = f"{p}quantized_experts[{key!r}]"
-            if not isinstance(o, dict):
-                raise _fail(file, f, o, "an object with bits, group_size and transposed")
-            _bits(file, f + ".bits", o.get("bits"))
-            _group_size(file, f + ".group_size", o.get("group_size"))
-            _bool(file, f + ".transposed", o.get("transposed"))
-    elif fmt == FORMAT_AUTOAWQ:
-        for key in ("bits", "w_bit"):  # the value (4 only) is the format reader's to refuse
-            if key in qc and not _is_int(qc[key]):
-                raise _fail(file, p + key, qc[key], "the integer 4 (AutoAWQ GEMM is 4-bit)")
-        for key in ("group_size", "q_group_size"):
-            if key in qc:
-                _group_size(file, p + key, qc[key])
-        if "zero_point" in qc:
-            _bool(file, p + "zero_point", qc["zero_point"])
-        if "version" in qc and not isinstance(qc["version"], str):
-            raise _fail(file, p + "version", qc["version"], "a string such as 'gemm'")
-        _str_list(file, p + "modules_to_not_convert", qc.get("modules_to_not_convert"))
-    elif fmt == FORMAT_COMPRESSED_TENSORS:
-        groups = qc.get("config_groups")
-        if not isinstance(groups, dict) or not groups:
-            raise _fail(file, p + "config_groups", groups, "an object of quantization schemes")
-        _str_list(file, p + "ignore", qc.get("ignore"))
-        for gname, g in groups.items():
-            f = f"{p}config_groups[{gname!r}]"
-            if not isinstance(g, dict):
-                raise _fail(file, f, g, "a scheme object (targets, weights)")
-            _str_list(file, f + ".targets", g.get("targets"))
-            w = g.get("weights")
-            if not isinstance(w, dict):
-                raise _fail(file, f + ".weights", w, "an object with num_bits, strategy and group_size")
-            _bits(file, f + ".weights.num_bits", w.get("num_bits"))
-            strategy = w.get("strategy")
-            if strategy not in ("group", "channel"):
-                raise _fail(file, f + ".weights.strategy", strategy, "'group' or 'channel'")
-            gs = w.get("group_size")
-            if strategy == "group" or gs is not None:
-                if not _is_int(gs) or int(gs) < 1:
-                    raise _fail(file, f + ".weights.group_size", gs, "an integer >= 1")
-            if "symmetric" in w:
-                _bool(file, f + ".weights.symmetric", w["symmetric"])
-
-
-def _raw_config(d: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,11 +221,6 @@ def check_plan(path: str | os.PathLike, plan: LoadPlan, manifest: dict[str, Any]
                 )
 
 
-def _first_bad(mask: torch.Tensor) -> str:
-    idx = torch.nonzero(mask)[0].tolist()
-    return "[" + ", ".join(map(str, idx)) + "]"
-
-
 def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
     """``p.read`` followed by :func:`check_quantized_tensors` of what it returns."""
     read = p.read
@@ -363,63 +229,6 @@ def _checked_read(d: Path, p: LayerPlan | ExpertsPlan) -> Any:
         return check_quantized_tensors(d, p, *read())
 
     return checked
-
-
-def check_quantized_tensors(
-    d: Path, p: LayerPlan | ExpertsPlan, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check the stored tensors of one planned layer (shapes, dtypes, finite positive scales,
-    integer zero points in range) and return them; :class:`CheckpointError` otherwise."""
-    name = p.name if isinstance(p, LayerPlan) else p.key
-    lead = () if isinstance(p, LayerPlan) else (p.num_experts,)
-    n, k, bits = p.out_features, p.in_features, p.bits
-    g = num_groups(k, p.group_size)
-    codes_shape = (*lead, n, (k + 1) // 2) if p.nibble_packed else (*lead, n, k)
-    qmax = 2**bits - 1
-    where = f"{d}: {name}"
-    damaged = (
-        "the checkpoint is damaged or was edited; re-save it from the original model, or run "
-        f"'awq-ao info {d} --verify' to check its shards against the checksums saved with it"
-    )
-    if tuple(data.shape) != codes_shape or data.dtype != torch.uint8:
-        raise CheckpointError(
-            f"{where}: codes are {str(data.dtype).removeprefix('torch.')} {list(data.shape)}; a "
-            f"{bits}-bit [{n}, {k}] weight needs uint8 {list(codes_shape)}; {damaged}."
-        )
-    for t, what in ((scale, "scales"), (zero, "zero points")):
-        if tuple(t.shape) != (*lead, n, g):
-            raise CheckpointError(
-                f"{where}: {what} of shape {list(t.shape)} do not fit a [{n}, {k}] weight with "
-                f"group_size={p.group_size} (expected {list((*lead, n, g))}, ceil({k} / "
-                f"{p.group_size if p.group_size != -1 else k}) = {g} groups); {damaged}."
-            )
-    if not scale.is_floating_point():
-        raise CheckpointError(f"{where}: scales are {scale.dtype}, not floating point; {damaged}.")
-    # fast path: one min/max per tensor (NaN propagates into both); details only on failure
-    if scale.numel():
-        lo, hi = torch.aminmax(scale)
-        if not (float(lo) > 0 and float(hi) < math.inf):
-            bad = ~torch.isfinite(scale)
-            if bool(bad.any()):
-                raise CheckpointError(
-                    f"{where}: {int(bad.sum())} scale(s) are NaN or infinite (first at {_first_bad(bad)}); {damaged}."
-                )
-            bad = scale <= 0
-            raise CheckpointError(
-                f"{where}: {int(bad.sum())} scale(s) are zero or negative (first at "
-                f"{_first_bad(bad)}, value {float(scale[bad][0]):g}); scales must be > 0; {damaged}."
-            )
-    if zero.numel():
-        lo, hi = torch.aminmax(zero)
-        integral = not zero.is_floating_point() or torch.equal(zero, torch.round(zero))
-        if not (float(lo) >= 0 and float(hi) <= qmax and integral):
-            z = zero.float()
-            bad = ~torch.isfinite(z) | (z < 0) | (z > qmax) | (z != torch.round(z))
-            raise CheckpointError(
-                f"{where}: {int(bad.sum())} zero point(s) outside the integers 0..{qmax} of "
-                f"{bits}-bit codes (first at {_first_bad(bad)}, value {float(z[bad][0]):g}); {damaged}."
-            )
-    return data, scale, zero
 
 
 # ------------------------------------------------------------------------------------------------
