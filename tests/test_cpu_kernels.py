@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import awq_ao.lowering.cpu_kernels as ck
-import awq_ao.lowering.ops as ops
 from awq_ao.lowering import Int4WeightTensor, cpu_tinygemm_variant, pack
 from awq_ao.lowering.packing import (
     tinygemm_geometry,
@@ -109,14 +108,14 @@ def test_decode_path_within_bf16_of_reference(dtype):
 @needs_tinygemm
 def test_non_contiguous_and_empty_inputs():
     t = Int4WeightTensor.from_float(torch.randn(64, 128), 4, 32)
-    big = torch.randn(ops.TINYGEMM_MAX_M + 8, 256)
+    big = torch.randn(ck.MAX_DECODE_M + 8, 256)
     x = big[:, ::2]  # non-contiguous rows
     assert not x.is_contiguous()
     ref = F.linear(x.double(), t.dequantize(torch.float64))
-    for rows in (slice(0, 5), slice(0, ops.TINYGEMM_MAX_M + 8)):  # decode and prefill
+    for rows in (slice(0, 5), slice(0, ck.MAX_DECODE_M + 8)):  # decode and prefill
         y = F.linear(x[rows], t)
         rel = ((y.double() - ref[rows]).abs().max() / ref[rows].abs().max()).item()
-        assert rel < (1.6e-2 if y.shape[0] <= ops.TINYGEMM_MAX_M else 1e-5)
+        assert rel < (1.6e-2 if y.shape[0] <= ck.MAX_DECODE_M else 1e-5)
     assert F.linear(torch.randn(0, 128), t).shape == (0, 64)
     assert F.linear(torch.randn(2, 0, 128), t).shape == (2, 0, 64)
 
@@ -125,7 +124,7 @@ def test_non_contiguous_and_empty_inputs():
 def test_compiled_dequant_equals_eager(monkeypatch):
     """The inductor-compiled dequantization (used for big weights) is bit-identical."""
     t = Int4WeightTensor.from_float(torch.randn(128, 512), 4, 128)
-    x = torch.randn(ops.TINYGEMM_MAX_M + 8, 512)
+    x = torch.randn(ck.MAX_DECODE_M + 8, 512)
     monkeypatch.setattr(ck, "ext_supports", lambda *a: False)  # the Python dequantization
     monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
     y_c = F.linear(x, t)
@@ -138,7 +137,7 @@ def test_compiled_dequant_equals_eager(monkeypatch):
 @needs_tinygemm
 def test_compile_failure_falls_back_to_eager_and_says_so(monkeypatch, caplog):
     t = Int4WeightTensor.from_float(torch.randn(64, 256), 4, 64)
-    x = torch.randn(ops.TINYGEMM_MAX_M + 8, 256)
+    x = torch.randn(ck.MAX_DECODE_M + 8, 256)
     ref = F.linear(x, t)
 
     def broken(*a, **k):

@@ -31,7 +31,7 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 def _tol(t: Int4WeightTensor, x: torch.Tensor) -> float:
     """Decode-sized inputs on the cpu_tinygemm layout run tinygemm in bfloat16."""
     rows = x.reshape(-1, x.shape[-1]).shape[0]
-    if t.pack_layout == "cpu_tinygemm" and 0 < rows <= ops.TINYGEMM_MAX_M:
+    if t.pack_layout == "cpu_tinygemm" and 0 < rows <= cpu_kernels.MAX_DECODE_M:
         return max(RTOL[torch.bfloat16], RTOL[x.dtype])
     return RTOL[x.dtype]
 
@@ -83,7 +83,7 @@ def test_activation_dtype_may_differ_from_weight(w_dtype):
     assert t.dtype == w_dtype and t.zero.dtype == torch.uint8
     assert t.scale.dtype == scale_storage_dtype(w_dtype, t.pack_layout)
     for x_dtype in (torch.float32, torch.bfloat16):
-        for m in (5, ops.TINYGEMM_MAX_M + 8):  # decode and prefill paths
+        for m in (5, cpu_kernels.MAX_DECODE_M + 8):  # decode and prefill paths
             x = torch.randn(m, 128).to(x_dtype)
             y = F.linear(x, t)
             assert y.dtype == x_dtype
@@ -164,7 +164,7 @@ def test_chunked_cpu_dequant(monkeypatch, layout):
         pytest.skip("no tinygemm")
     n, k = 400, 200  # 400 = 6 * 64 + 16: tinygemm tail block in the last chunk
     t = Int4WeightTensor.from_float(_weight(n, k), 4, 64, layout=layout)
-    x = torch.randn(ops.TINYGEMM_MAX_M + 8, k)  # the dequantizing (prefill) path
+    x = torch.randn(cpu_kernels.MAX_DECODE_M + 8, k)  # the dequantizing (prefill) path
     bias = torch.randn(n)
     full = F.linear(x, t, bias)
     monkeypatch.setattr(ops, "_CPU_CHUNK_ELEMS", 128 * k)  # chunks of 128 rows

@@ -1,8 +1,9 @@
 """Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, AVX2 + FMA).
 
 The kernels are compiled once per machine with :func:`torch.utils.cpp_extension.load` (a C++
-compiler and ``ninja`` are needed; the build takes about a minute and is cached under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). They register the ops
+compiler and ``ninja`` are needed; the build takes about 20 s on two cores and is cached
+under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in a folder named
+after a hash of the source and flags). They register the ops
 ``torch.ops.awq_ao_cpu.int4_gemm`` and ``torch.ops.awq_ao_cpu.int4_dequant_t``.
 
 :func:`load` never raises: where the kernels cannot be had (no AVX2/FMA, no compiler, a
@@ -13,6 +14,7 @@ the reason. ``AWQ_AO_CPU_KERNELS=1`` turns a failed build into an error instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -70,9 +72,12 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    log.info("awq_ao: building the CPU kernels (once per machine, about a minute)...")
+    log.info("awq_ao: loading the CPU kernels (the first time on a machine they compile, ~20 s)...")
+    # one build folder per source and flags: two awq_ao versions on one machine (or two
+    # checkouts) never rebuild over each other's loaded library
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS + _LDFLAGS).encode()).hexdigest()
     cpp_extension.load(
-        name="awq_ao_int4_cpu",
+        name=f"awq_ao_int4_cpu_{digest[:12]}",
         sources=[str(SOURCE)],
         extra_cflags=_FLAGS,
         extra_ldflags=_LDFLAGS,

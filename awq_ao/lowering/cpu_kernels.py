@@ -43,6 +43,7 @@ from awq_ao.lowering.packing import (
 __all__ = [
     "DECODE_MAX_M",
     "EXT_DECODE_MAX_M",
+    "MAX_DECODE_M",
     "decode_max_m",
     "describe",
     "ext_supports",
@@ -70,6 +71,9 @@ EXT_DECODE_MAX_M = 256
 #: 14.4 at M=64 and 26.5 at M=128 vs 23.6 and 29.3 for dequantization + fp32 matmul, which
 #: wins at M=512 (64.6 vs 108.7); the crossover is near M = 160.
 DECODE_MAX_M = 128
+
+#: No path treats more rows than this as decode: larger M always takes the prefill path.
+MAX_DECODE_M = max(EXT_DECODE_MAX_M, DECODE_MAX_M)
 
 #: Weights with at least this many elements use the compiled dequantization.
 COMPILE_MIN_ELEMS = 1 << 20
