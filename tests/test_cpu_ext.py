@@ -21,7 +21,9 @@ from awq_ao.lowering.cpu_kernels import dequant_rows
 from awq_ao.lowering.packing import pack
 
 HAS_AVX2 = bool(getattr(torch.cpu, "_is_avx2_supported", lambda: False)())
-needs_ext = pytest.mark.skipif(not HAS_AVX2, reason="awq_ao's CPU kernels need AVX2")
+needs_ext = pytest.mark.skipif(
+    not HAS_AVX2 or cpu_ext._setting() == "0", reason="awq_ao's CPU kernels need AVX2 (and not AWQ_AO_CPU_KERNELS=0)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +82,65 @@ def test_int4_gemm_within_int16_bound_of_float64(blocks, tail, groups, tg, varia
 
 @needs_ext
 @pytest.mark.parametrize("variant", ["b32i", "b64i"])
+def test_int4_gemm_exact_on_an_int16_grid(variant):
+    """Activations that int16 represents exactly (each group's largest |x| = 32767 * 2^e, the
+    rest integers times 2^e): the kernel must match float64 to float32 rounding, far tighter
+    than the quantization bound (catches a 32767-vs-32768 slip or a scale bias)."""
+    block = int(variant[1:-1])
+    n, kp, tg, m = 2 * block + 16, 256, 64, 3
+    codes, sz = _weight(n, kp, tg, 7)
+    packed = pack(codes, 4, "cpu_tinygemm", variant)
+    g = torch.Generator().manual_seed(8)
+    ints = torch.randint(-32767, 32768, (m, kp // tg, tg), generator=g).double()
+    ints[..., 0] = 32767.0
+    x = (ints * 2.0 ** torch.randint(-12, 4, (m, kp // tg, 1), generator=g)).reshape(m, kp)
+    y = torch.ops.awq_ao_cpu.int4_gemm(x.float(), packed, sz, tg, block)
+    w = dequant_rows(codes, sz, tg).double()
+    ref = x @ w.t()
+    scale = x.abs() @ w.abs().t()
+    assert ((y.double() - ref).abs() <= 2e-6 * scale).all()
+
+
+@needs_ext
+def test_tiny_activations_count_as_zero_not_garbage():
+    codes, sz = _weight(32, 64, 32, 1)
+    packed = pack(codes, 4, "cpu_tinygemm", "b32i")
+    x = torch.full((1, 64), 1e-36)
+    x[0, 32:] = torch.randn(32)  # the second group is ordinary
+    y = torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 32, 32)
+    ref = x.double() @ dequant_rows(codes, sz, 32).double().t()
+    assert y.isfinite().all()
+    assert ((y.double() - ref).abs() <= _error_bound(x, dequant_rows(codes, sz, 32), 32) + 1e-30).all()
+
+
+@needs_ext
+def test_prefill_blocks_and_gradients(monkeypatch):
+    """Several dequantized column blocks (the reused buffer), and a direct call with an input
+    that requires grad (each block kept for backward, not overwritten)."""
+    monkeypatch.setattr(ck, "_BLOCK_ELEMS", 64 * 128)  # one 32/64-row block per chunk
+    t = Int4WeightTensor.from_float(torch.randn(192, 128), 4, 64)
+    x = torch.randn(5, 128, requires_grad=True)
+    y = ck.dequant_linear(x, t.packed, t.scales_and_zeros, 128, 64, t.layout_variant)
+    w = t.dequantize(torch.float64)
+    torch.testing.assert_close(y.double(), x.double() @ w.t(), rtol=1e-5, atol=1e-4)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad.double(), w.sum(0).expand(5, 128), rtol=1e-5, atol=1e-4)
+
+
+def test_forced_path_is_per_thread():
+    import threading
+
+    seen = []
+    with ck.forced_path("dequant"):
+        th = threading.Thread(target=lambda: seen.append(ck._FORCED.get()))
+        th.start()
+        th.join()
+        assert ck._FORCED.get() == "dequant"
+    assert seen == [None] and ck._FORCED.get() is None
+
+
+@needs_ext
+@pytest.mark.parametrize("variant", ["b32i", "b64i"])
 def test_int4_dequant_t_is_the_eager_dequantization(variant):
     block = int(variant[1:-1])
     for n, kp, tg in [(3 * block, 256, 64), (2 * block + 16, 512, 256), (block, 64, 32)]:
@@ -109,6 +170,13 @@ def test_special_activations():
         torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 64, 16)
     with pytest.raises(RuntimeError, match="bfloat16"):
         torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz.float(), 64, 32)
+    with pytest.raises(RuntimeError, match="group size must be"):
+        torch.ops.awq_ao_cpu.int4_gemm(torch.zeros(1, 512), torch.zeros(64, 256, dtype=torch.uint8),
+                                       torch.zeros(1, 64, 2, dtype=torch.bfloat16), 512, 32)
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # meta kernels registered
+        fy = torch.ops.awq_ao_cpu.int4_gemm(torch.empty(3, 128), torch.empty(64, 64, dtype=torch.uint8),
+                                            torch.empty(2, 64, 2, dtype=torch.bfloat16), 64, 32)
+    assert fy.shape == (3, 64)
 
 
 @needs_ext

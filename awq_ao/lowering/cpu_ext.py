@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 #: -fopenmp: at::parallel_for is inline OpenMP code in torch's OpenMP builds; without the flag
 #: it runs on one thread. The extension then needs libgomp.so.1, which resolves to the one
 #: torch already loaded (torch/lib/libgomp.so.1, same soname): one thread pool, torch's.
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -54,9 +54,22 @@ def _why_not() -> str | None:
         return "disabled by AWQ_AO_CPU_KERNELS=0"
     if not (hasattr(torch.cpu, "_is_avx2_supported") and torch.cpu._is_avx2_supported()):
         return "this CPU has no AVX2"
+    if not _has_fma():
+        return "this CPU has no FMA"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (set CXX or install g++)"
     return None
+
+
+def _has_fma() -> bool:
+    """FMA3 (the kernels use it); from /proc/cpuinfo where there is one, else ATen's level."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return "fma" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # both imply FMA
 
 
 def _ninja_on_path() -> None:
@@ -75,7 +88,9 @@ def _build() -> None:
     log.info("awq_ao: loading the CPU kernels (the first time on a machine they compile, ~20 s)...")
     # one build folder per source and flags: two awq_ao versions on one machine (or two
     # checkouts) never rebuild over each other's loaded library
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS + _LDFLAGS).encode()).hexdigest()
+    # (and the torch and environment it is built against)
+    stamp = " ".join([*_FLAGS, *_LDFLAGS, torch.__version__, sys.prefix])
+    digest = hashlib.sha256(SOURCE.read_bytes() + stamp.encode()).hexdigest()
     cpp_extension.load(
         name=f"awq_ao_int4_cpu_{digest[:12]}",
         sources=[str(SOURCE)],
@@ -88,6 +103,20 @@ def _build() -> None:
     packed = torch.zeros(32, 32, dtype=torch.uint8)
     sz = torch.zeros(1, 32, 2, dtype=torch.bfloat16)
     torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 64, 32)  # the op is callable
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Meta kernels, so the ops also trace (FakeTensor, torch.compile, export) when called
+    directly rather than inside awq_ao's opaque ``w4a16_linear``."""
+
+    @torch.library.register_fake("awq_ao_cpu::int4_gemm")
+    def _gemm_fake(x, packed, scales_and_zeros, tg, block):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("awq_ao_cpu::int4_dequant_t")
+    def _dequant_fake(packed, scales_and_zeros, tg, block, b0, b1, out):
+        return None
 
 
 def load() -> bool:
@@ -102,7 +131,8 @@ def load() -> bool:
             try:
                 _build()
             except Exception as e:  # compiler errors, missing ninja, ...
-                reason = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+                last = (str(e).strip().splitlines() or [repr(e)])[-1]
+                reason = f"the build failed ({type(e).__name__}: {last[:300]})"
                 if _setting() == "1":
                     raise RuntimeError(f"awq_ao: AWQ_AO_CPU_KERNELS=1 but {reason}") from e
                 log.warning(

@@ -25,6 +25,7 @@ Every path is logged once per (shape, dtype, path) and listed by :func:`chosen_p
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 
@@ -114,7 +115,9 @@ def _note(n: int, k: int, dtype: torch.dtype, kind: str, path: str) -> None:
 # path choice
 # --------------------------------------------------------------------------------------------
 
-_FORCED: str | None = None
+#: The path forced by :func:`forced_path` in this thread / task (a context variable: one
+#: thread's forcing never leaks into another's, and nested blocks restore in order).
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("awq_ao_cpu_path", default=None)
 _PATHS = ("ext", "tinygemm", "dequant")
 
 
@@ -123,14 +126,13 @@ def forced_path(path: str | None):
     """Run every cpu_tinygemm matmul through one path (``"ext"``, ``"tinygemm"`` or
     ``"dequant"``) inside the block, whatever M is; for tests and benchmarks. A path that
     cannot run a weight (no C++ kernel, another CPU's tinygemm permutation) raises."""
-    global _FORCED
     if path is not None and path not in _PATHS:
         raise ValueError(f"forced_path: path must be one of {_PATHS} or None, got {path!r}.")
-    before, _FORCED = _FORCED, path
+    token = _FORCED.set(path)
     try:
         yield
     finally:
-        _FORCED = before
+        _FORCED.reset(token)
 
 
 def describe() -> str:
@@ -175,30 +177,37 @@ def linear(
     """``x2d @ W.T`` (``x2d.dtype`` out, ``M > 0`` rows) by the path for ``M`` (module doc)."""
     m = x2d.shape[0]
     ext = ext_supports(variant, scales_and_zeros)
-    path = _FORCED
+    path = forced = _FORCED.get()
     if path is None:
         if m > (EXT_DECODE_MAX_M if ext else DECODE_MAX_M):
             path = "dequant"
         elif ext:
             path = "ext"
-        elif variant == cpu_tinygemm_variant():
+        elif variant == cpu_tinygemm_variant() and scales_and_zeros.dtype == torch.bfloat16:
             path = "tinygemm"
-        else:  # packed for another CPU's tinygemm permutation
+        else:  # packed for another CPU's tinygemm permutation (or unusual metadata)
             path = "dequant"
     if path == "ext":
         if not ext:
-            raise RuntimeError(f"awq_ao's CPU kernel cannot run this weight ({_ext_missing(variant)}).")
+            raise RuntimeError(
+                f"awq_ao's CPU kernel cannot run this weight ({_ext_missing(variant, scales_and_zeros)})."
+            )
         return ext_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
     if path == "tinygemm":
         if variant != cpu_tinygemm_variant():
             raise RuntimeError(f"weight packed as {variant}, this CPU's tinygemm reads {cpu_tinygemm_variant()}.")
-        return tinygemm_linear(x2d, packed, scales_and_zeros, in_features, group_size, _ext_missing(variant))
+        why = "forced" if forced else _ext_missing(variant, scales_and_zeros)
+        return tinygemm_linear(x2d, packed, scales_and_zeros, in_features, group_size, why)
     return dequant_linear(x2d, packed, scales_and_zeros, in_features, group_size, variant)
 
 
-def _ext_missing(variant: str) -> str:
+def _ext_missing(variant: str, scales_and_zeros: torch.Tensor) -> str:
     reason = cpu_ext.unavailable_reason()
-    return reason if reason is not None else f"variant {variant}; the C++ kernel reads b32i and b64i"
+    if reason is not None:
+        return reason
+    if scales_and_zeros.dtype != torch.bfloat16:
+        return f"{scales_and_zeros.dtype} scales; the C++ kernel reads bfloat16"
+    return f"variant {variant}; the C++ kernel reads b32i and b64i"
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,10 +354,15 @@ def _ext_dequant_matmul(x32, y, packed, scales_and_zeros, in_features, tg, k_pad
     """``y[:, :n_full] = x32 @ W[:n_full].T`` by C++ dequantization of ~16 MiB column blocks."""
     nb = packed.shape[0] // block
     per = min(nb, max(1, _BLOCK_ELEMS // (k_pad * block)))
-    buf = _buffer(k_pad * per * block)
+    if x32.requires_grad and torch.is_grad_enabled():  # autograd keeps each block: no reuse
+        buf = torch.empty(k_pad * per * block * ((nb + per - 1) // per))
+        fresh = True
+    else:
+        buf, fresh = _buffer(k_pad * per * block), False
     for b0 in range(0, nb, per):
         b1 = min(nb, b0 + per)
-        wt = buf[: k_pad * (b1 - b0) * block].view(k_pad, (b1 - b0) * block)
+        off = k_pad * b0 * block if fresh else 0
+        wt = buf[off : off + k_pad * (b1 - b0) * block].view(k_pad, (b1 - b0) * block)
         torch.ops.awq_ao_cpu.int4_dequant_t(packed, scales_and_zeros, tg, block, b0, b1, wt)
         y[:, b0 * block : b1 * block] = x32 @ wt[:in_features]
 

@@ -8,8 +8,9 @@
 //
 // int4_gemm(x, packed, sz, tg, block)      y = x @ W.T, float32 in and out, small M (decode)
 //     Activations are quantized per (row, tinygemm group) to int16 with a symmetric scale
-//     (relative error <= 2^-16 of the group's largest |x|, finer than bfloat16's 2^-9 per
-//     element), so the inner loop is an exact integer dot product (vpmaddwd) of the 4-bit
+//     (error <= 2^-16 of the group's largest |x|; bfloat16 rounds each element to 2^-8 of
+//     itself, so int16 is finer except for elements 256x below their group's maximum), so
+//     the inner loop is an exact integer dot product (vpmaddwd) of the 4-bit
 //     codes with the int16 activations; per group:
 //         y += xs * (scale * sum(q * xq) + (offset - 8 * scale) * sum(xq)).
 //     Each code is unpacked once per pair of activation rows, never converted to float.
@@ -79,7 +80,9 @@ void quantize_activations(const float* x, int64_t M, int64_t Kp, int64_t tg, int
         std::memset(q, 0, tg * sizeof(int16_t));
         continue;
       }
-      if (amax == 0.0f) {
+      // amax == 0, or so small that 32767 / amax overflows (< ~1e-34): the group's true
+      // contribution is below float32's resolution of the result, so it counts as zero
+      if (!(32767.0f / amax <= std::numeric_limits<float>::max())) {
         xs[mg] = 0.0f;
         xsum[mg] = 0;
         std::memset(q, 0, tg * sizeof(int16_t));
@@ -274,7 +277,9 @@ void gemm_tail(const int16_t* xq, const float* xs, const int32_t* xsum, int64_t 
 
 void check_common(const at::Tensor& packed, const at::Tensor& sz, int64_t tg, int64_t block) {
   TORCH_CHECK(block == 32 || block == 64, "awq_ao int4 CPU kernel: block must be 32 or 64, got ", block);
-  TORCH_CHECK(tg % 32 == 0 && tg > 0, "awq_ao int4 CPU kernel: group size must be a multiple of 32");
+  // tg <= 256 (tinygemm's largest group) also keeps every int32 group sum far from overflow
+  TORCH_CHECK(tg % 32 == 0 && tg > 0 && tg <= 256,
+              "awq_ao int4 CPU kernel: group size must be 32, 64, ..., 256, got ", tg);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
               "awq_ao int4 CPU kernel: packed must be contiguous uint8 [N, K/2]");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.dim() == 3 && sz.size(2) == 2 && sz.is_contiguous(),
