@@ -47,6 +47,7 @@ _EXPORTS = {
     "save_quantized": "awq_ao.checkpoint",
     "prepare": "awq_ao.observers.attach",
     "quantize": "awq_ao.api",
+    "quantize_head": "awq_ao.lowering.head",
 }
 
 __all__ = sorted(_EXPORTS)

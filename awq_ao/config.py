@@ -42,6 +42,7 @@ from awq_ao.options import (
     DuoScaling,
     Execution,
     Fallback,
+    HeadMode,
     OnCaptureError,
     Rounding,
     RoundingOptions,
@@ -114,6 +115,7 @@ class AWQConfig(AOBaseConfig):
     skip                 ``selection.skip``
     include              ``selection.include``
     experts              ``selection.experts``
+    head                 ``selection.head``
     sequential           ``execution.sequential``
     device               ``execution.device``
     split_blocks         ``execution.split_blocks``
@@ -164,6 +166,7 @@ class AWQConfig(AOBaseConfig):
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")
     experts = _Flat[bool]("selection", "experts")
+    head = _Flat[HeadMode]("selection", "head")
     sequential = _Flat[Sequential]("execution", "sequential")
     device = _Flat[str | None]("execution", "device")
     split_blocks = _Flat[bool]("execution", "split_blocks")

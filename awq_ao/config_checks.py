@@ -116,6 +116,7 @@ def validate(cfg: AWQConfig) -> None:
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))
+    _choice(cfg, "head", ("keep", "int8"))
     if not _is_real(cfg.max_shrink) or not 0.0 <= cfg.max_shrink < 1.0:
         raise _bad("max_shrink", cfg.max_shrink, "a number in [0, 1)")
     for name in ("gptq_damp", "max_gram_gib"):

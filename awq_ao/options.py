@@ -24,6 +24,7 @@ ClipMode = Literal["range", "asymmetric", "symmetric"]
 Rounding = Literal["nearest", "gptq"]
 OnCaptureError = Literal["raise", "hook_only"]
 Sequential = bool | Literal["auto"]
+HeadMode = Literal["keep", "int8"]
 
 T = TypeVar("T")
 
@@ -170,11 +171,17 @@ class Selection:
             using ``use_experts_implementation``): per-expert AWQ scales searched on the
             tokens each expert receives, the block input scale folded into the norm and the
             router. Default True. (Flat ``experts``.)
+        head: ``"keep"`` (default) leaves the output head in the model's dtype; ``"int8"``
+            stores it with 8-bit row-wise codes (:class:`~awq_ao.lowering.int8_tensor.Int8RowWeightTensor`,
+            ``8 + 32 / in_features`` bits per weight), and an input embedding tied to it reads the
+            same codes. On CPU the head's decode matvec then runs a C++ kernel reading a quarter of
+            float32's bytes. Not searched or scaled: plain round-to-nearest. (Flat ``head``.)
     """
 
     skip: tuple[str, ...] = ()
     include: tuple[str, ...] | None = None
     experts: bool = True
+    head: HeadMode = "keep"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,6 +43,7 @@ class ConvertReport:
     spilled_bytes: int = 0  # rollback originals kept on disk (sequential spill_dir)
     mode: str = ""  # how the model was walked: layer by layer (which stack) or whole model
     footprint: dict = field(default_factory=dict)  # lowering.swap.footprint of the result
+    head: dict = field(default_factory=dict)  # lowering.head.quantize_head's result (head="int8")
 
     @property
     def folded(self) -> int:
@@ -90,6 +91,13 @@ class ConvertReport:
                     "  nibble/byte layers: Triton W4A16 kernels on CUDA; on CPU (N % 16 != 0, bits > 4 "
                     "or a group size tinygemm lacks) dequantization + a matmul in the activation dtype"
                 )
+        if self.head:
+            h = self.head
+            tied = f" (shared with {', '.join(h['sharing'])})" if h["sharing"] else ""
+            lines.append(
+                f"  head: {h['head']}{tied} 8-bit row-wise, {h['bits_per_weight']:.2f} bits per weight: "
+                f"{h['bytes_before'] / 2**20:.1f} MiB -> {h['bytes_after'] / 2**20:.1f} MiB"
+            )
         if self.spilled_bytes:
             lines.append(f"  rollback originals kept on disk instead of in memory: {self.spilled_bytes / 2**20:.0f} MiB")
         if self.times:

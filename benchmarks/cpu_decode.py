@@ -15,10 +15,12 @@ of one model are built once and measured interleaved (rep 1 of every variant, th
 Models: ``smollm2`` (SmolLM2-135M, real weights from ../shared) and ``llama1b`` (Llama-3.2-1B
 shape: hidden 2048, MLP 8192, 16 layers, 32/8 heads, vocab 128256, tied embeddings; random
 weights, which is fine for speed). INT4 is round-to-nearest g128 (speed does not depend on
-how the codes were chosen); the embedding and the tied head stay in the model's dtype.
+how the codes were chosen); the embedding and the tied head stay in the model's dtype except
+in the ``awq_h8`` variants.
 
 Variants: ``fp32``, ``bf16`` (dense), ``awq_fp32`` / ``awq_bf16`` (awq_ao INT4 from a float32 /
-bfloat16 model), ``torchao_bf16`` (torchao's ``PrototypeInt4WeightOnlyConfig``: its CPU
+bfloat16 model), ``awq_h8_fp32`` / ``awq_h8_bf16`` (the same, and the tied embedding/head stored
+in 8 bits, awq_ao's ``head="int8"``), ``torchao_bf16`` (torchao's ``PrototypeInt4WeightOnlyConfig``: its CPU
 tinygemm tensor; on a float32 model it runs ATen's float32 tinygemm, measured 10x slower than
 the dense model per layer, so it is not run there), ``llamacpp_q4_0`` (llama.cpp on a Q4_0 GGUF
 of the same weights, the CPU anchor).
@@ -73,7 +75,7 @@ from benchmarks.machine import cpu_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP = "llamacpp_q4_0"
-VARIANTS = ["fp32", "bf16", "awq_fp32", "awq_bf16", "torchao_bf16", LLAMACPP]
+VARIANTS = ["fp32", "bf16", "awq_fp32", "awq_bf16", "awq_h8_fp32", "awq_h8_bf16", "torchao_bf16", LLAMACPP]
 MODES = ["eager", "compiled"]
 MODELS = ["llama1b", "smollm2"]
 NATIVE = "native"  # llama.cpp's one mode
@@ -201,6 +203,10 @@ def build(model_name: str, variant: str):
     model = build_dense(model_name, dtype)
     if variant.startswith("awq"):
         to_awq_ao(model)
+    if variant.startswith("awq_h8"):
+        from awq_ao.lowering.head import quantize_head
+
+        quantize_head(model)
     elif variant.startswith("torchao"):
         to_torchao(model)
     return model

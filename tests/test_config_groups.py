@@ -37,7 +37,7 @@ OTHER = {
     "clip": False, "clip_grid": 20, "clip_mode": "range", "max_shrink": 0.25, "clip_qk": True,
     "clip_tokens": 256,
     "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": False, "max_gram_gib": 1.5,
-    "skip": ("lm_head",), "include": ("model.layers.*",), "experts": False,
+    "skip": ("lm_head",), "include": ("model.layers.*",), "experts": False, "head": "int8",
     "sequential": True, "device": "cpu", "split_blocks": True, "spill_dir": "/tmp",
     "on_capture_error": "hook_only", "progress": False, "verbose": False,
 }
@@ -65,7 +65,7 @@ def _grouped(flat: dict) -> dict:
 
 def test_other_values_cover_every_flat_name():
     assert set(OTHER) == set(FLAT_NAMES)
-    assert len(FLAT_NAMES) == 30  # + step and seed: the 32 options of the flat config
+    assert len(FLAT_NAMES) == 31  # + step and seed: the 30 options of the flat config before 2026-12-06, and head
     assert all(OTHER[n] != _group_default(n) for n in OTHER)
 
 

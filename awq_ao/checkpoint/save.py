@@ -52,6 +52,7 @@ from awq_ao.checkpoint.save_tensors import (
     _config_dict,
     _float_tensors,
     _stored_bits_per_weight,
+    refuse_int8_head,
     resolve_save_dtype,
 )
 from awq_ao.checkpoint.vllm_compat import describe_issues, marlin_issues
@@ -209,6 +210,7 @@ def save_quantized(
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     save_dtype = resolve_save_dtype(dtype, format)
     max_bytes = parse_size(max_shard_size)
+    refuse_int8_head(model)
     sources = source_dirs(model, tokenizer)
     target = check_output_dir(out_dir, overwrite, sources)
     layers = find_quantized_layers(model)

@@ -29,7 +29,7 @@ from awq_ao.checkpoint.formats import (
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 
-__all__ = ["resolve_save_dtype"]
+__all__ = ["resolve_save_dtype", "refuse_int8_head"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +76,19 @@ def _awq_ao_experts_tensors(qe: QuantExperts) -> dict[str, torch.Tensor]:
     }
 
 
+def refuse_int8_head(model: nn.Module) -> None:
+    """Checkpoints do not hold an 8-bit head (``head="int8"``) yet: say so, and how to get one."""
+    from awq_ao.lowering.int8_tensor import Int8RowWeightTensor
+
+    for name, t in model.named_parameters(remove_duplicate=False):
+        if isinstance(t, Int8RowWeightTensor):
+            raise CheckpointError(
+                f"{name} is an 8-bit head (head='int8'); awq_ao checkpoints cannot store it yet. Save a "
+                "model quantized with head='keep' (the default) and, after loading it, call "
+                "awq_ao.quantize_head(model) to store the head in 8 bits again. Nothing was written."
+            )
+
+
 def _float_tensors(
     model: nn.Module, layers: dict[str, QuantLayer], keep_aliases: bool, experts: dict[str, QuantExperts] | None = None
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
@@ -84,6 +97,7 @@ def _float_tensors(
     With ``keep_aliases=False`` (export formats) aliases that transformers re-ties from the
     config are dropped and any other alias is written as its own copy.
     """
+    refuse_int8_head(model)
     tensors, aliases = tensor_aliases(model)
     qweights = {f"{n}.weight" for n in layers} | set(experts or {})
     for a, src in aliases.items():

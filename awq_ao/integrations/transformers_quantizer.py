@@ -22,6 +22,7 @@ to load the uint8 codes into the float weights and fails on the shape mismatch (
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,14 @@ class AwqAoHfQuantizer(HfQuantizer):
         return state, {"awq_ao_format_version": str(FORMAT_VERSION), REWRITTEN_BY_KEY: "1"}
 
     def is_serializable(self, **kwargs: Any) -> bool:
-        """``save_pretrained`` writes the awq_ao format."""
+        """``save_pretrained`` writes the awq_ao format. Called before transformers creates the
+        folder: a model it cannot write (an 8-bit head) is refused here, with the reason."""
+        ref = _MODELS.get(self)
+        model = ref() if ref is not None else None
+        if model is not None:
+            from awq_ao.checkpoint.save_tensors import refuse_int8_head
+
+            refuse_int8_head(model)
         return True
 
     @property
@@ -265,7 +273,20 @@ def attach_to_model(model: nn.Module) -> bool:
         if getattr(model, "hf_quantizer", None) is not None:
             return False  # quantized by another method as well: leave its quantizer alone
         model.hf_quantizer = AwqAoHfQuantizer(AwqAoQuantizationConfig(), pre_quantized=True)
+    remember_model(model)
     return True
+
+
+def remember_model(model: nn.Module) -> None:
+    """Let ``model``'s awq_ao quantizer see the model (weakly) when transformers asks whether it
+    can be saved (:meth:`AwqAoHfQuantizer.is_serializable`)."""
+    q = getattr(model, "hf_quantizer", None)
+    if isinstance(q, AwqAoHfQuantizer):
+        _MODELS[q] = weakref.ref(model)
+
+
+#: quantizer -> its model (both weak: nothing is kept alive, the quantizer still pickles)
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_with_transformers() -> bool:

@@ -9,11 +9,13 @@ Public API::
     pack(codes, bits, layout) / unpack(packed, bits, layout, n, k) / choose_layout(...)
     torch.ops.awq_ao.w4a16_linear / torch.ops.awq_ao.dequantize
     torch.ops.awq_ao.w4a16_grouped_linear (3-D experts weights)
+    Int8RowWeightTensor.from_float(w) / torch.ops.awq_ao.w8_linear (the 8-bit output head)
 """
 
 from awq_ao.lowering import grouped_ops as _grouped_ops  # noqa: F401  (registers the grouped op)
 from awq_ao.lowering import int4_dispatch as _int4_dispatch  # noqa: F401  (F.linear, .to, copy_, W[e])
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
+from awq_ao.lowering.int8_tensor import Int8RowWeightTensor
 from awq_ao.lowering.ops import TINYGEMM_MAX_M, dequantize_packed, dequantize_weight, w4a16_linear
 from awq_ao.lowering.packing import (
     LAYOUT_BYTE,
@@ -31,6 +33,7 @@ from awq_ao.lowering.swap import is_quantizable_linear, model_size_bytes, quanti
 
 __all__ = [
     "Int4WeightTensor",
+    "Int8RowWeightTensor",
     "quantize_linear_module",
     "is_quantizable_linear",
     "model_size_bytes",

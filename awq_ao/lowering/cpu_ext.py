@@ -1,10 +1,11 @@
-"""Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, AVX2 + FMA).
+"""Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, ``csrc/int8_cpu.cpp``, AVX2 + FMA).
 
 The kernels are compiled once per machine with :func:`torch.utils.cpp_extension.load` (a C++
 compiler and ``ninja`` are needed; the build takes about 20 s on two cores and is cached
 under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in a folder named
 after a hash of the source and flags). They register the ops
-``torch.ops.awq_ao_cpu.int4_gemm`` and ``torch.ops.awq_ao_cpu.int4_dequant_t``.
+``torch.ops.awq_ao_cpu.int4_gemm``, ``torch.ops.awq_ao_cpu.int4_dequant_t`` and
+``torch.ops.awq_ao_cpu.int8_gemm``.
 
 :func:`load` never raises: where the kernels cannot be had (no AVX2/FMA, no compiler, a
 failed build, or ``AWQ_AO_CPU_KERNELS=0``) it returns ``False`` and :func:`unavailable_reason`
@@ -25,12 +26,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "unavailable_reason", "SOURCE"]
+__all__ = ["load", "unavailable_reason", "SOURCE", "SOURCES"]
 
 log = logging.getLogger(__name__)
 
-#: The kernels' source file.
+#: The 4-bit kernels' source file.
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
+#: Every source file compiled into the extension, and the header they share.
+SOURCES = (SOURCE, SOURCE.with_name("int8_cpu.cpp"))
+_HEADERS = (SOURCE.with_name("act_quant.h"),)
 
 #: -fopenmp: at::parallel_for is inline OpenMP code in torch's OpenMP builds; without the flag
 #: it runs on one thread. The extension then needs libgomp.so.1, which resolves to the one
@@ -90,10 +94,11 @@ def _build() -> None:
     # checkouts) never rebuild over each other's loaded library
     # (and the torch and environment it is built against)
     stamp = " ".join([*_FLAGS, *_LDFLAGS, torch.__version__, sys.prefix])
-    digest = hashlib.sha256(SOURCE.read_bytes() + stamp.encode()).hexdigest()
+    text = b"".join(p.read_bytes() for p in (*SOURCES, *_HEADERS))
+    digest = hashlib.sha256(text + stamp.encode()).hexdigest()
     cpp_extension.load(
         name=f"awq_ao_int4_cpu_{digest[:12]}",
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=_FLAGS,
         extra_ldflags=_LDFLAGS,
         is_python_module=False,
@@ -102,7 +107,8 @@ def _build() -> None:
     x = torch.zeros(1, 64)
     packed = torch.zeros(32, 32, dtype=torch.uint8)
     sz = torch.zeros(1, 32, 2, dtype=torch.bfloat16)
-    torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 64, 32)  # the op is callable
+    torch.ops.awq_ao_cpu.int4_gemm(x, packed, sz, 64, 32)  # the ops are callable
+    torch.ops.awq_ao_cpu.int8_gemm(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), 64)
     _register_fakes()
 
 
@@ -113,6 +119,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("awq_ao_cpu::int4_gemm")
     def _gemm_fake(x, packed, scales_and_zeros, tg, block):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("awq_ao_cpu::int8_gemm")
+    def _int8_fake(x, codes, scale, ag):
+        return x.new_empty(x.shape[0], codes.shape[0])
 
     @torch.library.register_fake("awq_ao_cpu::int4_dequant_t")
     def _dequant_fake(packed, scales_and_zeros, tg, block, b0, b1, out):

@@ -49,6 +49,18 @@ from awq_ao.lowering.packing import (
 __all__ = ["Int4WeightTensor", "scale_storage_dtype", "round_scale"]
 
 
+def metadata_hash(t: TorchAOBaseTensor) -> str:
+    """A hash of a wrapper subclass's class, attributes and inner tensors' metadata (not their
+    values): what the AOT autograd cache keys a compiled graph on."""
+    parts = [type(t).__qualname__, str(t.requires_grad)]
+    names = list(t.tensor_attribute_names) + list(getattr(t, "optional_tensor_attribute_names", []))
+    parts += [repr(getattr(t, a)) for a in names]
+    for name in t.__tensor_flatten__()[0]:
+        x = getattr(t, name)
+        parts.append(f"{name}:{x.dtype}:{tuple(x.shape)}:{x.stride()}:{x.device}")
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
 class Int4WeightTensor(_Int4Construction, TorchAOBaseTensor):
     """Group-wise quantized weight (2..8 bits) with a packed storage layout.
 
@@ -227,12 +239,7 @@ class Int4WeightTensor(_Int4Construction, TorchAOBaseTensor):
 
     def _stable_hash_for_caching(self) -> str:
         """Metadata hash for the AOT autograd cache (layout, attributes, inner tensor meta)."""
-        parts = [type(self).__qualname__, str(self.requires_grad)]
-        parts += [repr(getattr(self, a)) for a in self.tensor_attribute_names + self.optional_tensor_attribute_names]
-        for name in self.__tensor_flatten__()[0]:
-            t = getattr(self, name)
-            parts.append(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.stride()}:{t.device}")
-        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+        return metadata_hash(self)
 
     def __repr__(self) -> str:
         layout = self.pack_layout + (f"/{self.layout_variant}" if self.layout_variant else "")

@@ -131,17 +131,26 @@ def footprint(model: nn.Module) -> dict:
     """Where a model's bytes are: its quantized weights and everything kept in full precision.
 
     Returns ``quantized_bytes`` (packed codes + scales + zeros of every
-    :class:`Int4WeightTensor` and other wrapper subclass), ``quantized_weights`` (their
-    logical element count), ``bits_per_weight``, ``full_precision_bytes`` (the rest, each
-    shared tensor once) and ``layouts`` (``{layout: count}``).
+    :class:`Int4WeightTensor` and other wrapper subclass but the 8-bit head), ``quantized_weights``
+    (their logical element count), ``bits_per_weight``, ``int8_bytes`` / ``int8_weights`` (the
+    8-bit head, :class:`~awq_ao.lowering.int8_tensor.Int8RowWeightTensor`, counted once when tied
+    to the embedding), ``full_precision_bytes`` (the rest, each shared tensor once) and
+    ``layouts`` (``{layout: count}``).
     """
+    from awq_ao.lowering.int8_tensor import Int8RowWeightTensor
+
     q_bytes, q_weights = 0, 0
+    i8_bytes, i8_weights = 0, 0
     layouts: dict[str, int] = {}
     seen: set[int] = set()
     for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         if t is None or id(t) in seen or not is_traceable_wrapper_subclass(t):
             continue
         seen.add(id(t))
+        if isinstance(t, Int8RowWeightTensor):
+            i8_bytes += _tensor_bytes(t)
+            i8_weights += t.numel()
+            continue
         q_bytes += _tensor_bytes(t)
         q_weights += t.numel()
         lay = getattr(t, "pack_layout", type(t).__name__)
@@ -151,6 +160,8 @@ def footprint(model: nn.Module) -> dict:
         "quantized_bytes": q_bytes,
         "quantized_weights": q_weights,
         "bits_per_weight": 8 * q_bytes / q_weights if q_weights else None,
-        "full_precision_bytes": total - q_bytes,
+        "int8_bytes": i8_bytes,
+        "int8_weights": i8_weights,
+        "full_precision_bytes": total - q_bytes - i8_bytes,
         "layouts": layouts,
     }

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
+from awq_ao.lowering.head import find_head, quantize_head
 from awq_ao.observers.attach import select_targets
 from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import CaptureError, call_kwargs
@@ -74,6 +75,7 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
         targets = select_targets(model, config)
         if not targets:
             raise ValueError("no quantizable layer found (nn.Linear or transformers' Conv1D).")
+    head_plan = find_head(model) if config.head == "int8" else None  # refuse before any edit
     report = ConvertReport(config.bits, config.group_size, config.zero_point)
     report.size_before = model_size_bytes(model)
     rec = state.recorder if state is not None else None
@@ -138,6 +140,8 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     txn.close()
     if saved_use_cache:
         hf_config.use_cache = saved_use_cache
+    if head_plan is not None:
+        report.head = quantize_head(model, head_plan)
     if state is None:
         state = AWQState()
     state.replacements.update(replacements)
