@@ -36,7 +36,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 from awq_ao.lowering import ops as _ops  # noqa: F401  (registers awq_ao:: custom ops)
-from awq_ao.lowering import packing
+from awq_ao.lowering import cpu_ext, direct_cpu, packing
 from awq_ao.lowering.int4_construction import _Int4Construction
 from awq_ao.lowering.int4_dtypes import _FLOAT_DTYPES, round_scale, scale_storage_dtype
 from awq_ao.lowering.packing import (
@@ -130,6 +130,7 @@ class Int4WeightTensor(_Int4Construction, TorchAOBaseTensor):
         self.layout_variant = layout_variant
         self.scales_and_zeros = scales_and_zeros
         self.transposed = transposed
+        self._dims = tuple(shape)  # the logical shape as plain ints (see _linear)
         if transposed and len(shape) != 3:
             raise ValueError("transposed=True is for 3-D [E, in, out] expert weights only.")
 
@@ -265,7 +266,9 @@ class Int4WeightTensor(_Int4Construction, TorchAOBaseTensor):
         )
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.dim() != 2:
+        # self._dims, not self.shape / self.dim(): on a subclass each of those is a
+        # __torch_function__ round trip (a few us each, per layer and token in eager decode)
+        if len(self._dims) != 2:
             raise TypeError(
                 f"F.linear needs a 2-D weight; this Int4WeightTensor holds {self.num_experts} experts "
                 f"{list(self.shape)}: use W[e] or grouped_linear(x, expert_ids)."
@@ -276,11 +279,19 @@ class Int4WeightTensor(_Int4Construction, TorchAOBaseTensor):
             raise TypeError(
                 f"F.linear with an Int4WeightTensor weight needs a float input, got {x.dtype}."
             )
-        if x.shape[-1] != self.shape[1]:
+        if x.shape[-1] != self._dims[1]:
             raise ValueError(
                 f"F.linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "
                 f"Int4WeightTensor weight is {list(self.shape)}."
             )
+        if self.pack_layout == LAYOUT_CPU_TINYGEMM and x.device.type == "cpu":
+            if not torch.compiler.is_compiling():
+                cpu_ext.load()  # built on first use (the custom op would build it too)
+            y = direct_cpu.int4_linear(
+                x, self.packed, self.scales_and_zeros, bias, self._dims[1], self.group_size, self.layout_variant
+            )
+            if y is not None:
+                return y
         return torch.ops.awq_ao.w4a16_linear(
             x,
             self.packed,

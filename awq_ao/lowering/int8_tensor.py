@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
-from awq_ao.lowering import int8_ops  # noqa: F401  (registers awq_ao::w8_linear)
+from awq_ao.lowering import cpu_ext, direct_cpu, int8_ops  # noqa: F401  (int8_ops registers awq_ao::w8_linear)
 from awq_ao.lowering.int4_dtypes import _FLOAT_DTYPES
 from awq_ao.lowering.int4_tensor import metadata_hash
 from awq_ao.lowering.int8_ops import dequantize_rows
@@ -91,6 +91,12 @@ class Int8RowWeightTensor(TorchAOBaseTensor):
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, Int8RowWeightTensor) or not x.is_floating_point():
             raise TypeError(f"F.linear with an Int8RowWeightTensor weight needs a float input, got {x.dtype}.")
+        if x.device.type == "cpu":
+            if not torch.compiler.is_compiling():
+                cpu_ext.load()
+            y = direct_cpu.int8_linear(x, self.codes, self.row_scale, bias)
+            if y is not None:
+                return y
         return torch.ops.awq_ao.w8_linear(x, self.codes, self.row_scale, bias)
 
     def _embedding(self, ids: torch.Tensor) -> torch.Tensor:

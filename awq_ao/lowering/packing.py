@@ -92,6 +92,7 @@ def _check_layout(layout: str, bits: int) -> None:
         raise ValueError(f"layout {layout!r} holds at most 4-bit codes, got bits={bits}.")
 
 
+@functools.lru_cache(maxsize=64)
 def parse_variant(variant: str) -> tuple[int, bool]:
     """``"b64i"`` -> ``(64, True)``; ``"b32p"`` -> ``(32, False)``."""
     if (
@@ -185,6 +186,7 @@ def cpu_tinygemm_variant() -> str | None:
     return None  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=4096)
 def tinygemm_geometry(in_features: int, group_size: int) -> tuple[int, int] | None:
     """``(tinygemm_group_size, padded_in_features)`` for a weight, or ``None`` if unsupported.
 
