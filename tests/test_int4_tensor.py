@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import awq_ao.lowering.direct_cpu as direct_cpu
 import awq_ao.lowering.cpu_kernels as cpu_kernels
+import awq_ao.lowering.direct_cpu as direct_cpu
 import awq_ao.lowering.ops as ops
 from awq_ao.lowering import (
     Int4WeightTensor,

@@ -35,8 +35,8 @@ import sys
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-from awq_ao.lowering import ops as _ops  # noqa: F401  (registers awq_ao:: custom ops)
 from awq_ao.lowering import cpu_ext, direct_cpu, packing
+from awq_ao.lowering import ops as _ops  # noqa: F401  (registers awq_ao:: custom ops)
 from awq_ao.lowering.int4_construction import _Int4Construction
 from awq_ao.lowering.int4_dtypes import _FLOAT_DTYPES, round_scale, scale_storage_dtype
 from awq_ao.lowering.packing import (
