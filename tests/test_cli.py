@@ -81,6 +81,19 @@ def test_quantize_sequential_with_spill(model_dir, text_file, tmp_path, capsys):
     assert load_quantized(q) is not None
 
 
+def test_quantize_with_an_8bit_head_info_and_eval(model_dir, text_file, tmp_path, capsys):
+    q = tmp_path / "q8"
+    rc, out, err = run(["quantize", model_dir, "--out", q, "--group-size", 32, "--head", "int8", "--calib", text_file,
+                        "--n-samples", 4, "--seq-len", 32, "--batch-size", 2, "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "8-bit row-wise" in out
+    rc, out, err = run(["info", q], capsys)
+    assert rc == 0 and "8-bit head:" in out, err
+    rc, out, err = run(["eval", q, "--text", text_file, "--seq-len", 64, "--windows", 2, "--no-progress"], capsys)
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == f"perplexity: {_ppl(q, SAMPLE_TEXT, 64, 2):.4f}"
+
+
 def test_quantize_compressed_tensors_symmetric_and_eval_all_formats(model_dir, text_file, tmp_path, capsys):
     ct = tmp_path / "ct"
     rc, out, err = run(["quantize", model_dir, "--out", ct, "--group-size", 32, "--no-zero-point",
@@ -109,6 +122,7 @@ def test_errors_are_one_line(model_dir, text_file, tmp_path, capsys):
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--n-samples", 500], "500 x 512 = 256000 are needed"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--group-size", 48, "--format", "autoawq", "--calib", text_file], "divisible by --group-size 48"),
         (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--spill-dir", tmp_path, "--in-memory"], "drop --in-memory"),
+        (["quantize", model_dir, "--out", tmp_path / "o", "--calib", text_file, "--head", "int8", "--format", "autoawq"], "--head int8"),
     ]
     for argv, msg in cases:
         rc, out, err = run(argv, capsys)

@@ -82,7 +82,26 @@ def _plan_awq_ao(qc: dict[str, Any], shards: ShardSet, model: nn.Module) -> Load
         )
         plan.consumed |= set(keys)
     _plan_awq_ao_experts(qc, shards, model, plan)
+    _plan_awq_ao_int8(qc, shards, model, plan)
     return plan
+
+
+def _plan_awq_ao_int8(qc: dict[str, Any], shards: ShardSet, model: nn.Module, plan: LoadPlan) -> None:
+    """Add the 8-bit row-wise weights listed in ``int8_weights`` (``head="int8"``) to ``plan``:
+    codes ``[N, K, 1]`` int8 and ``{key}_scale`` ``[N, 1]`` float32 for a 2-D ``[N, K]`` weight."""
+    for key in qc.get("int8_weights") or []:
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            p = model.get_submodule(mod_name)._parameters.get(attr)
+        except AttributeError:
+            p = None
+        if p is None or p.dim() != 2:
+            raise CheckpointError(f"config lists the 8-bit weight {key!r}, but the model built from config.json has no 2-D parameter there.")
+        n, k = (int(d) for d in p.shape)
+        shards.expect(key, (n, k, 1), (torch.int8,))
+        shards.expect(f"{key}_scale", (n, 1), (torch.float32,))
+        plan.int8[key] = (n, k)
+        plan.consumed |= {key, f"{key}_scale"}
 
 
 def _plan_awq_ao_experts(qc: dict[str, Any], shards: ShardSet, model: nn.Module, plan: LoadPlan) -> None:

@@ -136,6 +136,19 @@ def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
     return mod._buffers[attr]
 
 
+def _int8_weight(key: str, codes: torch.Tensor, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """An :class:`~awq_ao.lowering.int8_tensor.Int8RowWeightTensor` from its stored tensors,
+    refusing codes of -128 (never written) and scales that are not finite and > 0."""
+    from awq_ao.lowering.int8_tensor import Int8RowWeightTensor
+
+    codes, scale = codes.reshape(n, k).contiguous(), scale.reshape(n).to(torch.float32).contiguous()
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise CheckpointError(f"tensor {key + '_scale'!r}: row scales must be finite and > 0; the checkpoint is corrupt.")
+    if bool((codes == -128).any()):
+        raise CheckpointError(f"tensor {key!r}: 8-bit codes lie in -127..127, found -128; the checkpoint is corrupt.")
+    return Int8RowWeightTensor(codes, scale, torch.Size([n, k]), torch.float32)
+
+
 def _non_persistent_buffer_names(model: nn.Module) -> set[str]:
     out = set()
     for mname, mod in model.named_modules():
@@ -203,7 +216,7 @@ def load_quantized(
     validate.check_plan(path, plan, manifest)  # before any weight is built
 
     # ---- validate every key before reading any data --------------------------------------------
-    qweights = {f"{n}.weight" for n in plan.layers} | set(plan.experts)
+    qweights = {f"{n}.weight" for n in plan.layers} | set(plan.experts) | set(plan.int8)
     expected: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         if key not in qweights and t is not None:
@@ -281,6 +294,9 @@ def load_quantized(
             bar.update(1)
     for mod in switched.values():
         _use_int4_experts_implementation(mod)
+    for key, (n, k) in plan.int8.items():
+        w = _int8_weight(key, shards.get(key), shards.get(f"{key}_scale"), n, k)
+        _set_tensor(model, key, nn.Parameter(w._convert(device, dtype or _get_tensor(model, key).dtype), requires_grad=False))
 
     # ---- everything else -----------------------------------------------------------------------
     for key, t in expected.items():

@@ -60,6 +60,7 @@ class LoadPlan:
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     experts: dict[str, ExpertsPlan] = field(default_factory=dict)
+    int8: dict[str, tuple[int, int]] = field(default_factory=dict)  # 8-bit row-wise weights: key -> (N, K)
     consumed: set[str] = field(default_factory=set)
     tied: dict[str, str] = field(default_factory=dict)
     strict_dtypes: bool = True

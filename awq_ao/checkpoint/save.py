@@ -47,11 +47,13 @@ from awq_ao.checkpoint.model_card import model_card as make_model_card
 from awq_ao.checkpoint.save_tensors import (
     _awq_ao_config,
     _awq_ao_experts_tensors,
+    _awq_ao_int8_tensors,
     _awq_ao_weight_tensors,
     _cast_float,
     _config_dict,
     _float_tensors,
     _stored_bits_per_weight,
+    int8_weights,
     refuse_int8_head,
     resolve_save_dtype,
 )
@@ -210,7 +212,8 @@ def save_quantized(
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}.")
     save_dtype = resolve_save_dtype(dtype, format)
     max_bytes = parse_size(max_shard_size)
-    refuse_int8_head(model)
+    if format != FORMAT_AWQ_AO:
+        refuse_int8_head(model, f"format={format!r}")
     sources = source_dirs(model, tokenizer)
     target = check_output_dir(out_dir, overwrite, sources)
     layers = find_quantized_layers(model)
@@ -228,12 +231,15 @@ def save_quantized(
     float_linears = float_linear_names(model, layers)
     extra_json: dict[str, Any] = {}
     if format == FORMAT_AWQ_AO:
-        items, aliases = _float_tensors(model, layers, keep_aliases=True, experts=experts)
+        int8 = int8_weights(model)
+        items, aliases = _float_tensors(model, layers, keep_aliases=True, experts=experts, int8_keys=set(int8))
         for layer in layers.values():
             items.extend(_awq_ao_weight_tensors(layer).items())
         for qe in experts.values():
             items.extend(_awq_ao_experts_tensors(qe).items())
-        qc = _awq_ao_config(model, layers, aliases, experts)
+        for key, w in int8.items():
+            items.extend(_awq_ao_int8_tensors(key, w).items())
+        qc = _awq_ao_config(model, layers, aliases, experts, set(int8))
     elif format == FORMAT_AUTOAWQ:
         qc, extra_json["quant_config.json"] = autoawq.export_config(layers, float_linears)
         items, _ = _float_tensors(model, layers, keep_aliases=False)

@@ -29,7 +29,7 @@ from awq_ao.checkpoint.formats import (
 from awq_ao.lowering import packing
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 
-__all__ = ["resolve_save_dtype", "refuse_int8_head"]
+__all__ = ["resolve_save_dtype", "refuse_int8_head", "int8_weights"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,37 +76,57 @@ def _awq_ao_experts_tensors(qe: QuantExperts) -> dict[str, torch.Tensor]:
     }
 
 
-def refuse_int8_head(model: nn.Module) -> None:
-    """Checkpoints do not hold an 8-bit head (``head="int8"``) yet: say so, and how to get one."""
+def int8_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The 8-bit row-wise weights (``head="int8"``) by the first name holding each tensor."""
     from awq_ao.lowering.int8_tensor import Int8RowWeightTensor
 
-    for name, t in model.named_parameters(remove_duplicate=False):
-        if isinstance(t, Int8RowWeightTensor):
-            raise CheckpointError(
-                f"{name} is an 8-bit head (head='int8'); awq_ao checkpoints cannot store it yet. Save a "
-                "model quantized with head='keep' (the default) and, after loading it, call "
-                "awq_ao.quantize_head(model) to store the head in 8 bits again. Nothing was written."
-            )
+    tensors, _ = tensor_aliases(model)
+    return {k: t for k, t in tensors.items() if isinstance(t, Int8RowWeightTensor)}
+
+
+def refuse_int8_head(model: nn.Module, where: str = "this format") -> None:
+    """Only the awq_ao format written by ``save_quantized`` holds an 8-bit head (``head="int8"``)."""
+    found = int8_weights(model)
+    if found:
+        raise CheckpointError(
+            f"{next(iter(found))} is an 8-bit head (head='int8'); {where} cannot store it. Use "
+            "save_quantized(model, dir) (format='awq_ao'), or save a model quantized with "
+            "head='keep' and call awq_ao.quantize_head(model) after loading it. Nothing was written."
+        )
+
+
+def _awq_ao_int8_tensors(key: str, w: Any) -> dict[str, torch.Tensor]:
+    """An 8-bit weight on disk: codes ``[N, K, 1]`` int8 under its own name (never the float
+    weight's shape) and ``{key}_scale`` ``[N, 1]`` float32."""
+    return {key: _cpu(w.codes.unsqueeze(-1)), f"{key}_scale": _cpu(w.row_scale.to(torch.float32).unsqueeze(-1))}
 
 
 def _float_tensors(
-    model: nn.Module, layers: dict[str, QuantLayer], keep_aliases: bool, experts: dict[str, QuantExperts] | None = None
+    model: nn.Module,
+    layers: dict[str, QuantLayer],
+    keep_aliases: bool,
+    experts: dict[str, QuantExperts] | None = None,
+    int8_keys: set[str] | None = None,
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """Plain tensors to write (quantized weights excluded) and the alias map of tied tensors.
 
     With ``keep_aliases=False`` (export formats) aliases that transformers re-ties from the
-    config are dropped and any other alias is written as its own copy.
+    config are dropped and any other alias is written as its own copy. ``int8_keys``: the
+    8-bit weights the caller writes itself (awq_ao format); without it an 8-bit head is refused.
     """
-    refuse_int8_head(model)
+    if int8_keys is None:
+        refuse_int8_head(model)
     tensors, aliases = tensor_aliases(model)
     qweights = {f"{n}.weight" for n in layers} | set(experts or {})
     for a, src in aliases.items():
+        if int8_keys and src in int8_keys and a not in qweights:
+            continue  # an embedding tied to the 8-bit head: one copy, re-tied on load
         if a in qweights or src in qweights:
             raise CheckpointError(f"{a} is tied to {src}, a quantized weight; tied quantized weights are not supported.")
     items: list[tuple[str, torch.Tensor]] = []
     seen_storage: dict[tuple, str] = {}
     for name, t in tensors.items():
-        if name in qweights:
+        if name in qweights or (int8_keys and name in int8_keys):
             continue
         if is_traceable_wrapper_subclass(t):
             raise CheckpointError(f"{name}: cannot save a {type(t).__name__} tensor.")
@@ -149,7 +169,11 @@ def _config_dict(model: nn.Module, qc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _awq_ao_config(
-    model: nn.Module, layers: dict[str, QuantLayer], aliases: dict[str, str], experts: dict[str, QuantExperts]
+    model: nn.Module,
+    layers: dict[str, QuantLayer],
+    aliases: dict[str, str],
+    experts: dict[str, QuantExperts],
+    int8_keys: set[str] | None = None,
 ) -> dict[str, Any]:
     from awq_ao import __version__
     from awq_ao.state import get_state
@@ -194,6 +218,8 @@ def _awq_ao_config(
             k: {"bits": qe.weight.bits, "group_size": qe.weight.group_size, "transposed": bool(qe.weight.transposed)}
             for k, qe in sorted(experts.items())
         }
+    if int8_keys:
+        qc["int8_weights"] = sorted(int8_keys)  # 8-bit row-wise (head="int8"): codes + row scale
     return qc
 
 

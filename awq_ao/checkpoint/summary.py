@@ -20,7 +20,8 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``format``, ``architecture``, ``bits``, ``group_size``, ``zero_point``,
     ``quantized_layers`` (names), ``quantized_experts`` (3-D INT4 MoE expert parameters,
-    awq_ao format), ``scaled_input_layers``, ``float_linears`` (if recorded),
+    awq_ao format), ``int8_weights`` and ``int8_bytes`` (the 8-bit head, awq_ao format),
+    ``scaled_input_layers``, ``float_linears`` (if recorded),
     ``size_bytes`` (all files), ``tensor_bytes``, ``shards``, ``dtype``.
     """
     from awq_ao.checkpoint.formats import read_config
@@ -49,6 +50,7 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
             float_linears=list(qc.get("modules_to_not_convert") or []),
             module_overrides=qc.get("module_overrides") or {},
             quantized_experts=sorted(qc.get("quantized_experts") or {}),
+            int8_weights=list(qc.get("int8_weights") or []),
         )
     elif fmt == FORMAT_AUTOAWQ:
         out.update(
@@ -79,6 +81,10 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     out["num_tensors"] = len(shards.keys())
     out["num_stored_elements"] = sum(math.prod(shards.shape(k)) for k in shards.keys())
     out.update(_footprint(shards, out["quantized_layers"], fmt, out.get("bits")))
+    int8 = [k for key in out.get("int8_weights", []) for k in (key, f"{key}_scale") if k in shards.keys()]
+    out["int8_bytes"] = sum(math.prod(shards.shape(k)) * shards.dtype(k).itemsize for k in int8)
+    out["full_precision_bytes"] -= out["int8_bytes"]
+    out.setdefault("int8_weights", [])
     return out
 
 

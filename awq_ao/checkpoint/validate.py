@@ -67,7 +67,7 @@ REWRITTEN_BY_KEY = "awq_ao_written_by_save_pretrained"
 LOAD_RELEVANT_KEYS: dict[str, tuple[str, ...]] = {
     FORMAT_AWQ_AO: (
         "quant_method", "format_version", "bits", "group_size", "quantized_modules",
-        "scaled_input_modules", "module_overrides", "tied_weights", "quantized_experts",
+        "scaled_input_modules", "module_overrides", "tied_weights", "quantized_experts", "int8_weights",
     ),
     FORMAT_AUTOAWQ: (
         "quant_method", "version", "bits", "w_bit", "group_size", "q_group_size", "zero_point",

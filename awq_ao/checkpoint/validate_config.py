@@ -103,6 +103,7 @@ def check_config(path: str | os.PathLike, fmt: str, qc: dict[str, Any]) -> None:
                 _bits(file, f"{p}module_overrides[{name!r}].bits", o["bits"])
             if "group_size" in o:
                 _group_size(file, f"{p}module_overrides[{name!r}].group_size", o["group_size"])
+        _str_list(file, p + "int8_weights", qc.get("int8_weights"))
         tied = _mapping(file, p + "tied_weights", qc.get("tied_weights"))
         for k, v in tied.items():
             if not isinstance(v, str):

@@ -52,6 +52,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError("--sequential and --in-memory exclude each other: pick one (or neither: automatic).")
     if args.spill_dir and args.in_memory:
         raise CLIError("--spill-dir needs layer-by-layer convert: drop --in-memory.")
+    if args.head == "int8" and args.format != "awq_ao":
+        raise CLIError(f"--head int8 stores a tensor --format {args.format} cannot hold; use --format awq_ao or --head keep.")
     if args.fallback == "multiply" and args.format != "awq_ao":
         raise CLIError(
             f"--fallback multiply adds input scales that --format {args.format} cannot hold; "
@@ -114,6 +116,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 fallback=fallback,
                 max_search_samples=args.search_samples,
                 rounding=args.rounding,
+                head=args.head,
                 **{k: v for k, v in (("search_loss", args.search_loss), ("gptq_act_order", args.act_order)) if v is not None},
                 progress=not args.no_progress,
                 verbose=False,
@@ -324,6 +327,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           + (f", {len(s['scaled_input_layers'])} with an input scale (ScaledInputLinear)" if s.get("scaled_input_layers") else ""))
     if s.get("quantized_experts"):
         print(f"MoE experts:    {s['num_quantized_experts']} INT4 expert weights (3-D, one slab per expert)")
+    if s.get("int8_weights"):
+        print(f"8-bit head:     {', '.join(s['int8_weights'])} ({human(s['int8_bytes'])}, int8 codes + one scale per row)")
     if s.get("float_linears"):
         print(f"full precision: {', '.join(s['float_linears'][:8])}" + (" ..." if len(s["float_linears"]) > 8 else ""))
     if s.get("module_overrides"):

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda, cuda:1, ...)")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype: auto (float32 on CPU, float16 on GPU), float32, bfloat16, float16")
     q.add_argument("--format", default="awq_ao", choices=["awq_ao", "autoawq", "compressed-tensors"], help="checkpoint format (default awq_ao)")
+    q.add_argument("--head", choices=["keep", "int8"], default="keep",
+                   help="int8: store the output head (and a tied embedding) in 8 bits; --format awq_ao only (default keep)")
     q.add_argument("--fallback", choices=["multiply", "skip"], default=None,
                    help="where AWQ scales cannot be folded: explicit input multiply (awq_ao format only) or skip scaling; default: multiply for awq_ao, skip otherwise")
     q.add_argument("--overwrite", action="store_true",

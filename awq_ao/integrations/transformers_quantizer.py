@@ -242,7 +242,7 @@ class AwqAoHfQuantizer(HfQuantizer):
         if model is not None:
             from awq_ao.checkpoint.save_tensors import refuse_int8_head
 
-            refuse_int8_head(model)
+            refuse_int8_head(model, "model.save_pretrained")
         return True
 
     @property
