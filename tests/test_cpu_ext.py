@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from ext_checks import needs_ext, require_built
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,17 +21,10 @@ from awq_ao.lowering import Int4WeightTensor, cpu_ext
 from awq_ao.lowering.cpu_kernels import dequant_rows
 from awq_ao.lowering.packing import pack
 
-HAS_AVX2 = bool(getattr(torch.cpu, "_is_avx2_supported", lambda: False)())
-needs_ext = pytest.mark.skipif(
-    not HAS_AVX2 or cpu_ext._setting() == "0", reason="awq_ao's CPU kernels need AVX2 (and not AWQ_AO_CPU_KERNELS=0)"
-)
-
 
 @pytest.fixture(autouse=True)
 def _built():
-    """Where the CPU has AVX2 the kernels must build: a failed build fails, never skips."""
-    if HAS_AVX2 and cpu_ext._setting() != "0":
-        assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    require_built()
 
 
 def _weight(n: int, kp: int, tg: int, seed: int):

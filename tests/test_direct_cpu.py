@@ -6,20 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ext_checks import needs_ext, require_built
 from torch._inductor.utils import run_and_get_code
 
 import awq_ao.lowering.cpu_kernels as ck
-from awq_ao.lowering import Int4WeightTensor, Int8RowWeightTensor, cpu_ext, direct_cpu
+from awq_ao.lowering import Int4WeightTensor, Int8RowWeightTensor, direct_cpu
 
-HAS_AVX2 = bool(getattr(torch.cpu, "_is_avx2_supported", lambda: False)())
-pytestmark = pytest.mark.skipif(
-    not HAS_AVX2 or cpu_ext._setting() == "0", reason="awq_ao's CPU kernels need AVX2 (and not AWQ_AO_CPU_KERNELS=0)"
-)
+pytestmark = needs_ext
 
 
 @pytest.fixture(autouse=True)
 def _built():
-    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    require_built()
 
 
 def _op4(x, w, bias):

@@ -7,7 +7,13 @@ import copy
 import pytest
 import torch
 from test_fold_property import EXPECTED
-from tiny_models import ARCHS, compare_two_converts, tiny_model, token_batches
+from tiny_models import (
+    ARCHS,
+    assert_eager_compile_export_agree,
+    compare_two_converts,
+    tiny_model,
+    token_batches,
+)
 from torchao.quantization import quantize_
 
 import awq_ao
@@ -99,13 +105,7 @@ def test_eager_compile_export_agree(arch):
     model = tiny_model(arch, hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
     run_flow(model, token_batches(3, 2, 16), group_size=32)
     x = token_batches(1, 1, 16, seed=5)[0]
-    with torch.no_grad():
-        eager = model(x, use_cache=False).logits
-        compiled = torch.compile(model, fullgraph=True)(x, use_cache=False).logits
-        ep = torch.export.export(model, (x,), {"use_cache": False}, strict=False)
-        exported = ep.module()(x, use_cache=False).logits
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+    assert_eager_compile_export_agree(model, x)
 
 
 def test_ragged_group_every_layer_quantized():

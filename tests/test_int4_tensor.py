@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import awq_ao.lowering.cpu_kernels as cpu_kernels
-import awq_ao.lowering.direct_cpu as direct_cpu
 import awq_ao.lowering.ops as ops
 from awq_ao.lowering import (
     Int4WeightTensor,
@@ -146,15 +145,6 @@ def test_decode_path_for_every_activation_dtype_up_to_max_m(monkeypatch):
     monkeypatch.setattr(cpu_kernels, name, _wrap(getattr(cpu_kernels, name), dec))
     monkeypatch.setattr(cpu_kernels, "dequant_linear", _wrap(cpu_kernels.dequant_linear, dq))
     monkeypatch.setattr(cpu_kernels, "_seen", {})
-    direct = direct_cpu.int4_linear
-
-    def counted_direct(*args, **kwargs):  # the C++ kernel called without the custom op
-        y = direct(*args, **kwargs)
-        if y is not None:
-            dec.append(1)
-        return y
-
-    monkeypatch.setattr(direct_cpu, "int4_linear", counted_direct)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         y = F.linear(torch.randn(max_m, 128, dtype=dt), t)
         assert y.dtype == dt

@@ -11,26 +11,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ext_checks import EXT_EXPECTED, needs_ext, require_built
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import VOCAB, tiny_model, token_batches
+from tiny_models import VOCAB, assert_eager_compile_export_agree, tiny_model, token_batches
 
 import awq_ao
-from awq_ao.lowering import Int8RowWeightTensor, cpu_ext, int8_ops
+from awq_ao.lowering import Int8RowWeightTensor, int8_ops
 from awq_ao.lowering.cpu_kernels import chosen_paths
 from awq_ao.lowering.head import find_head, quantize_head
-
-HAS_AVX2 = bool(getattr(torch.cpu, "_is_avx2_supported", lambda: False)())
-needs_ext = pytest.mark.skipif(
-    not HAS_AVX2 or cpu_ext._setting() == "0", reason="awq_ao's CPU kernels need AVX2 (and not AWQ_AO_CPU_KERNELS=0)"
-)
 
 
 @pytest.fixture(autouse=True)
 def _built():
-    """Where the CPU has AVX2 the kernels must build: a failed build fails, never skips."""
-    if HAS_AVX2 and cpu_ext._setting() != "0":
-        assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    require_built()
 
 
 def _codes(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +216,7 @@ def test_head_int8_eager_compile_export_agree():
     model = tiny_model("gpt2", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
     awq_ao.quantize(model, token_batches(2, 2, 16), group_size=32, head="int8", verbose=False, progress=False)
     x = token_batches(1, 1, 16, seed=5)[0]
-    with torch.no_grad():
-        eager = model(x, use_cache=False).logits
-        compiled = torch.compile(model, fullgraph=True)(x, use_cache=False).logits
-        ep = torch.export.export(model, (x,), {"use_cache": False}, strict=False)
-        exported = ep.module()(x, use_cache=False).logits
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+    assert_eager_compile_export_agree(model, x)
 
 
 def test_head_int8_generate_runs():
@@ -260,7 +248,7 @@ def test_head_int8_logs_the_kernel_path():
     quantize_head(model)
     model(token_batches(1, 1, 4, seed=9)[0])
     path = chosen_paths()[(VOCAB, 64, "float32", "int8 decode")]
-    if HAS_AVX2 and cpu_ext._setting() != "0":
+    if EXT_EXPECTED:
         assert path == "C++ int8 kernel (int16 activations)"
     else:
         assert "unavailable" in path

@@ -94,3 +94,15 @@ def compare_two_converts(arch: str, layers: int, kw_a: dict, kw_b: dict):
         ea = float((a(test).logits - ref).pow(2).mean())
         eb = float((b(test).logits - ref).pow(2).mean())
     return ra, rb, ea, eb
+
+
+def assert_eager_compile_export_agree(model: nn.Module, x: torch.Tensor) -> None:
+    """The logits of ``model(x)`` agree in eager mode, under ``torch.compile(fullgraph=True)``
+    and through ``torch.export`` (non-strict), without a KV cache."""
+    with torch.no_grad():
+        eager = model(x, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True)(x, use_cache=False).logits
+        ep = torch.export.export(model, (x,), {"use_cache": False}, strict=False)
+        exported = ep.module()(x, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)

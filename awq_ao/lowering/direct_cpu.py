@@ -23,7 +23,6 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from awq_ao.lowering import cpu_ext, cpu_kernels, int8_ops
-from awq_ao.lowering.packing import parse_variant, tinygemm_geometry
 
 __all__ = ["int4_linear", "int8_linear"]
 
@@ -45,8 +44,6 @@ def _usable(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
     if bias is not None:
         y = y.add_(bias.to(y.dtype))
     return y.reshape(*x.shape[:-1], n)
@@ -61,36 +58,28 @@ def int4_linear(
     group_size: int,
     variant: str,
 ) -> torch.Tensor | None:
-    """``x @ W.T + bias`` for a ``cpu_tinygemm`` weight through ``awq_ao_cpu::int4_gemm``, or
-    ``None`` where the custom op must run (module doc)."""
-    if not _usable(x, bias) or packed.device.type != "cpu" or scales_and_zeros.dtype != torch.bfloat16:
+    """``x @ W.T + bias`` for a ``cpu_tinygemm`` weight through the op's own decode kernel call
+    (:func:`~awq_ao.lowering.cpu_kernels.ext_linear`), or ``None`` where the custom op must run
+    (module doc)."""
+    if not _usable(x, bias) or packed.device.type != "cpu" or not cpu_kernels.ext_supports(variant, scales_and_zeros):
         return None
-    block, interleaved = parse_variant(variant)
-    geometry = tinygemm_geometry(in_features, group_size)
     m = x.numel() // in_features
-    if not interleaved or block not in (32, 64) or geometry is None or not 0 < m <= cpu_kernels.EXT_DECODE_MAX_M:
+    if not 0 < m <= cpu_kernels.EXT_DECODE_MAX_M:
         return None
-    tg, k_pad = geometry
-    x2d = x.reshape(m, in_features)
-    n = packed.shape[0]
-    y = torch.ops.awq_ao_cpu.int4_gemm(cpu_kernels._padded_float32(x2d, in_features, k_pad), packed, scales_and_zeros, tg, block)
-    cpu_kernels._note(n, in_features, x.dtype, "decode", "awq_ao C++ kernel (AVX2, int16 activations)")
-    return _finish(y, x, bias, n)
+    y = cpu_kernels.ext_linear(x.reshape(m, in_features), packed, scales_and_zeros, in_features, group_size, variant)
+    return _finish(y, x, bias, packed.shape[0])
 
 
 def int8_linear(
     x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """``x @ (codes * row_scale).T + bias`` through ``awq_ao_cpu::int8_gemm``, or ``None`` where
-    the ``awq_ao::w8_linear`` op must run (module doc)."""
+    """``x @ (codes * row_scale).T + bias`` through the ``awq_ao::w8_linear`` op's own kernel call
+    (:func:`~awq_ao.lowering.int8_ops.ext_linear`), or ``None`` where the op must run (module doc)."""
     n, k = codes.shape
-    if not _usable(x, bias) or codes.device.type != "cpu":
-        return None
-    ag = int8_ops.activation_group(k)
     m = x.numel() // k
-    if ag == 0 or not 0 < m <= int8_ops.EXT_MAX_M:
+    if not _usable(x, bias) or codes.device.type != "cpu" or int8_ops.activation_group(k) == 0:
         return None
-    x2d = x.reshape(m, k).to(torch.float32).contiguous()
-    y = torch.ops.awq_ao_cpu.int8_gemm(x2d, codes.contiguous(), row_scale.to(torch.float32).contiguous(), ag)
+    if not 0 < m <= int8_ops.EXT_MAX_M:
+        return None
     cpu_kernels._note(n, k, x.dtype, "int8 decode", "C++ int8 kernel (int16 activations)")
-    return _finish(y, x, bias, n)
+    return _finish(int8_ops.ext_linear(x.reshape(m, k), codes, row_scale), x, bias, n)

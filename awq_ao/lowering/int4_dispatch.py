@@ -19,7 +19,8 @@ implements = Int4WeightTensor.implements
 implements_torch_function = Int4WeightTensor.implements_torch_function
 
 
-def _linear_args(args, kwargs):
+def linear_args(args, kwargs):
+    """``(input, weight, bias)`` of an ``F.linear`` / ``aten.linear`` call, positional or keyword."""
     x = args[0] if len(args) > 0 else kwargs["input"]
     w = args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -28,7 +29,7 @@ def _linear_args(args, kwargs):
 
 @implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    x, w, b = _linear_args(args, kwargs)
+    x, w, b = linear_args(args, kwargs)
     if not isinstance(w, Int4WeightTensor):
         raise TypeError("F.linear: an Int4WeightTensor can only be used as the weight.")
     return w._linear(x, b)
@@ -36,7 +37,7 @@ def _(func, types, args, kwargs):
 
 @implements(aten.linear.default)
 def _(func, types, args, kwargs):
-    x, w, b = _linear_args(args, kwargs)
+    x, w, b = linear_args(args, kwargs)
     if not isinstance(w, Int4WeightTensor):
         raise TypeError("aten.linear: an Int4WeightTensor can only be used as the weight.")
     return w._linear(x, b)

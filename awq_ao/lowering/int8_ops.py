@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EXT_MAX_M", "DEQUANT_ROWS", "w8_linear", "dequantize_rows", "activation_group"]
+__all__ = ["EXT_MAX_M", "DEQUANT_ROWS", "w8_linear", "dequantize_rows", "activation_group", "ext_linear"]
 
 #: Most activation rows the C++ kernel takes; above it dequantize + matmul is faster (measured
 #: on a 2-core AVX2 EPYC, 128256 x 2048 head, float32: at M = 128 the kernel takes 0.49 s and
@@ -53,6 +53,16 @@ def _dequant_matmul(x2d: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor)
         n1 = min(n, n0 + DEQUANT_ROWS)
         torch.matmul(x2d, dequantize_rows(codes[n0:n1], scale[n0:n1], x2d.dtype).T, out=y[:, n0:n1])
     return y
+
+
+def ext_linear(x2d: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x2d @ W.T`` through ``awq_ao_cpu::int8_gemm`` (the kernels must be loaded and ``K`` a
+    multiple of 32), in ``x2d.dtype``."""
+    k = codes.shape[1]
+    y = torch.ops.awq_ao_cpu.int8_gemm(
+        x2d.to(torch.float32).contiguous(), codes.contiguous(), scale.to(torch.float32).contiguous(), activation_group(k)
+    )
+    return y.to(x2d.dtype)
 
 
 def _cpu_path(m: int, k: int) -> tuple[str, str]:
@@ -111,10 +121,7 @@ def _w8_linear_cpu(x, codes, scale, bias):
     path, what = _cpu_path(m, k)
     _note(n, k, x.dtype, "int8 decode" if m <= EXT_MAX_M else "int8 prefill", what)
     if path == "ext":
-        y = torch.ops.awq_ao_cpu.int8_gemm(
-            x2d.to(torch.float32).contiguous(), codes.contiguous(), scale.to(torch.float32).contiguous(),
-            activation_group(k),
-        ).to(x.dtype)
+        y = ext_linear(x2d, codes, scale)
     else:
         y = _dequant_matmul(x2d, codes, scale)
     if bias is not None:

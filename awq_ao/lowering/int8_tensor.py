@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from awq_ao.lowering import cpu_ext, direct_cpu, int8_ops  # noqa: F401  (int8_ops registers awq_ao::w8_linear)
+from awq_ao.lowering.int4_dispatch import linear_args
 from awq_ao.lowering.int4_dtypes import _FLOAT_DTYPES
 from awq_ao.lowering.int4_tensor import metadata_hash
 from awq_ao.lowering.int8_ops import dequantize_rows
@@ -122,9 +123,7 @@ implements_torch_function = Int8RowWeightTensor.implements_torch_function
 
 
 def _linear_args(args, kwargs):
-    x = args[0] if len(args) > 0 else kwargs["input"]
-    w = args[1] if len(args) > 1 else kwargs["weight"]
-    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    x, w, b = linear_args(args, kwargs)
     if not isinstance(w, Int8RowWeightTensor):
         raise TypeError("F.linear: an Int8RowWeightTensor can only be used as the weight.")
     return x, w, b
