@@ -16,9 +16,10 @@ from ext_checks import needs_ext, require_built
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import awq_ao.lowering.cpu_dequant as cd
 import awq_ao.lowering.cpu_kernels as ck
 from awq_ao.lowering import Int4WeightTensor, cpu_ext
-from awq_ao.lowering.cpu_kernels import dequant_rows
+from awq_ao.lowering.cpu_dequant import dequant_rows
 from awq_ao.lowering.packing import pack
 
 
@@ -111,7 +112,7 @@ def test_tiny_activations_count_as_zero_not_garbage():
 def test_prefill_blocks_and_gradients(monkeypatch):
     """Several dequantized column blocks (the reused buffer), and a direct call with an input
     that requires grad (each block kept for backward, not overwritten)."""
-    monkeypatch.setattr(ck, "_BLOCK_ELEMS", 64 * 128)  # one 32/64-row block per chunk
+    monkeypatch.setattr(cd, "_BLOCK_ELEMS", 64 * 128)  # one 32/64-row block per chunk
     t = Int4WeightTensor.from_float(torch.randn(192, 128), 4, 64)
     x = torch.randn(5, 128, requires_grad=True)
     y = ck.dequant_linear(x, t.packed, t.scales_and_zeros, 128, 64, t.layout_variant)

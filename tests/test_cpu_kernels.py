@@ -1,4 +1,4 @@
-"""awq_ao.lowering.cpu_kernels: the CPU decode/prefill paths against float64 references."""
+"""awq_ao.lowering.cpu_kernels (and cpu_dequant): the CPU decode/prefill paths against float64 references."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import awq_ao.lowering.cpu_dequant as cd
 import awq_ao.lowering.cpu_kernels as ck
 from awq_ao.lowering import Int4WeightTensor, cpu_tinygemm_variant, pack
 from awq_ao.lowering.packing import (
@@ -72,16 +73,16 @@ def test_dequant_transposed_is_the_transposed_weight(variant):
     codes, _, _, sz, tg, kp = _random_tinygemm_weight(n, k, gs, 3)
     packed = pack(codes, 4, "cpu_tinygemm", variant)
     scale, offset = sz[..., 0].float(), sz[..., 1].float()
-    wt = ck.dequant_transposed(packed.view(2, kp, block // 2), scale, offset, variant.endswith("i"), tg)
+    wt = cd.dequant_transposed(packed.view(2, kp, block // 2), scale, offset, variant.endswith("i"), tg)
     assert wt.shape == (kp, n)
     torch.testing.assert_close(wt.double().t()[:, :k], _reference_weight(codes, sz, k, tg), rtol=0, atol=1e-6)
-    compiled = torch.compile(ck.dequant_transposed, dynamic=False, fullgraph=True)
+    compiled = torch.compile(cd.dequant_transposed, dynamic=False, fullgraph=True)
     for cols in (slice(0, n), slice(block, 2 * block)):  # whole and a strided column slice
         torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
         blocks = packed.view(2, kp, block // 2)[cols.start // block : cols.stop // block]
         assert torch.equal(
             compiled(blocks, scale[:, cols], offset[:, cols], variant.endswith("i"), tg),
-            ck.dequant_transposed(blocks, scale[:, cols], offset[:, cols], variant.endswith("i"), tg),
+            cd.dequant_transposed(blocks, scale[:, cols], offset[:, cols], variant.endswith("i"), tg),
         )
 
 
@@ -126,10 +127,10 @@ def test_compiled_dequant_equals_eager(monkeypatch):
     t = Int4WeightTensor.from_float(torch.randn(128, 512), 4, 128)
     x = torch.randn(ck.MAX_DECODE_M + 8, 512)
     monkeypatch.setattr(ck, "ext_supports", lambda *a: False)  # the Python dequantization
-    monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
+    monkeypatch.setattr(cd, "COMPILE_MIN_ELEMS", 0)
     y_c = F.linear(x, t)
     assert ck.chosen_paths()[(128, 512, "float32", "prefill")].startswith("dequant (")
-    monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 1 << 60)
+    monkeypatch.setattr(cd, "COMPILE_MIN_ELEMS", 1 << 60)
     y_e = F.linear(x, t)
     torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-5)
 
@@ -144,9 +145,9 @@ def test_compile_failure_falls_back_to_eager_and_says_so(monkeypatch, caplog):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(ck, "ext_supports", lambda *a: False)  # the Python dequantization
-    monkeypatch.setattr(ck, "COMPILE_MIN_ELEMS", 0)
-    monkeypatch.setattr(ck, "_compiled", broken)
-    monkeypatch.setattr(ck, "_compile_failed", None)
+    monkeypatch.setattr(cd, "COMPILE_MIN_ELEMS", 0)
+    monkeypatch.setattr(cd, "_compiled", broken)
+    monkeypatch.setattr(cd, "_compile_failed", None)
     with caplog.at_level("WARNING"):
         y = F.linear(x, t)
     assert "could not compile" in caplog.text

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import awq_ao.lowering.cpu_dequant as cpu_dequant
 import awq_ao.lowering.cpu_kernels as cpu_kernels
 import awq_ao.lowering.ops as ops
 from awq_ao.lowering import (
@@ -168,7 +169,7 @@ def test_chunked_cpu_dequant(monkeypatch, layout):
     bias = torch.randn(n)
     full = F.linear(x, t, bias)
     monkeypatch.setattr(ops, "_CPU_CHUNK_ELEMS", 128 * k)  # chunks of 128 rows
-    monkeypatch.setattr(cpu_kernels, "_BLOCK_ELEMS", 64 * 256)  # one 64-row block at a time
+    monkeypatch.setattr(cpu_dequant, "_BLOCK_ELEMS", 64 * 256)  # one 64-row block at a time
     chunked = F.linear(x, t, bias)
     assert torch.allclose(full, chunked, atol=1e-5, rtol=1e-5)
     assert _rel_err(chunked, _ref_linear(x, t, bias)) < 1e-5

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from awq_ao.lowering import cpu_kernels, packing
+from awq_ao.lowering import cpu_dequant, cpu_kernels, packing
 from awq_ao.lowering.packing import (
     LAYOUT_BYTE,
     LAYOUT_CPU_TINYGEMM,
@@ -112,7 +112,7 @@ def dequantize_packed(
             raise ValueError("a cpu_tinygemm weight needs its scales_and_zeros.")
         tg, k_pad = tinygemm_geometry(in_features, group_size)  # type: ignore[misc]
         codes = packing.unpack(packed, bits, layout, n, k_pad, variant or None)
-        w = cpu_kernels.dequant_rows(codes, scales_and_zeros, tg)[:, :in_features]
+        w = cpu_dequant.dequant_rows(codes, scales_and_zeros, tg)[:, :in_features]
         return w.to(dtype).contiguous()
     if scale is None or zero is None:
         raise ValueError(f"a {layout} weight needs its scale and zero.")
