@@ -28,23 +28,26 @@ def _call(model: nn.Module, batch: Any) -> None:
 def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config: Any) -> Callable[[Any], float]:
     """Plan the run's phases before calibration; returns a batch's calibration cost.
 
-    Where the batches can be counted (a list or tuple) the calibration and the search sample
-    (the first batches up to ``max_search_samples`` rows, as the recorder keeps them) are
+    Where the batches can be counted (a list or tuple) the calibration, the kept sample (the
+    first batches up to ``max_gram_samples`` rows, as the recorder keeps them) and its search
+    chunk (the first ``max_search_samples`` rows) are
     planned from them; an iterator is planned when convert sees the recorded sample.
     """
     state = get_state(model)
     targets = list(state.targets) if state is not None else []
     sized = isinstance(calibration, (list, tuple))
     batches = list(calibration) if sized else []
-    search, rows = 0, 0
-    for b in batches:
-        if rows >= config.max_search_samples:
+    search, kept, rows = 0, 0, 0
+    for b in batches:  # the recorder keeps whole batches until it holds enough rows
+        if rows >= max(config.max_search_samples, config.max_gram_samples):
             break
-        search += tokens_of(b)
+        if rows < config.max_search_samples:
+            search += tokens_of(b) * min(rows_of(b), config.max_search_samples - rows) // max(rows_of(b), 1)
+        kept += tokens_of(b)
         rows += rows_of(b)
     total = sum(tokens_of(b) for b in batches)
     if sized:
-        plan_quantization(run, model, targets, config, search, calibration_tokens=total)
+        plan_quantization(run, model, targets, config, search, calibration_tokens=total, kept_tokens=kept)
     per_token = run.totals.get("calibrate", 0.0) / total if total else 0.0
     return lambda batch: per_token * tokens_of(batch)
 

@@ -101,6 +101,7 @@ class AWQConfig(AOBaseConfig):
     search_refine        ``search_options.refine``
     search_loss          ``search_options.loss``
     max_search_samples   ``search_options.max_samples``
+    max_gram_samples     ``search_options.max_gram_samples``
     fallback             ``search_options.fallback``
     clip                 ``clip_options.enabled``
     clip_grid            ``clip_options.grid``
@@ -152,6 +153,7 @@ class AWQConfig(AOBaseConfig):
     search_refine = _Flat[bool]("search_options", "refine")
     search_loss = _Flat[SearchLoss]("search_options", "loss")
     max_search_samples = _Flat[int]("search_options", "max_samples")
+    max_gram_samples = _Flat[int]("search_options", "max_gram_samples")
     fallback = _Flat[Fallback]("search_options", "fallback")
     clip = _Flat[bool]("clip_options", "enabled")
     clip_grid = _Flat[int]("clip_options", "grid")

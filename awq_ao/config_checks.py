@@ -103,6 +103,7 @@ def validate(cfg: AWQConfig) -> None:
     _int_at_least(cfg, "n_grid", 1)
     _int_at_least(cfg, "clip_grid", 1)
     _int_at_least(cfg, "max_search_samples", 1)
+    _int_at_least(cfg, "max_gram_samples", 1)
     _int_at_least(cfg, "clip_tokens", 1, none_ok=True)
     if not _is_int(cfg.seed):
         raise _bad("seed", cfg.seed, "an integer")

@@ -79,9 +79,15 @@ class SearchOptions:
             (the softmax seen), the linears' own outputs for every other group. Groups whose
             enclosing module is the consumer itself score the same every way.
             (Flat ``search_loss``.)
-        max_samples: bound on calibration memory: at most this many batch rows (e.g.
-            sequences) of the calibration calls are kept for the search; statistics still use
-            every calibration batch. Default 16. (Flat ``max_search_samples``.)
+        max_samples: batch rows (e.g. sequences) of the kept calibration sample that every
+            candidate scale is scored on (the first ones); also the chunk size in which the
+            rest of the sample is replayed. Default 16. (Flat ``max_search_samples``.)
+        max_gram_samples: batch rows of the calibration calls kept for the input Grams of
+            clipping and error-feedback rounding (and, layer by layer, carried through the
+            blocks); they cost one extra forward per chunk, not one per candidate. At least
+            ``max_samples`` rows are kept; the per-channel statistics use every calibration
+            batch either way. Bounds calibration memory. Default 64.
+            (Flat ``max_gram_samples``.)
         fallback: what to do where no fold is legal: ``"multiply"`` (default) inserts an
             explicit per-channel input multiply (counted in the report), ``"skip"`` leaves the
             group unscaled (plain RTN for its linears). (Flat ``fallback``.)
@@ -93,6 +99,7 @@ class SearchOptions:
     refine: bool = False
     loss: SearchLoss = "module"
     max_samples: int = 16
+    max_gram_samples: int = 64
     fallback: Fallback = "multiply"
 
 

@@ -40,13 +40,16 @@ class CostModel:
     """Estimated seconds of each phase for one linear of ``n`` outputs and ``k`` inputs.
 
     ``config`` is an :class:`awq_ao.config.AWQConfig`; ``search_tokens`` the tokens of the
-    kept search sample. The module loss runs every linear of a block once per candidate (the
+    search chunk (the first ``max_search_samples`` rows of the kept sample), ``kept_tokens``
+    those of the whole kept sample (0: the same), over which the Grams are built (one more
+    forward of the rows beyond the search chunk, and a ``tokens x K^2`` Gram). The module loss runs every linear of a block once per candidate (the
     attention's q/k/v/o, the MLP's gate/up/down), so its cost is counted per linear as
     ``candidates x tokens x N K``; a loss through the input's Gram costs ``candidates x N K^2``.
     """
 
     config: Any
     search_tokens: int = 0
+    kept_tokens: int = 0
 
     def candidates(self) -> int:
         """Scale candidates per group (the grid, both duo families, plus plain RTN)."""
@@ -63,7 +66,8 @@ class CostModel:
         if not c.needs_calibration or not c.scale_search:
             return 0.0
         t = max(self.search_tokens, 1)
-        gram = self.candidates() * n * k * min(k, t) + t * k * k
+        kept = max(self.kept_tokens, t)
+        gram = self.candidates() * n * k * min(k, t) + kept * k * k + (kept - t) * n * k
         module = self.candidates() * t * n * k if c.search_loss == "module" else 0.0
         return SEARCH_S_PER_MAC * (gram + module)
 
@@ -251,10 +255,11 @@ def plan_quantization(
     search_tokens: int,
     calibration_tokens: int = 0,
     save: bool = False,
+    kept_tokens: int = 0,
 ) -> CostModel:
     """Plan the phases of quantizing ``targets`` (those not yet planned) and return the model."""
     shapes = linear_shapes(model, targets)
-    cm = CostModel(config, search_tokens)
+    cm = CostModel(config, search_tokens, kept_tokens)
     if calibration_tokens and config.needs_calibration:
         run.plan("calibrate", math.fsum(cm.calibrate(n, k, calibration_tokens) for n, k in shapes.values()))
     run.plan_linears("search", {name: cm.search(n, k) for name, (n, k) in shapes.items()})

@@ -115,6 +115,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 zero_point=not args.no_zero_point,
                 fallback=fallback,
                 max_search_samples=args.search_samples,
+                max_gram_samples=args.gram_samples,
                 rounding=args.rounding,
                 head=args.head,
                 **{k: v for k, v in (("search_loss", args.search_loss), ("gptq_act_order", args.act_order)) if v is not None},

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put each calibration row through the tokenizer's chat template (instruct models)")
     q.add_argument("--n-samples", type=int_type(1, "an integer >= 1"), default=64, help="calibration sequences (default 64)")
     q.add_argument("--seq-len", type=int_type(1, "an integer >= 1 (tokens)"), default=512, help="calibration sequence length (default 512)")
-    q.add_argument("--search-samples", type=int_type(1, "an integer >= 1"), default=16, help="calibration sequences kept for the scale/clip search (default 16)")
+    q.add_argument("--search-samples", type=int_type(1, "an integer >= 1"), default=16, help="calibration sequences every candidate scale is scored on (default 16)")
+    q.add_argument("--gram-samples", type=int_type(1, "an integer >= 1"), default=64, help="calibration sequences kept for the clipping and rounding Grams (default 64)")
     q.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
                    help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
     q.add_argument("--search-loss", choices=["module", "linear", "attention"], default=None,

@@ -133,7 +133,7 @@ def prepare(model: nn.Module, config: AWQConfig, token: object = None) -> AWQSta
         obs = ChannelStatsObserver(name, in_out_features(mod)[0])
         state.observers[name] = obs
         state.handles.append(mod.register_forward_pre_hook(obs))
-    rec = RootCallRecorder(max_rows=config.max_search_samples)
+    rec = RootCallRecorder(max_rows=max(config.max_search_samples, config.max_gram_samples))
     state.recorder = rec
     state.handles.append(model.register_forward_pre_hook(rec, with_kwargs=True))
     set_state(model, state)

@@ -98,7 +98,8 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
         hf_config.use_cache = False
     try:
         with run_progress(config.progress) as (run, _owned):
-            plan_quantization(run, model, targets, config, _search_tokens(state))
+            search_tokens, kept_tokens = _sample_tokens(state, config.max_search_samples)
+            plan_quantization(run, model, targets, config, search_tokens, kept_tokens=kept_tokens)
             if not config.needs_calibration:
                 apply_found(model, None, {}, {}, targets, config, txn, report, replacements)
             elif _layer_by_layer(model, targets, config, report):
@@ -172,12 +173,20 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     return report
 
 
-def _search_tokens(state: AWQState | None) -> int:
-    """Tokens of the kept search sample (the recorder's calls)."""
+def _sample_tokens(state: AWQState | None, max_search_rows: int) -> tuple[int, int]:
+    """Tokens of the search chunk (the first ``max_search_rows`` rows) and of the whole kept
+    sample (the recorder's calls)."""
     rec = state.recorder if state is not None else None
     if rec is None:
-        return 0
-    return sum(tokens_of(c.args if c.args else c.kwargs) for c in rec.calls)
+        return 0, 0
+    search = kept = rows = 0
+    for c in rec.calls:
+        t = tokens_of(c.args if c.args else c.kwargs)
+        if rows < max_search_rows:
+            search += t * min(c.rows, max_search_rows - rows) // max(c.rows, 1)
+        kept += t
+        rows += c.rows
+    return search, kept
 
 
 def _whole_model(
@@ -194,9 +203,9 @@ def _whole_model(
     assert state.recorder is not None
     _check_gram_budget(model, targets, config)
     calls = state.recorder.calls
-    args, kwargs, _rows = stack_calls(calls)
+    args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)
-    awq_root(model, calls[0], args, kwargs, targets, observers, config, txn, report, replacements)
+    awq_root(model, calls[0], args, kwargs, targets, observers, config, txn, report, replacements, rows=rows)
 
 
 def _layer_by_layer(model: nn.Module, targets: list[str], config: AWQConfig, report: ConvertReport) -> bool:

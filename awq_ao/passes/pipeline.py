@@ -25,6 +25,7 @@ from awq_ao.passes.experts import plan_experts
 from awq_ao.passes.experts_search import search_experts
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.groups import GraphAnalysis, find_groups
+from awq_ao.passes.sample_chunks import accumulate_grams, rows_of, splits_rows
 from awq_ao.passes.search import GroupResult, ScaleSearch
 from awq_ao.progress import current
 from awq_ao.report import ConvertReport
@@ -44,16 +45,20 @@ def awq_root(
     prefix: str = "",
     label: str = "",
     split: bool = False,
+    rows: int | None = None,
 ) -> None:
     """Quantize the linears ``targets`` of ``root`` with AWQ, searched on ``(args, kwargs)``.
 
     Names are relative to ``root``; report rows get ``prefix``. ``split``: search the root's
     sub-blocks one after the other (attention, then MLP), each on the outputs of the
-    already quantized ones, where the root can be split (:func:`block_stages`).
+    already quantized ones, where the root can be split (:func:`block_stages`). ``rows``: the
+    batch rows of ``(args, kwargs)`` (default ``first_call.rows``); the candidates are scored
+    on the first ``max_search_samples`` of them, the Grams use all of them.
     """
+    rows = first_call.rows if rows is None else rows
     analysis = analyze(root, first_call, targets, config, report)  # capture -> scale groups
     for stage, stage_targets in stages(analysis, targets, split):
-        results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix)  # data only
+        results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix, rows)  # data only
         release_freed_memory()
         # fold the scales, then per linear: clip -> error-feedback round -> pack / swap
         apply_found(root, stage, results, grams, stage_targets, config, txn, report, replacements, prefix)
@@ -104,11 +109,15 @@ def search(
     report: ConvertReport,
     label: str = "",
     prefix: str = "",
+    rows: int = 0,
 ) -> tuple[dict[int, GroupResult], dict[str, torch.Tensor]]:
-    """Scale search (and experts search) on one replay of the sample; the model is untouched.
+    """Scale search (and experts search) on the search chunk of the sample; the model is untouched.
 
-    Returns ``({group index: result}, {linear: input Gram})``: the Grams are kept for the
-    clipping search and error-feedback rounding.
+    The search replays the first ``max_search_samples`` of the sample's ``rows`` rows; the
+    linears' input Grams are then completed over the other rows
+    (:func:`~awq_ao.passes.sample_chunks.accumulate_grams`). Returns
+    ``({group index: result}, {linear: input Gram})``: the Grams are kept for the clipping
+    search and error-feedback rounding.
     """
     if not any(g.consumers for g in analysis.groups) and getattr(analysis, "moe", None) is None:
         return {}, {}
@@ -124,15 +133,19 @@ def search(
     if run is not None:
         run.set_detail("search", detail)
     scale_search = ScaleSearch(root, analysis, observers, config, on_group)
+    first = min(rows, config.max_search_samples) if rows and splits_rows(args, kwargs, rows) else 0
+    search_args, search_kwargs = rows_of(args, kwargs, rows, 0, first) if first else (args, kwargs)
     was_training = root.training
     root.eval()
     try:
-        results = scale_search.run(args, kwargs)
-        search_experts(root, analysis, results, scale_search.clip_inputs, args, kwargs, config)
+        results = scale_search.run(search_args, search_kwargs)
+        grams = accumulate_grams(root, scale_search.clip_inputs, scale_search.gram_tokens, args, kwargs,
+                                 rows, first, config) if first else scale_search.clip_inputs
+        search_experts(root, analysis, results, grams, search_args, search_kwargs, config)
     finally:
         root.train(was_training)
     add_time(report, "search", time.perf_counter() - t0)
-    return results, scale_search.clip_inputs
+    return results, grams
 
 
 def stages(analysis: GraphAnalysis, targets: list[str], split: bool) -> list[tuple[GraphAnalysis, list[str]]]:

@@ -31,6 +31,7 @@ from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gr
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.rounding import full_gram
+from awq_ao.passes.sample_chunks import gram_tokens
 from awq_ao.passes.search_loss import (
     _mse,
     _Swap,
@@ -210,6 +211,7 @@ class ScaleSearch:
         self.results: dict[int, GroupResult] = {}
         # consumer -> group Gram [G, g, g], or the full Gram [K, K] for rounding="gptq"
         self.clip_inputs: dict[str, torch.Tensor] = {}
+        self.gram_tokens: dict[str, int] = {}  # consumer -> tokens its Gram averages over
         self._last_gram: tuple[torch.Tensor, torch.Tensor] | None = None
         self.active = True
         self.on_group = on_group  # called with each searched group (progress)
@@ -256,8 +258,10 @@ class ScaleSearch:
                 if self._last_gram is None or self._last_gram[0] is not x:
                     self._last_gram = (x, full_gram(x, self.config.clip_tokens).cpu())
                 self.clip_inputs[name] = self._last_gram[1]
+                self.gram_tokens[name] = gram_tokens(x, self.config.clip_tokens)
             elif name not in self.clip_inputs and self.config.clip:
                 self.clip_inputs[name] = group_gram(x, self.config.group_size, self.config.clip_tokens).cpu()
+                self.gram_tokens[name] = gram_tokens(x, self.config.clip_tokens)
             for gi in self._direct.get(name, []):
                 if gi not in self.results:
                     self._run_group(gi, None, x)

@@ -1,14 +1,14 @@
 """Layer-by-layer convert: one decoder block at a time.
 
-1. One cheap pass of the kept calibration sample records every block's call: block 0 runs
+1. One cheap pass of the kept calibration sample (``max_gram_samples`` rows) records every block's call: block 0 runs
    for real, the other blocks are replaced by a pass-through for that pass, so only their
    keyword arguments (masks, rotary embeddings, which may differ per block, e.g. sliding
    window layers) are recorded; the pass stops at the last block (no output head).
 2. For each block: move it to ``config.device`` (if set), run the AWQ algorithm on *the
    block* (:func:`awq_ao.passes.pipeline.awq_root`: capture, groups, search on the cached
    block inputs, fold, clip, round, pack), then run the quantized block to get the next
-   block's inputs. Activations are cached on
-   the CPU; peak device memory is one block plus one block's activations.
+   block's inputs, ``max_search_samples`` rows at a time. Activations are cached on the CPU;
+   peak device memory is one block plus one chunk's activations.
 
 Linears outside the repeated blocks (rare: projections before/after the stack) are quantized
 without scaling and listed in the report's warnings.
@@ -29,6 +29,7 @@ from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
+from awq_ao.passes.sample_chunks import row_chunks, rows_of, splits_rows
 from awq_ao.report import ConvertReport
 
 
@@ -125,6 +126,23 @@ def _with_hidden(call: tuple[tuple[Any, ...], dict[str, Any]], h: torch.Tensor) 
     return a, kw
 
 
+def _block_output(block: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], rows: int,
+                  chunk: int) -> torch.Tensor | None:
+    """The block's hidden output for all ``rows`` rows, run ``chunk`` rows at a time."""
+    outs = []
+    if not splits_rows(a, kw, rows):
+        chunk = rows
+    with torch.no_grad():
+        for start, stop in row_chunks(rows, chunk):
+            ca, ckw = rows_of(a, kw, rows, start, stop)
+            out = first_tensor(block(*ca, **ckw))
+            if out is None:
+                return None
+            outs.append(out.detach())
+            del ca, ckw
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
 def convert_sequential(
     model: nn.Module,
     calls: list[RecordedCall],
@@ -161,9 +179,7 @@ def convert_sequential(
             awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, replacements,
                      prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
-        with torch.no_grad():
-            out = block(*a, **kw)
-        nxt = first_tensor(out)
+        nxt = _block_output(block, a, kw, rows, config.max_search_samples)
         if nxt is None or not torch.isfinite(nxt).all():
             raise FloatingPointError(
                 f"the output of block {blocks_name}.{i} contains NaN/Inf after quantization "
@@ -173,7 +189,7 @@ def convert_sequential(
         if dev is not None and home is not None:
             block.to(home)
             txn.move_saved(home)
-        del out, nxt, a, kw
+        del nxt, a, kw
         if config.spill_dir is not None:
             txn.spill()
         release_freed_memory()
