@@ -142,14 +142,17 @@ def test_deterministic():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_memory_bounded_by_config():
+@pytest.mark.parametrize("search_rows, gram_rows", [(4, 4), (4, 10), (6, 2)])
+def test_memory_bounded_by_config(search_rows, gram_rows):
+    """The recorder keeps whole batches until max(max_search_samples, max_gram_samples) rows."""
     model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
-    quantize_(model, awq_config(step="prepare", max_search_samples=4))
+    quantize_(model, awq_config(step="prepare", max_search_samples=search_rows, max_gram_samples=gram_rows))
     with torch.no_grad():
         for b in token_batches(20, 2, 16):
             model(b)
     st = get_state(model)
-    assert st.recorder.rows <= 4 + 2 and st.recorder.total_calls == 20
+    bound = max(search_rows, gram_rows)
+    assert bound <= st.recorder.rows <= bound + 2 and st.recorder.total_calls == 20
     for obs in st.observers.values():
         assert obs.abs_sum.numel() == obs.in_features  # one vector, whatever the batch count
 
