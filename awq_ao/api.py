@@ -16,13 +16,27 @@ from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def _call(model: nn.Module, batch: Any, extra: dict[str, Any]) -> None:
     if isinstance(batch, Mapping):
-        model(**batch)
+        model(**{**extra, **batch})  # the batch's own keywords win
     elif isinstance(batch, (tuple, list)):
-        model(*batch)
+        model(*batch, **extra)
     else:
-        model(batch)
+        model(batch, **extra)
+
+
+def calibration_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keywords added to every calibration call: ``logits_to_keep=1`` where the model takes it.
+
+    Calibration needs the activations of the linears, never the logits, and the output head
+    is not quantized with calibration. A Hugging Face causal LM computes the head for the last
+    position only with ``logits_to_keep=1``: e.g. Gemma 3 (262144-token vocabulary) holds a
+    4 GiB float32 logits tensor per 8 x 512-token batch otherwise. A batch that sets it keeps
+    its own value.
+    """
+    from awq_ao.observers.attach import accepts_kwarg
+
+    return {"logits_to_keep": 1} if accepts_kwarg(model, "logits_to_keep") else {}
 
 
 def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config: Any) -> Callable[[Any], float]:
@@ -75,7 +89,8 @@ def quantize(
     ``batch_size``, each row put through the tokenizer's chat template if ``chat_template``
     (see :mod:`awq_ao.calibration`). ``options`` are :func:`awq_config` keywords (``bits``,
     ``group_size``, ``zero_point``, ...). The steps are exactly those of the ``quantize_`` flow:
-    prepare, the calibration loop, convert.
+    prepare, the calibration loop, convert; the loop passes ``logits_to_keep=1`` where the
+    model's forward takes it (:func:`calibration_kwargs`: the logits are never needed).
     """
     if tokenizer is not None:
         if calibration is not None:
@@ -111,9 +126,10 @@ def quantize(
             quantize_(model, cfg_prepare, filter_fn=whole_model)
             cost = _plan(run, model, calibration, cfg_convert)
             n = 0
+            extra = calibration_kwargs(model)
             with torch.no_grad():
                 for batch in calibration:
-                    _call(model, batch)
+                    _call(model, batch, extra)
                     n += 1
                     run.advance("calibrate", cost(batch), f"batch {n}")
             if n == 0:

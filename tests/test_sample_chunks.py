@@ -180,3 +180,26 @@ def test_option_is_flat_grouped_and_validated():
     assert cfg.search_options.max_gram_samples == 8 and AWQConfig().max_gram_samples == 64
     with pytest.raises(ValueError, match="max_gram_samples"):
         awq_config(max_gram_samples=0)
+
+
+def test_calibration_skips_the_logits_and_quantizes_identically():
+    """awq_ao.quantize calibrates with logits_to_keep=1 (no [rows, seq, vocab] logits);
+    the codes are those of a calibration that computes every logit."""
+    from awq_ao.api import calibration_kwargs
+
+    model = tiny_model("llama", layers=2)
+    data = token_batches(4, 4, 16)
+    seen = []
+    a = copy.deepcopy(model)
+    h = a.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    awq_ao.quantize(a, data, group_size=32, verbose=False, progress=False)
+    h.remove()
+    assert seen[:4] == [1, 1, 1, 1]
+    b = copy.deepcopy(model)
+    awq_ao.quantize(b, [{"input_ids": t, "logits_to_keep": 0} for t in data], group_size=32, verbose=False,
+                    progress=False)
+    assert calibration_kwargs(model) == {"logits_to_keep": 1}
+    assert calibration_kwargs(torch.nn.Linear(2, 2)) == {}
+    test = token_batches(1, 2, 16, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(a(test).logits, b(test).logits)
