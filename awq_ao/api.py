@@ -11,7 +11,14 @@ from torchao.quantization import quantize_
 
 from awq_ao.config import awq_config, whole_model
 from awq_ao.passes.convert import CalibrationError
-from awq_ao.progress import RunProgress, plan_quantization, rows_of, run_progress, tokens_of
+from awq_ao.progress import (
+    RunProgress,
+    plan_quantization,
+    rows_of,
+    run_progress,
+    sample_tokens,
+    tokens_of,
+)
 from awq_ao.report import ConvertReport
 from awq_ao.state import get_state
 
@@ -51,14 +58,8 @@ def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config
     targets = list(state.targets) if state is not None else []
     sized = isinstance(calibration, (list, tuple))
     batches = list(calibration) if sized else []
-    search, kept, rows = 0, 0, 0
-    for b in batches:  # the recorder keeps whole batches until it holds enough rows
-        if rows >= max(config.max_search_samples, config.max_gram_samples):
-            break
-        if rows < config.max_search_samples:
-            search += tokens_of(b) * min(rows_of(b), config.max_search_samples - rows) // max(rows_of(b), 1)
-        kept += tokens_of(b)
-        rows += rows_of(b)
+    search, kept = sample_tokens(((tokens_of(b), rows_of(b)) for b in batches), config.max_search_samples,
+                                 max(config.max_search_samples, config.max_gram_samples))
     total = sum(tokens_of(b) for b in batches)
     if sized:
         plan_quantization(run, model, targets, config, search, calibration_tokens=total, kept_tokens=kept)

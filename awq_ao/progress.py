@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +245,21 @@ def run_progress(enabled: bool, desc: str = "awq_ao") -> Iterator[tuple[RunProgr
     finally:
         _ACTIVE.remove(run)
         run.close()
+
+
+def sample_tokens(parts: Iterable[tuple[int, int]], max_search_rows: int, max_kept_rows: int) -> tuple[int, int]:
+    """Tokens of the search chunk and of the whole kept sample, from ``(tokens, rows)`` per
+    calibration call in order. Whole calls are kept until ``max_kept_rows`` rows are held (as
+    the recorder keeps them); the search chunk is their first ``max_search_rows`` rows."""
+    search = kept = rows = 0
+    for t, r in parts:
+        if rows >= max_kept_rows:
+            break
+        if rows < max_search_rows:
+            search += t * min(r, max_search_rows - rows) // max(r, 1)
+        kept += t
+        rows += r
+    return search, kept
 
 
 def plan_quantization(

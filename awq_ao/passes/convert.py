@@ -26,7 +26,7 @@ from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import CaptureError, call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
-from awq_ao.progress import plan_quantization, run_progress, tokens_of, write
+from awq_ao.progress import plan_quantization, run_progress, sample_tokens, tokens_of, write
 from awq_ao.report import ConvertReport
 from awq_ao.state import AWQState, get_state, set_state
 
@@ -179,14 +179,8 @@ def _sample_tokens(state: AWQState | None, max_search_rows: int) -> tuple[int, i
     rec = state.recorder if state is not None else None
     if rec is None:
         return 0, 0
-    search = kept = rows = 0
-    for c in rec.calls:
-        t = tokens_of(c.args if c.args else c.kwargs)
-        if rows < max_search_rows:
-            search += t * min(c.rows, max_search_rows - rows) // max(c.rows, 1)
-        kept += t
-        rows += c.rows
-    return search, kept
+    parts = [(tokens_of(c.args if c.args else c.kwargs), c.rows) for c in rec.calls]
+    return sample_tokens(parts, max_search_rows, sum(r for _, r in parts))
 
 
 def _whole_model(
