@@ -43,7 +43,10 @@ DECODE_MAX_M = 4
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The ``@triton.jit`` kernels (their decoration fixes interpreter vs compiled mode) and the
+#: module that configures and launches them (imports the former; loaded lazily).
 _KERNEL_MODULE = "awq_ao.kernels._w4a16_triton"
+_LAUNCH_MODULE = "awq_ao.kernels._w4a16_launch"
 _kernels: ModuleType | None = None
 # Split-K workspace per (device, stream): fp32 partial sums and int32 tile counters, kept at
 # zero between launches by the kernels themselves (the last split of a tile resets it).
@@ -79,7 +82,7 @@ def _load_kernels() -> ModuleType:
     if _kernels is None:
         import importlib
 
-        _kernels = importlib.import_module(_KERNEL_MODULE)
+        _kernels = importlib.import_module(_LAUNCH_MODULE)
     return _kernels
 
 
@@ -245,7 +248,7 @@ def _w4a16_linear(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`w4a16_linear` plus test hooks: a fixed launch ``config`` (see
-    ``_w4a16_triton.launch``) and a caller-provided contiguous ``out`` buffer."""
+    ``_w4a16_launch.launch``) and a caller-provided contiguous ``out`` buffer."""
     m, n, k, g = _check(x2d, packed, scale, zero, group_size, bias)
     if kernel not in ("auto", "gemv", "gemm"):
         raise ValueError(f"kernel must be 'auto', 'gemv' or 'gemm', got {kernel!r}.")
