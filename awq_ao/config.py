@@ -99,6 +99,8 @@ class AWQConfig(AOBaseConfig):
     n_grid               ``search_options.n_grid``
     duo_scaling          ``search_options.duo_scaling``
     search_refine        ``search_options.refine``
+    screen_rows          ``search_options.screen_rows``
+    screen_keep          ``search_options.screen_keep``
     search_loss          ``search_options.loss``
     max_search_samples   ``search_options.max_samples``
     max_gram_samples     ``search_options.max_gram_samples``
@@ -151,6 +153,8 @@ class AWQConfig(AOBaseConfig):
     n_grid = _Flat[int]("search_options", "n_grid")
     duo_scaling = _Flat[DuoScaling]("search_options", "duo_scaling")
     search_refine = _Flat[bool]("search_options", "refine")
+    screen_rows = _Flat[int | None]("search_options", "screen_rows")
+    screen_keep = _Flat[int]("search_options", "screen_keep")
     search_loss = _Flat[SearchLoss]("search_options", "loss")
     max_search_samples = _Flat[int]("search_options", "max_samples")
     max_gram_samples = _Flat[int]("search_options", "max_gram_samples")

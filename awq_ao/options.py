@@ -69,6 +69,15 @@ class SearchOptions:
             those (13 of 21 candidates at ``n_grid=20``) instead of every grid point; same
             optimum wherever the loss is unimodal in alpha at that scale. Default False.
             (Flat ``search_refine``.)
+        screen_rows: score the module loss by successive halving: every candidate on the
+            first ``screen_rows`` rows of the search chunk, the best ``screen_keep`` on twice
+            as many, half as many again on twice as many rows, and so on; the last survivors
+            (and plain RTN) on every row, the winner chosen on that full loss. None (the
+            default) scores every candidate on every row. Only groups scored on a module's
+            output whose input carries the sample's rows are screened (``refine`` still cuts
+            the grid of the others). (Flat ``screen_rows``.)
+        screen_keep: candidates kept after the first screening stage. Default 8.
+            (Flat ``screen_keep``.)
         loss: what a candidate scale is scored on. ``"module"`` (AutoAWQ's
             ``module2inspect``, the default): the output of the smallest module enclosing the
             group's consumers (the attention for q/k/v, the MLP for gate/up), run on the
@@ -98,6 +107,8 @@ class SearchOptions:
     n_grid: int = 20
     duo_scaling: DuoScaling = True
     refine: bool = False
+    screen_rows: int | None = None
+    screen_keep: int = 8
     loss: SearchLoss = "module"
     max_samples: int = 16
     max_gram_samples: int = 64

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from awq_ao.passes.candidate_screen import screen_stages, screened_candidates
+
 #: seconds per unit of each phase's cost model (fitted on this project's reference run)
 CALIBRATE_S_PER_MAC = 1.8e-11  # one forward multiply-add of a quantized linear during calibration
 SEARCH_S_PER_MAC = 1.4e-11  # one multiply-add of a candidate's loss (module forward or Gram form)
@@ -56,6 +58,15 @@ class CostModel:
         c = self.config
         return c.n_grid * (2 if c.duo_scaling == "both" else 1) + 1
 
+    def module_candidates(self) -> float:
+        """Candidates scored on every search row by the module loss (fewer with a screen)."""
+        c = self.config
+        if not c.screen_rows:
+            return float(self.candidates())
+        rows = c.max_search_samples
+        per_family = screened_candidates(rows, c.n_grid, screen_stages(rows, c.screen_rows, c.screen_keep))
+        return per_family * (2 if c.duo_scaling == "both" else 1) + 1
+
     def calibrate(self, n: int, k: int, tokens: int) -> float:
         """One forward of ``tokens`` tokens through the linear, with its observer."""
         return CALIBRATE_S_PER_MAC * tokens * n * k
@@ -68,7 +79,7 @@ class CostModel:
         t = max(self.search_tokens, 1)
         kept = max(self.kept_tokens, t)
         gram = self.candidates() * n * k * min(k, t) + kept * k * k + (kept - t) * n * k
-        module = self.candidates() * t * n * k if c.search_loss == "module" else 0.0
+        module = self.module_candidates() * t * n * k if c.search_loss == "module" else 0.0
         return SEARCH_S_PER_MAC * (gram + module)
 
     def round(self, n: int, k: int) -> float:

@@ -73,7 +73,7 @@ def test_quantize_sequential_with_spill(model_dir, text_file, tmp_path, capsys):
     q, spill = tmp_path / "q", tmp_path / "spill"
     common = ["--calib", text_file, "--n-samples", 4, "--seq-len", 32, "--batch-size", 2, "--no-progress"]
     rc, out, err = run(["quantize", model_dir, "--out", q, "--group-size", 32, "--sequential", "--spill-dir", spill,
-                        "--search-samples", 2, "--rounding", "gptq", *common], capsys)
+                        "--search-samples", 2, "--screen-rows", 1, "--rounding", "gptq", *common], capsys)
     assert rc == 0, err
     assert "rollback originals kept on disk instead of in memory" in out
     assert "error-feedback rounded 14" in out

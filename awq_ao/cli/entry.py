@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int_type(1, "an integer >= 1 (tokens)"), default=512, help="calibration sequence length (default 512)")
     q.add_argument("--search-samples", type=int_type(1, "an integer >= 1"), default=16, help="calibration sequences every candidate scale is scored on (default 16)")
     q.add_argument("--gram-samples", type=int_type(1, "an integer >= 1"), default=64, help="calibration sequences kept for the clipping and rounding Grams (default 64)")
+    q.add_argument("--screen-rows", type=int_type(0, "an integer >= 0 (0: every candidate on every sequence)"), default=None,
+                   help="score the candidate scales by successive halving, starting on this many of the search "
+                        "sequences; 0 scores every candidate on every one (default: the library's; see docs/options.md)")
     q.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
                    help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
     q.add_argument("--search-loss", choices=["module", "linear", "attention"], default=None,

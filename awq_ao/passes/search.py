@@ -27,11 +27,12 @@ from torch import nn
 from awq_ao.config import AWQConfig
 from awq_ao.lowering.quant_math import group_geometry
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
+from awq_ao.passes.candidate_screen import screen_stages, screened_grid_search, stage_chunks
 from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.rounding import full_gram
-from awq_ao.passes.sample_chunks import gram_tokens
+from awq_ao.passes.sample_chunks import gram_tokens, rows_of, splits_rows
 from awq_ao.passes.search_loss import (
     _mse,
     _Swap,
@@ -142,6 +143,11 @@ def scale_candidates(
             yield alpha, candidate_scales(x_mean, wm, alpha, tie)
 
 
+def duo_families(w_mean: torch.Tensor | None, duo_scaling: bool | str) -> list[torch.Tensor | None]:
+    """The weight terms of the searched scale families: with it, without it, or both."""
+    return [w_mean, None] if duo_scaling == "both" else [w_mean if duo_scaling else None]
+
+
 def grid_search(
     loss_of: Any,
     best: tuple[float, float | None, torch.Tensor | None],
@@ -159,8 +165,7 @@ def grid_search(
     candidates at ``n_grid=20``); it finds the full grid's minimum wherever the loss is
     unimodal over alpha on the coarse grid's scale. Ties keep the earlier candidate.
     """
-    families = [w_mean, None] if duo_scaling == "both" else [w_mean if duo_scaling else None]
-    for wm in families:
+    for wm in duo_families(w_mean, duo_scaling):
         if refine and n_grid >= 4:
             coarse = list(range(0, n_grid, 2))
             losses = {i: _grid_point(loss_of, x_mean, wm, i, n_grid, tie) for i in coarse}
@@ -192,6 +197,21 @@ def _module_loss(search_loss: str, g: ScaleGroup, qk_linears: set[str]) -> bool:
     return search_loss == "module"
 
 
+def _module_out(call: Any, g: ScaleGroup) -> torch.Tensor:
+    out = first_tensor(call())
+    if out is None:
+        raise RuntimeError(f"module {g.inspect} returned no tensor")
+    return out
+
+
+def _check_finite(ref: torch.Tensor, g: ScaleGroup) -> None:
+    if not torch.isfinite(ref).all():
+        raise FloatingPointError(
+            f"the output of {g.inspect or g.consumers[0]} contains NaN/Inf on the "
+            "calibration sample; check the model in full precision first."
+        )
+
+
 class ScaleSearch:
     """Runs the scale search for every group during one forward of the search sample."""
 
@@ -218,6 +238,7 @@ class ScaleSearch:
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._by_inspect: dict[str, list[int]] = {}
         self._direct: dict[str, list[int]] = {}
+        self._rows = 0  # batch rows of the replayed sample (the screen cuts its rows)
         for i, g in enumerate(analysis.groups):
             if not g.consumers:
                 continue
@@ -240,9 +261,15 @@ class ScaleSearch:
                 return
             a, kw = self._inputs[name]
             x = a[0] if a and isinstance(a[0], torch.Tensor) else None
+            total = self._rows
+
+            def rows_call(start: int, stop: int) -> Any:
+                return replay_call(module, *rows_of(a, kw, total, start, stop))
+
+            can_split = total > 1 and splits_rows(a, kw, total)
             for gi in self._by_inspect.get(name, []):
                 if gi not in self.results:
-                    self._run_group(gi, replay_call(module, a, kw), x)
+                    self._run_group(gi, replay_call(module, a, kw), x, rows_call if can_split else None)
             self._inputs[name] = ((), {})  # free the activations; keep the "seen" marker
 
         return hook
@@ -269,17 +296,17 @@ class ScaleSearch:
         return hook
 
     # --- search ------------------------------------------------------------------------
-    def _run_group(self, gi: int, call: Any, x: torch.Tensor | None = None) -> None:
+    def _run_group(self, gi: int, call: Any, x: torch.Tensor | None = None, rows_call: Any = None) -> None:
         g = self.analysis.groups[gi]
         self.active = False
         try:
-            self.results[gi] = self._search(g, call, x)
+            self.results[gi] = self._search(g, call, x, rows_call)
         finally:
             self.active = True
             if self.on_group is not None:
                 self.on_group(g)
 
-    def _search(self, g: ScaleGroup, call: Any, x: torch.Tensor | None) -> GroupResult:
+    def _search(self, g: ScaleGroup, call: Any, x: torch.Tensor | None, rows_call: Any = None) -> GroupResult:
         cfg = self.config
         if not cfg.scale_search:
             return GroupResult(None)
@@ -315,30 +342,16 @@ class ScaleSearch:
         else:
 
             def run() -> torch.Tensor:
-                out = first_tensor(call())
-                if out is None:
-                    raise RuntimeError(f"module {g.inspect} returned no tensor")
-                return out
+                return _module_out(call, g)
 
+        total = self._rows
+        stages = screen_stages(total, cfg.screen_rows, cfg.screen_keep) if cfg.screen_rows else []
         try:
             with torch.no_grad():
-                ref = run()
-                if not torch.isfinite(ref).all():
-                    raise FloatingPointError(
-                        f"the output of {g.inspect or g.consumers[0]} contains NaN/Inf on the "
-                        "calibration sample; check the model in full precision first."
-                    )
-
-                def loss_of(s: torch.Tensor | None) -> float:
-                    if gram is not None:  # a direct group: the same MSE through the input's Gram
-                        return gram_output_mse(orig, s, gram, cfg.bits, cfg.group_size, cfg.zero_point)
-                    quantized(s)
-                    return _mse(run(), ref)
-
-                loss_rtn = loss_of(None)
-                # s = 1 (plain RTN) is a candidate too: the search never does worse than RTN
-                best = grid_search(loss_of, (loss_rtn, None, None), x_mean, w_mean, cfg.n_grid,
-                                   cfg.duo_scaling, tie, refine=cfg.search_refine)
+                if gram is None and call is not None and rows_call is not None and stages:
+                    best, loss_rtn = self._screened(g, rows_call, total, stages, quantized, x_mean, w_mean, tie)
+                else:
+                    best, loss_rtn = self._full_grid(g, run, gram, orig, quantized, x_mean, w_mean, tie)
         finally:
             swap.restore()
         loss, alpha, s = best
@@ -349,6 +362,52 @@ class ScaleSearch:
         if s is None:
             return GroupResult(None, None, loss_rtn, loss_rtn)
         return GroupResult(s.float(), alpha, loss_rtn, loss)
+
+    def _full_grid(self, g: ScaleGroup, run: Any, gram: torch.Tensor | None, orig: list[torch.Tensor],
+                   quantized: Any, x_mean: torch.Tensor, w_mean: torch.Tensor | None, tie: Any) -> tuple[Any, float]:
+        """Every grid candidate scored on the whole search chunk (``refine``: a subset)."""
+        cfg = self.config
+        ref = run()
+        _check_finite(ref, g)
+
+        def loss_of(s: torch.Tensor | None) -> float:
+            if gram is not None:  # a direct group: the same MSE through the input's Gram
+                return gram_output_mse(orig, s, gram, cfg.bits, cfg.group_size, cfg.zero_point)
+            quantized(s)
+            return _mse(run(), ref)
+
+        loss_rtn = loss_of(None)
+        # s = 1 (plain RTN) is a candidate too: the search never does worse than RTN
+        best = grid_search(loss_of, (loss_rtn, None, None), x_mean, w_mean, cfg.n_grid,
+                           cfg.duo_scaling, tie, refine=cfg.search_refine)
+        return best, loss_rtn
+
+    def _screened(self, g: ScaleGroup, rows_call: Any, total: int, stages: list[tuple[int, int]],
+                  quantized: Any, x_mean: torch.Tensor, w_mean: torch.Tensor | None, tie: Any) -> tuple[Any, float]:
+        """The module loss by successive halving over row chunks (see passes/candidate_screen)."""
+        cfg = self.config
+        chunks = stage_chunks(total, stages)
+        calls = [rows_call(a, b) for a, b in chunks]
+        refs = []
+        for c in calls:
+            refs.append(_module_out(c, g))
+            _check_finite(refs[-1], g)
+        current: list[Any] = [object()]  # the scale the swapped-in weights were quantized at
+
+        def chunk_loss(s: torch.Tensor | None, j: int) -> tuple[float, int]:
+            if current[0] is not s:
+                quantized(s)
+                current[0] = s
+            d = _module_out(calls[j], g).float() - refs[j].float()
+            return float(d.pow(2).sum()), d.numel()
+
+        parts = [chunk_loss(None, j) for j in range(len(calls))]
+        loss_rtn = sum(e for e, _ in parts) / max(sum(n for _, n in parts), 1)
+        ends = [(sum(1 for _, b in chunks if b <= rows), keep) for rows, keep in stages]
+        families = [[candidate_scales(x_mean, wm, i / cfg.n_grid, tie) for i in range(cfg.n_grid)]
+                    for wm in duo_families(w_mean, cfg.duo_scaling)]
+        best = screened_grid_search(chunk_loss, len(calls), ends, (loss_rtn, None, None), families)
+        return best, loss_rtn
 
     def _direct_gram(self, consumer: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The Gram of a direct group's input when its loss is cheaper through it (else None).
@@ -369,6 +428,8 @@ class ScaleSearch:
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, GroupResult]:
         """Replay the sample with search hooks attached; return results by group index."""
         handles = []
+        first = first_tensor((args, kwargs))
+        self._rows = first.shape[0] if first is not None and first.dim() > 1 else 0
         try:
             for name in self._by_inspect:
                 m = self.modules[name]

@@ -1,0 +1,140 @@
+"""How well a few calibration rows rank the AWQ scale candidates (a diagnostic, not a test).
+
+Quantizes SmolLM2-135M (or Gemma 3 270M) with the library defaults and records, for every
+group scored on its enclosing module's output, each candidate's squared output error per
+search row (RTN first, then the alpha grid in order). It then replays cheaper selection rules
+offline on those numbers and reports, per rule, how often it picks the same candidate as the
+full search, the search loss it gives up, and its cost in row-forwards:
+
+* ``screen R top K``: rank every candidate on the first R rows, score the best K on all rows;
+* ``halving``: successive halving, e.g. all candidates on 4 rows, the best 8 on 8 rows, the
+  best 4 on every row (rows are cumulative, so the survivors end with the full loss).
+
+    python -m devtools.search_rank_check [--model gemma3] [--layers 30] [--out FILE.json]
+
+The whole-model numbers come from one full default quantization (about 10 minutes for
+SmolLM2 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import awq_ao.passes.search as search_mod
+from awq_ao.api import quantize
+from awq_ao.evaluation import batches, calibration_blocks, leading_bos
+from devtools.shared_data import calibration_text, load_model
+
+RECORDS: list[dict] = []
+_current: list[torch.Tensor] | None = None
+
+
+def _recording_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.double() - b.double()).pow(2)
+    if _current is not None:
+        _current.append(d.reshape(d.shape[0], -1).sum(dim=1).cpu())
+    return float((a.float() - b.float()).pow(2).mean())
+
+
+def _wrap_search(orig):
+    def wrapped(self, g, call, x, rows_call=None):
+        global _current
+        _current = []
+        try:
+            return orig(self, g, call, x, rows_call)
+        finally:
+            if _current:
+                RECORDS.append({"inspect": g.inspect, "consumers": list(g.consumers),
+                                "rows": torch.stack(_current).tolist()})
+            _current = None
+
+    return wrapped
+
+
+def pick(losses: list[float]) -> int:
+    """Index of the smallest loss; candidate 0 (RTN) wins ties, then the earlier alpha."""
+    best = 0
+    for i in range(1, len(losses)):
+        if losses[i] < losses[best]:
+            best = i
+    return best
+
+
+def simulate(rows: torch.Tensor, schedule: list[tuple[int, int]]) -> tuple[int, int]:
+    """``rows [C, R]``: per-candidate, per-row errors (candidate 0 = RTN, always kept).
+
+    ``schedule``: ``[(rows, keep)]`` stages; after a stage on the first ``rows`` rows, the best
+    ``keep`` alpha candidates survive (RTN is scored on every row regardless). Returns the
+    chosen candidate and the cost in row-forwards."""
+    c, r = rows.shape
+    alive = list(range(1, c))
+    cost = r  # RTN on every row
+    done = 0
+    for n_rows, keep in schedule:
+        cost += len(alive) * (min(n_rows, r) - done)
+        done = min(n_rows, r)
+        part = rows[:, :done].sum(dim=1)
+        alive = sorted(alive, key=lambda i: (float(part[i]), i))[:keep]
+    if done < r:
+        cost += len(alive) * (r - done)
+    full = rows.sum(dim=1)
+    cands = [0, *sorted(alive)]
+    chosen = cands[pick([float(full[i]) for i in cands])]
+    return chosen, cost
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    search_mod.ScaleSearch._search = _wrap_search(search_mod.ScaleSearch._search)
+    search_mod._mse = _recording_mse
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, torch.float32)
+    bos = leading_bos(tok)
+    calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_calib, 512, bos_token_id=bos)
+    t = time.perf_counter()
+    quantize(model, list(batches(calib, 8)), bits=4, group_size=64, verbose=False, progress=False)
+    quant_s = time.perf_counter() - t
+
+    rules: dict[str, list[tuple[int, int]]] = {
+        "full": [],
+        "screen 4 top 3": [(4, 3)],
+        "screen 4 top 5": [(4, 5)],
+        "screen 4 top 8": [(4, 8)],
+        "screen 2 top 5": [(2, 5)],
+        "screen 8 top 3": [(8, 3)],
+        "halving 4/8, 8/4": [(4, 8), (8, 4)],
+        "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
+        "halving 4/6, 8/3": [(4, 6), (8, 3)],
+    }
+    summary = {}
+    for name, sched in rules.items():
+        same, cost, full_cost, excess = 0, 0, 0, []
+        for rec in RECORDS:
+            rows = torch.tensor(rec["rows"], dtype=torch.float64)
+            ref, _ = simulate(rows, [])
+            got, c = simulate(rows, sched)
+            full = rows.sum(dim=1)
+            same += int(got == ref)
+            cost += c
+            full_cost += rows.numel()
+            excess.append(float(full[got] / full[ref] - 1))
+        summary[name] = {"same_pick": same, "groups": len(RECORDS), "cost_vs_full": cost / max(full_cost, 1),
+                         "mean_loss_excess": sum(excess) / max(len(excess), 1), "max_loss_excess": max(excess, default=0.0)}
+        print(f"{name:24s} same {same}/{len(RECORDS)}  cost {cost / max(full_cost, 1):.2f}x  "
+              f"loss excess mean {summary[name]['mean_loss_excess']:.2e} max {summary[name]['max_loss_excess']:.2e}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "n_calib": args.n_calib, "quant_s": quant_s,
+                                              "summary": summary, "records": RECORDS}))
+
+
+if __name__ == "__main__":
+    main()
