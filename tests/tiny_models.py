@@ -12,6 +12,21 @@ VOCAB = 96
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gpt2", "opt", "neox", "phi3"]
 
+# the scale groups of each ARCHS model (passes/test_fold.py, integration/test_end_to_end.py):
+# expected (foldable kinds, fallback count) per decoder layer
+EXPECTED = {
+    "llama": ({"norm": 2, "linear": 2}, 0),
+    "qwen2": ({"norm": 2, "linear": 2}, 0),
+    "mistral": ({"norm": 2, "linear": 2}, 0),
+    "gemma": ({"norm": 2, "linear": 2}, 0),
+    "gemma2": ({"norm": 2, "linear": 2}, 0),
+    "gemma3": ({"norm": 2, "linear": 2}, 0),
+    "phi3": ({"norm": 2, "linear": 2}, 0),
+    "opt": ({"norm": 2, "linear": 2}, 0),  # fc1 -> ReLU -> fc2 folds
+    "gpt2": ({"norm": 2, "linear": 1}, 1),  # GELU before c_proj cannot fold
+    "neox": ({"norm": 2, "linear": 1}, 1),  # GELU before dense_4h_to_h cannot fold
+}
+
 
 def _cfg(arch: str, hidden: int, heads: int, kv_heads: int, inter: int, layers: int):
     t = transformers
@@ -106,3 +121,34 @@ def assert_eager_compile_export_agree(model: nn.Module, x: torch.Tensor) -> None
         exported = ep.module()(x, use_cache=False).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+
+
+def snapshot(model):
+    """A model's state dict (cloned) and module types, for :func:`assert_unchanged`."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    """The model holds exactly the tensors and module types of ``snap`` (a failed convert rolled back)."""
+    sd, types = snap
+    now = model.state_dict()
+    assert set(now) == set(sd)
+    for k, v in sd.items():
+        assert type(now[k]) is torch.Tensor and torch.equal(now[k], v), k
+    assert [type(m) for m in model.modules()] == types
+
+
+def block_call(rows: int, seq: int = 16):
+    """A one-layer tiny Llama's decoder block and the (args, kwargs) of its call on ``rows`` rows."""
+    model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
+    block = model.model.layers[0]
+    captured = {}
+
+    def hook(mod, args, kwargs):
+        captured["call"] = (args, kwargs)
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.cat(token_batches(rows // 2, 2, seq)), use_cache=False)
+    h.remove()
+    return block, *captured["call"]

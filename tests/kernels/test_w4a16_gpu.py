@@ -1,6 +1,6 @@
 """W4A16 Triton kernels compiled for a real CUDA GPU (``pytest -m gpu``; skipped without one).
 
-Same float64 reference and element-wise bound as ``test_kernels_interpreter.py`` (see
+Same float64 reference and element-wise bound as ``test_w4a16_interpreter.py`` (see
 ``w4a16_reference.py``), with ``u = 2**-9`` for bfloat16 (compiled casts round to nearest).
 Covers the autotuned path on Llama-like and ragged shapes, every config of the autotuning
 space forced in turn (so whichever one autotuning picks is known to be correct), split-K

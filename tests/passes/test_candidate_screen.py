@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_sample_chunks import _block_call
+from tiny_models import block_call
 
 from awq_ao.config import awq_config
 from awq_ao.observers.activation import ChannelStatsObserver, RecordedCall
@@ -71,7 +71,7 @@ def test_rtn_wins_when_no_survivor_beats_it_and_ties_keep_the_smaller_alpha():
 
 
 def _results(rows: int, **opts):
-    block, a, kw = _block_call(rows=rows)
+    block, a, kw = block_call(rows=rows)
     targets = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     cfg = awq_config(group_size=32, max_search_samples=rows, **opts)
     analysis = analyze(block, RecordedCall(a, kw, rows), targets, cfg, ConvertReport(4, 32, True))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_model, token_batches
+from tiny_models import block_call, tiny_model, token_batches
 
 import awq_ao
 from awq_ao.config import AWQConfig, awq_config
@@ -91,23 +91,8 @@ def test_rows_of_cuts_batch_tensors_and_copies_caches():
     assert gram_tokens(torch.zeros(3, 5, 7), None) == 15 and gram_tokens(torch.zeros(3, 5, 7), 4) == 4
 
 
-def _block_call(rows: int, seq: int = 16):
-    model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
-    block = model.model.layers[0]
-    captured = {}
-
-    def hook(mod, args, kwargs):
-        captured["call"] = (args, kwargs)
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        model(torch.cat(token_batches(rows // 2, 2, seq)), use_cache=False)
-    h.remove()
-    return block, *captured["call"]
-
-
 def test_search_scores_the_first_chunk_and_builds_grams_on_every_row():
-    block, a, kw = _block_call(rows=8)
+    block, a, kw = block_call(rows=8)
     targets = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     cfg = awq_config(max_search_samples=2, group_size=32)
     analysis = analyze(block, RecordedCall(a, kw, 8), targets, cfg, ConvertReport(4, 32, True))
@@ -131,7 +116,7 @@ def test_search_scores_the_first_chunk_and_builds_grams_on_every_row():
 
 
 def test_block_output_in_chunks_equals_one_pass():
-    block, a, kw = _block_call(rows=6)
+    block, a, kw = block_call(rows=6)
     with torch.no_grad():
         whole = block(*a, **kw)
     whole = whole[0] if isinstance(whole, tuple) else whole

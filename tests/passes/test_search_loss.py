@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_model, token_batches
 
 import awq_ao
 from awq_ao.passes.search import candidate_scales, fake_quantize_scaled, weight_mean
-from tests.tiny_models import tiny_model, token_batches
 
 
 def _quantize_counting_attention(model, data, **kw):

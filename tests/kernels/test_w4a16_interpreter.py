@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAD = 64  # guard elements before and after every tensor
 
 

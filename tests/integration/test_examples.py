@@ -8,4 +8,4 @@ import pytest
 
 @pytest.mark.slow
 def test_quickstart_runs():
-    runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"))
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"))

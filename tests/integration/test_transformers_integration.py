@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 from checkpoint_helpers import logits, mixed_rtn_llama, quantized
+from moe_models import batches, tiny_moe
 from safetensors.torch import load_file, save_file
-from test_moe import batches, tiny_moe
 
 import awq_ao
 from awq_ao.checkpoint import load_quantized, save_quantized

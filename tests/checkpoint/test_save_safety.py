@@ -454,7 +454,7 @@ def _kill_during_saves(tmp_path: Path, kills: int, monkeypatch) -> None:
     target = save_quantized(qa, tmp_path / "target")
     want = {"a": logits(qa), "b": logits(qb)}
     rng = random.Random(15)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
     for _ in range(kills):
         p = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(a), str(b), str(target)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

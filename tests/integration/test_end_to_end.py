@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from test_fold_property import EXPECTED
 from tiny_models import (
     ARCHS,
+    EXPECTED,
     assert_eager_compile_export_agree,
     compare_two_converts,
     tiny_model,

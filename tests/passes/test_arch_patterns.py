@@ -2,7 +2,7 @@
 
 Each tiny module below reproduces one way real transformers architectures write a block;
 the test exports it, finds the scale groups, folds random scales into every foldable group
-and checks the output is unchanged (as tests/test_fold_property.py does for whole models).
+and checks the output is unchanged (as tests/passes/test_fold.py does for whole models).
 """
 
 from __future__ import annotations

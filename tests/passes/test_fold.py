@@ -5,27 +5,13 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from tiny_models import ARCHS, VOCAB, tiny_model
+from tiny_models import ARCHS, EXPECTED, VOCAB, tiny_model
 
 from awq_ao.observers.activation import RecordedCall
 from awq_ao.observers.attach import is_quantizable, output_head_names
 from awq_ao.passes.capture import capture
 from awq_ao.passes.fold import Transaction, fold_group
 from awq_ao.passes.groups import find_groups
-
-# expected (foldable kinds, fallback count) per decoder layer
-EXPECTED = {
-    "llama": ({"norm": 2, "linear": 2}, 0),
-    "qwen2": ({"norm": 2, "linear": 2}, 0),
-    "mistral": ({"norm": 2, "linear": 2}, 0),
-    "gemma": ({"norm": 2, "linear": 2}, 0),
-    "gemma2": ({"norm": 2, "linear": 2}, 0),
-    "gemma3": ({"norm": 2, "linear": 2}, 0),
-    "phi3": ({"norm": 2, "linear": 2}, 0),
-    "opt": ({"norm": 2, "linear": 2}, 0),  # fc1 -> ReLU -> fc2 folds
-    "gpt2": ({"norm": 2, "linear": 1}, 1),  # GELU before c_proj cannot fold
-    "neox": ({"norm": 2, "linear": 1}, 1),  # GELU before dense_4h_to_h cannot fold
-}
 
 
 def analyse(model, ids):

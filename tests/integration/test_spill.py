@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_bad_input import assert_unchanged, snapshot
-from tiny_models import tiny_model, token_batches
+from tiny_models import assert_unchanged, snapshot, tiny_model, token_batches
 from torch import nn
 from torchao.quantization import quantize_
 

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model, token_batches
+from tiny_models import assert_unchanged, snapshot, tiny_model, token_batches
 from torchao.quantization import quantize_
 
 import awq_ao
 from awq_ao import CalibrationError, awq_config, get_state
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def assert_unchanged(model, snap):
-    sd, types = snap
-    now = model.state_dict()
-    assert set(now) == set(sd)
-    for k, v in sd.items():
-        assert type(now[k]) is torch.Tensor and torch.equal(now[k], v), k
-    assert [type(m) for m in model.modules()] == types
 
 
 def test_convert_without_prepare():
