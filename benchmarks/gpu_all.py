@@ -268,7 +268,7 @@ def run_streaming(cmd: list[str], timeout: float, env: dict | None = None,
 # ------------------------------------------------------------------------------------------
 def gpu_test_files() -> list[str]:
     """Test files that hold GPU tests (a ``pytest.mark.gpu`` mark)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                   if re.search(r"\bpytest\.mark\.gpu\b", p.read_text(errors="replace")))
 
 
@@ -1104,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("decode-one needs --variant")
         return cmd_decode_one(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if os.environ.get("GPU_ALL_TEST_HANG") == args.command:  # tests/test_gpu_all.py: a hung step
+    if os.environ.get("GPU_ALL_TEST_HANG") == args.command:  # tests/benchmarks/test_gpu_all.py: a hung step
         Report(args.command, args).write()
         time.sleep(10**6)
     return {"tests": step_tests, "kernels": step_kernels, "decode": step_decode,
