@@ -19,7 +19,9 @@ SmolLM2 on 2 cores).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,9 @@ import awq_ao.passes.search as search_mod
 from awq_ao.api import quantize
 from awq_ao.evaluation import batches, calibration_blocks, leading_bos
 from devtools.shared_data import calibration_text, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from machine import machine_info  # noqa: E402
 
 RECORDS: list[dict] = []
 _current: list[torch.Tensor] | None = None
@@ -88,6 +93,39 @@ def simulate(rows: torch.Tensor, schedule: list[tuple[int, int]]) -> tuple[int, 
     return chosen, cost
 
 
+def summarize(records: list[dict]) -> dict:
+    """Per selection rule: same picks as the full search, cost, search loss given up."""
+    rules: dict[str, list[tuple[int, int]]] = {
+        "full": [],
+        "screen 4 top 3": [(4, 3)],
+        "screen 4 top 5": [(4, 5)],
+        "screen 4 top 8": [(4, 8)],
+        "screen 2 top 5": [(2, 5)],
+        "screen 8 top 3": [(8, 3)],
+        "halving 4/8, 8/4": [(4, 8), (8, 4)],
+        "halving 4/10, 8/5 (the default)": [(4, 10), (8, 5)],
+        "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
+        "halving 4/6, 8/3": [(4, 6), (8, 3)],
+    }
+    summary = {}
+    for name, sched in rules.items():
+        same, cost, full_cost, excess = 0, 0, 0, []
+        for rec in records:
+            rows = torch.tensor(rec["rows"], dtype=torch.float64)
+            ref, _ = simulate(rows, [])
+            got, c = simulate(rows, sched)
+            full = rows.sum(dim=1)
+            same += int(got == ref)
+            cost += c
+            full_cost += rows.numel()
+            excess.append(float(full[got] / full[ref] - 1))
+        summary[name] = {"same_pick": same, "groups": len(records), "cost_vs_full": cost / max(full_cost, 1),
+                         "mean_loss_excess": sum(excess) / max(len(excess), 1), "max_loss_excess": max(excess, default=0.0)}
+        print(f"{name:24s} same {same}/{len(records)}  cost {cost / max(full_cost, 1):.2f}x  "
+              f"loss excess mean {summary[name]['mean_loss_excess']:.2e} max {summary[name]['max_loss_excess']:.2e}")
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
@@ -104,35 +142,11 @@ def main() -> None:
     quantize(model, list(batches(calib, 8)), bits=4, group_size=64, verbose=False, progress=False)
     quant_s = time.perf_counter() - t
 
-    rules: dict[str, list[tuple[int, int]]] = {
-        "full": [],
-        "screen 4 top 3": [(4, 3)],
-        "screen 4 top 5": [(4, 5)],
-        "screen 4 top 8": [(4, 8)],
-        "screen 2 top 5": [(2, 5)],
-        "screen 8 top 3": [(8, 3)],
-        "halving 4/8, 8/4": [(4, 8), (8, 4)],
-        "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
-        "halving 4/6, 8/3": [(4, 6), (8, 3)],
-    }
-    summary = {}
-    for name, sched in rules.items():
-        same, cost, full_cost, excess = 0, 0, 0, []
-        for rec in RECORDS:
-            rows = torch.tensor(rec["rows"], dtype=torch.float64)
-            ref, _ = simulate(rows, [])
-            got, c = simulate(rows, sched)
-            full = rows.sum(dim=1)
-            same += int(got == ref)
-            cost += c
-            full_cost += rows.numel()
-            excess.append(float(full[got] / full[ref] - 1))
-        summary[name] = {"same_pick": same, "groups": len(RECORDS), "cost_vs_full": cost / max(full_cost, 1),
-                         "mean_loss_excess": sum(excess) / max(len(excess), 1), "max_loss_excess": max(excess, default=0.0)}
-        print(f"{name:24s} same {same}/{len(RECORDS)}  cost {cost / max(full_cost, 1):.2f}x  "
-              f"loss excess mean {summary[name]['mean_loss_excess']:.2e} max {summary[name]['max_loss_excess']:.2e}")
+    summary = summarize(RECORDS)
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "n_calib": args.n_calib, "quant_s": quant_s,
+        Path(args.out).write_text(json.dumps({"command": " ".join(["python -m devtools.search_rank_check", *sys.argv[1:]]),
+                                              "date": dt.date.today().isoformat(), "machine": machine_info(),
+                                              "model": args.model, "n_calib": args.n_calib, "quant_s": quant_s,
                                               "summary": summary, "records": RECORDS}))
 
 

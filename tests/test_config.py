@@ -33,7 +33,7 @@ from awq_ao.config import (
 OTHER = {
     "bits": 3, "group_size": 64, "zero_point": False,
     "scale_search": False, "n_grid": 10, "duo_scaling": "both", "search_refine": True,
-    "screen_rows": 4, "screen_keep": 6, "search_loss": "linear", "max_search_samples": 4, "max_gram_samples": 8, "fallback": "skip",
+    "screen_rows": None, "screen_keep": 6, "search_loss": "linear", "max_search_samples": 4, "max_gram_samples": 8, "fallback": "skip",
     "clip": False, "clip_grid": 20, "clip_mode": "range", "max_shrink": 0.25, "clip_qk": True,
     "clip_tokens": 256,
     "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": False, "max_gram_gib": 1.5,

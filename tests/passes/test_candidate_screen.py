@@ -97,7 +97,7 @@ def _results(rows: int, **opts):
 
 
 def test_a_screen_that_keeps_every_candidate_is_the_full_search():
-    full, full_rows = _results(8)
+    full, full_rows = _results(8, screen_rows=None)
     kept, kept_rows = _results(8, screen_rows=2, screen_keep=64)
     assert {gi: r.alpha for gi, r in kept.items()} == {gi: r.alpha for gi, r in full.items()}
     searched = [gi for gi, r in full.items() if r.loss_best is not None]
@@ -109,7 +109,7 @@ def test_a_screen_that_keeps_every_candidate_is_the_full_search():
 
 
 def test_screen_scores_fewer_rows_and_never_loses_to_rtn():
-    full, full_rows = _results(8)
+    full, full_rows = _results(8, screen_rows=None)
     screened, rows = _results(8, screen_rows=1, screen_keep=4)
     # per module group: ref + RTN on 8 rows, 20 candidates on 1 row, 4 on 2, 2 on 4, 1 on 8
     assert rows < full_rows / 2
@@ -121,6 +121,7 @@ def test_screen_scores_fewer_rows_and_never_loses_to_rtn():
 
 def test_options_are_validated():
     assert awq_config(screen_rows=2).search_options.screen_rows == 2
+    assert (awq_config().screen_rows, awq_config().screen_keep) == (4, 10)  # the default screens
     with pytest.raises(ValueError, match="screen_rows"):
         awq_config(screen_rows=0)
     with pytest.raises(ValueError, match="screen_keep"):
