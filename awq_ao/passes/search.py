@@ -133,11 +133,7 @@ def scale_candidates(
     ``duo_scaling``: True uses mean|x|^a / mean|w|^(1-a), False mean|x|^a, ``"both"`` tries
     both families (2 x n_grid candidates).
     """
-    if duo_scaling == "both":
-        families = [w_mean, None]
-    else:
-        families = [w_mean if duo_scaling else None]
-    for wm in families:
+    for wm in duo_families(w_mean, duo_scaling):
         for i in range(n_grid):
             alpha = i / n_grid
             yield alpha, candidate_scales(x_mean, wm, alpha, tie)
