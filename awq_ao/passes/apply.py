@@ -18,7 +18,7 @@ from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_sto
 from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
-from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
+from awq_ao.passes.fold import Transaction, _scale_along, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
 from awq_ao.passes.rounding import error_feedback_codes, group_blocks, scale_full_gram
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
@@ -53,31 +53,41 @@ def fold_scales(
     input_scale: dict[str, torch.Tensor] = {}
     for gi, g in enumerate(analysis.groups):
         res = results.get(gi)
-        if g.consumers and res is None and config.scale_search:
+        if g.searched and res is None and config.scale_search:
             res = GroupResult(None, note="its enclosing module never ran during the search")
-        if res is not None and res.scales is not None:
+        expert_pair = bool(g.slabs) and g.slabs[0].index is not None  # folded by fold_experts
+        if res is not None and res.scales is not None and not expert_pair:
             if g.foldable:
                 fold_group(root, g, res.scales, txn)
+                for pname, dim in g.rescaled_params:  # MoE routers: kept in full precision
+                    owner, _, attr = pname.rpartition(".")
+                    pm = root.get_submodule(owner)
+                    txn.set_param(pm, attr, _scale_along(getattr(pm, attr), res.scales, dim, divide=False))
             else:
                 for c in g.consumers:
                     scale_consumer(root.get_submodule(c), g.consumer_is_conv1d.get(c, False), res.scales, txn)
                     input_scale[c] = res.scales
                 report.fallback_multiplies += len(g.consumers)
-        if g.consumers:
+        if g.searched and not expert_pair:
+            names = [prefix + c for c in g.consumers] + [prefix + s.module + "." + s.attr for s in g.slabs]
+            note = (res.note if res else "") or g.reason
+            if g.rescaled_params:
+                names += [prefix + p for p, _ in g.rescaled_params]
+                note = note or "MoE block input: router rescaled, kept in full precision"
             report.groups.append(
                 GroupReport(
                     g.kind,
                     prefix + g.producer.module if g.producer.module else None,
-                    [prefix + c for c in g.consumers],
+                    names,
                     prefix + g.inspect if g.inspect else None,
                     res.alpha if res else None,
                     res.loss_rtn if res else None,
                     res.loss_best if res else None,
-                    (res.note if res else "") or g.reason,
+                    note,
                 )
             )
             if res is not None and res.note and config.scale_search:
-                report.warnings.append(f"{prefix}{', '.join(g.consumers)}: {res.note}")
+                report.warnings.append(f"{prefix}{', '.join(names)}: {res.note}")
     for name in analysis.shared_calls:
         report.warnings.append(f"{prefix}{name} is called more than once per forward: not scaled")
     report.unseen += [prefix + u for u in analysis.unseen]
@@ -213,7 +223,7 @@ def pack_linear(
         replacements[id(mod)] = new
 
 
-def _grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero) [N, G]`` of the clipped weight, the scale rounded to its storage dtype."""
     scale, zero = quant_params(w_grid, config.bits, config.group_size, config.zero_point)
     layout = choose_layout(w_grid.device, config.bits, *w_grid.shape, config.group_size)
@@ -304,7 +314,7 @@ def quantize_linears(
             w_grid = clip_weight(w_target, group_gram, config)
             report.clipped += 1
         if full is not None:
-            pending.append((name, handling, w_target, _grid_params(w_grid, config)))
+            pending.append((name, handling, w_target, grid_params(w_grid, config)))
             continue
         if w_grid is not w_target:
             txn.set_param(mod, "weight", w_grid.t().contiguous() if conv else w_grid)
@@ -327,11 +337,18 @@ def apply_found(
     prefix: str = "",
 ) -> None:
     """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
-    from awq_ao.passes.experts_apply import quantize_experts
+    from awq_ao.passes.experts_apply import experts_scales, fold_experts, quantize_experts
 
     t0 = time.perf_counter()
     input_scale = fold_scales(root, analysis, results, config, txn, report, prefix) if analysis is not None else {}
-    quantize_experts(root, analysis, config, txn, report, prefix)
+    experts = analysis.experts if analysis is not None else None
+    scales = experts_scales(analysis, results) if analysis is not None else {}
+    for name, sc in scales.items():
+        fold_experts(root.get_submodule(name), analysis.experts[name], sc, txn)
+    for note in analysis.notes if analysis is not None else []:
+        report.warnings.append(prefix + note)
+    quantize_experts(root, experts, scales, clip_inputs, getattr(analysis, "expert_tokens", {}), config, txn,
+                     report, prefix)
     quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report,
                      replacements, prefix)
     add_time(report, "fold+clip+quantize", time.perf_counter() - t0)

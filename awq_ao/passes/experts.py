@@ -3,36 +3,40 @@
 No per-model code: experts modules are recognised by the protocol attributes the decorator
 stores (``has_gate``, ``is_transposed``, ``is_concatenated``, ...) and their 3-D parameters.
 
-Three steps, hooked into the one pipeline (passes/pipeline.py), one module each:
+Experts are one more kind of scale-group consumer (:class:`~awq_ao.passes.group_types.ExpertSlabs`),
+so the one pipeline (passes/pipeline.py) searches, folds, clips and rounds them with the
+dense groups' code, and every option (``rounding``, ``search_refine``, the screen, the clip
+modes) means the same for them:
 
-1. **plan** (:func:`plan_experts`, this module, after the graph groups are found). For every experts
-   module whose parent (the MoE block) reads one tensor X from outside, X's producer is looked
-   up in the exported graph (the same producer walk as passes/groups). If every reader of X is
-   a target linear (e.g. shared experts), a linear call of a non-target weight inside the
-   block (the router, kept in full precision and rescaled) or the experts module itself, one
-   *MoE norm group* is formed: s folds into the producer (e.g. the post-attention norm), the
-   router weight and all experts' gate_up input channels are multiplied by s (routing is
-   unchanged in exact arithmetic). Graph groups of X (e.g. a fallback group of the shared
-   experts) are taken over by it.
-2. **search** (:func:`~awq_ao.passes.experts_search.search_experts`, one extra replay of the search sample): the MoE norm
-   group's s is searched on the MoE block's output with all experts' gate_up (and the other
-   consumers) fake-quantized; then for each expert e, on the tokens routed to e only, the
-   scale of its up -> down pair (fold 1/s into expert e's up rows, s into down_proj[e]'s
-   input columns: exact because ``_apply_gate`` is linear in the up half, which is checked
-   numerically per module) with the loss on expert e's down output, and per-group clipping
-   of both of e's weights. Experts that receive no calibration tokens fall back to the
-   statistics of the whole block: their search and clipping run on all of the block's
-   tokens (as if every token were routed to them); the report counts and names them.
-3. **apply** (:func:`~awq_ao.passes.experts_apply.quantize_experts`): fold, clip and store each 3-D weight as a
-   3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor`; the module's forward switches
-   to the ``"awq_ao_int4"`` experts implementation through a per-module config copy. Every
-   edit goes through the convert transaction.
+1. **plan** (:func:`plan_experts`, this module, in the group pass). For every experts module
+   whose parent (the MoE block) reads one tensor X from outside, X's producer is looked up in
+   the exported graph (the same producer walk as passes/groups). If every reader of X is a
+   target linear (e.g. shared experts), a linear call of a non-target weight inside the block
+   (the router, kept in full precision and rescaled) or the experts module itself, one *MoE
+   block input* group is formed: s folds into the producer (e.g. the post-attention norm),
+   the router weight and all experts' gate_up input channels are multiplied by s (routing is
+   unchanged in exact arithmetic). Where ``_apply_gate`` is linear in the up half (checked
+   numerically per module), each expert also gets an *up -> down* group: 1/s folds into its
+   up rows, s into its down slab's input columns.
+2. **search** (:class:`~awq_ao.passes.search.ScaleSearch`, with
+   :mod:`~awq_ao.passes.experts_search` for the experts' inputs): the MoE block input's scale
+   on the block's output with every expert's gate_up fake-quantized (screened like any
+   module-scored group); each expert's up -> down scale on its own down output over the
+   tokens routed to it, through its input's Gram (like a linear's own-output loss). The
+   experts' input Grams (of the search sample's tokens) are kept for clipping and rounding.
+   Experts that receive no calibration tokens fall back to the statistics of the whole
+   block (as if every token were routed to them); the report counts and names them.
+3. **apply** (:mod:`~awq_ao.passes.experts_apply`): fold, then clip and round each expert's
+   slab with the linears' code (the slab's Gram scaled by its scale), store each 3-D weight
+   as a 3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor` and switch the module's
+   forward to the ``"awq_ao_int4"`` experts implementation through a per-module config copy.
+   Every edit goes through the convert transaction.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,9 +44,7 @@ from torch import nn
 
 from awq_ao.config import AWQConfig
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
-from awq_ao.passes.search import (
-    GroupResult,
-)
+from awq_ao.passes.group_types import ExpertSlabs, Producer, ScaleGroup
 
 _PROTOCOL = ("has_gate", "is_transposed", "is_concatenated")
 
@@ -147,90 +149,67 @@ def _up_channels(mod: nn.Module, info: ExpertsInfo) -> tuple[torch.Tensor | None
 
 
 # --------------------------------------------------------------------------------------------
-# plan: MoE norm groups from the exported graph
+# plan: the experts' scale groups, next to the graph's groups
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MoENormGroup:
-    """X (the MoE block input) -> router (kept FP, rescaled) + experts' gate_up + linears."""
-
-    experts: str
-    block: str
-    inspect: str
-    x_node: str
-    hidden: int
-    producer: Any  # passes.groups.Producer
-    channel_map: torch.Tensor
-    consumers: list[str]
-    consumer_is_conv1d: dict[str, bool]
-    rescaled_params: list[tuple[str, int]]  # (parameter name, input-channel dim)
-    result: GroupResult | None = None
-
-
-@dataclass
-class ExpertsResult:
-    """What the per-expert search found for one experts module."""
-
-    tokens: list[int]
-    s_down: list[torch.Tensor | None]
-    clip_up: list[torch.Tensor | None]
-    clip_down: list[torch.Tensor | None]
-    #: rounding="gptq": each expert's input Grams (of the scaled inputs; CPU, float32)
-    gram_up: list[torch.Tensor | None] = field(default_factory=list)
-    gram_down: list[torch.Tensor | None] = field(default_factory=list)
-    loss_rtn: float = 0.0
-    loss_best: float = 0.0
-    scaled: int = 0
-
-
-@dataclass
-class MoEPlan:
-    """Experts to quantize in one root, their norm groups and (after the search) results."""
-
-    experts: dict[str, ExpertsInfo]
-    groups: list[MoENormGroup] = field(default_factory=list)
-    results: dict[str, ExpertsResult] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def _inside(owner: str | None, prefix: str) -> bool:
     return owner is not None and (owner == prefix or owner.startswith(prefix + "."))
 
 
-def plan_experts(ep: Any, root: nn.Module, analysis: Any, targets: list[str], config: AWQConfig) -> MoEPlan | None:
-    """Find the experts of ``root`` and their MoE norm groups; store the plan as ``analysis.moe``.
+def plan_experts(ep: Any, root: nn.Module, analysis: Any, targets: list[str], config: AWQConfig) -> list[ScaleGroup]:
+    """Add the experts of ``root`` and their scale groups to ``analysis`` (the group pass).
 
-    Graph groups whose X is an MoE norm group's X are removed from ``analysis.groups`` (the
-    MoE group takes their consumers). ``ep=None`` (hook-only mode): no norm groups.
+    Sets ``analysis.experts`` (the experts modules to quantize) and appends to
+    ``analysis.groups``, for every experts module:
+
+    * its *MoE block input* group, where the graph allows one (``ep`` given and the scale
+      search on): X's producer (e.g. the post-attention norm) folds 1/s, every expert's
+      gate_up and the linears reading X are the consumers, the router is rescaled. Graph
+      groups of the same X (e.g. a fallback group of the shared experts) are taken over by it.
+    * one *up -> down* group per expert, where ``_apply_gate`` is linear in the up half:
+      1/s folds into expert e's up rows, s into its down slab's input columns.
+
+    Where a group cannot be formed, the reason is added to ``analysis.notes``. Returns the
+    appended groups.
     """
     experts = find_experts(root, config)
-    plan = MoEPlan(experts) if experts else None
-    if analysis is not None:
-        analysis.moe = plan
-    if plan is None or ep is None or not config.scale_search:
-        return plan
-    from awq_ao.passes.groups import _Ctx
+    analysis.experts = experts
+    added: list[ScaleGroup] = []
+    if not experts or not config.scale_search:
+        return added
+    ctx = linear_nodes = None
+    if ep is not None:
+        from awq_ao.passes.groups import _Ctx
 
-    ctx = _Ctx(ep, root)
-    linear_nodes = {n: m for n in ctx.graph.nodes if (m := ctx.linear_module(n)) is not None}
+        ctx = _Ctx(ep, root)
+        linear_nodes = {n: m for n in ctx.graph.nodes if (m := ctx.linear_module(n)) is not None}
     direct = set(getattr(analysis, "direct_weight_use", {}) or {})
     for name, info in experts.items():
-        try:
-            g = _norm_group(ctx, root, name, info, linear_nodes, set(targets), direct)
-        except Exception as e:  # noqa: BLE001 - analysis failure only costs the fold
-            g = f"graph analysis failed ({type(e).__name__}: {e})"
-        if isinstance(g, str):
-            plan.notes.append(f"{name}: input scales not searched: {g}")
-            continue
-        plan.groups.append(g)
-        analysis.groups = [x for x in analysis.groups if x.x_node != g.x_node]
-    return plan
+        if ctx is not None:
+            try:
+                g = _norm_group(ctx, root, name, info, linear_nodes, set(targets), direct)
+            except Exception as e:  # noqa: BLE001 - analysis failure only costs the fold
+                g = f"graph analysis failed ({type(e).__name__}: {e})"
+            if isinstance(g, str):
+                analysis.notes.append(f"{name}: input scales not searched: {g}")
+            else:
+                analysis.groups = [x for x in analysis.groups if x.x_node != g.x_node]
+                added.append(g)
+        if info.up_index is not None:
+            for e in range(info.num_experts):
+                slab = ExpertSlabs(name, "down_proj", info.transposed, e)
+                added.append(ScaleGroup(
+                    x_node=slab.key(e), in_features=info.inter, consumers=[], slabs=[slab],
+                    producer=Producer("experts_up", name, out_channels=info.up_out), foldable=True,
+                ))
+    analysis.groups.extend(added)
+    return added
 
 
 def _norm_group(
     ctx: Any, root: nn.Module, name: str, info: ExpertsInfo, linear_nodes: dict[Any, str], targets: set[str], direct: set[str]
-) -> MoENormGroup | str:
+) -> ScaleGroup | str:
     from torch import fx
 
     from awq_ao.passes.graph_utils import LINEAR_OPS, is_op, meta_shape, owner_module, real_users
@@ -310,21 +289,13 @@ def _norm_group(
     modules = dict(root.named_modules())
     inspect = _enclosing_module(modules, [block, *consumers]) or block
     c1d = {m: ctx.conv1d is not None and isinstance(ctx.modules[m], ctx.conv1d) for m in consumers}
-    return MoENormGroup(name, block, inspect, x.name, info.hidden, producer, cmap, consumers, c1d, rescaled)
+    return ScaleGroup(
+        x_node=x.name, in_features=info.hidden, consumers=consumers, producer=producer, foldable=True,
+        inspect=inspect, channel_map=cmap, consumer_is_conv1d=c1d,
+        slabs=[ExpertSlabs(name, info.up_attr, info.transposed)], rescaled_params=rescaled,
+    )
 
 
 def expert_rows(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A logical 3-D weight as stacked ``[E, out, in]`` slabs (a view)."""
     return w.transpose(1, 2) if transposed else w
-
-
-def as_scale_group(g: MoENormGroup) -> Any:
-    """The producer/linear-consumer part of an MoE norm group as a foldable ``ScaleGroup``
-    (the router and the experts are rescaled by
-    :func:`~awq_ao.passes.experts_apply.quantize_experts`)."""
-    from awq_ao.passes.groups import ScaleGroup
-
-    return ScaleGroup(
-        x_node=g.x_node, in_features=g.hidden, consumers=list(g.consumers), producer=g.producer,
-        foldable=True, inspect=g.inspect, channel_map=g.channel_map, consumer_is_conv1d=dict(g.consumer_is_conv1d),
-    )

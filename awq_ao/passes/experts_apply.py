@@ -1,4 +1,7 @@
-"""Applying the MoE experts search: fold, clip, round and store each 3-D weight (step 3 of :mod:`awq_ao.passes.experts`)."""
+"""Applying the search to MoE experts: fold the experts' scales, then clip, round and store each
+3-D weight, one expert slab at a time, with the linears' own clip and rounding code
+(:mod:`awq_ao.passes.apply`). Every edit goes through the convert transaction.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,30 @@ from torch import nn
 
 from awq_ao.config import AWQConfig
 from awq_ao.lowering.int4_experts import IMPLEMENTATION
-from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_storage_dtype
+from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.packing import choose_layout
-from awq_ao.lowering.quant_math import quant_params
-from awq_ao.passes.experts import MoEPlan, expert_rows, find_experts
-from awq_ao.passes.fold import Transaction, _scale_along
-from awq_ao.passes.rounding import error_feedback_codes
-from awq_ao.passes.search import (
-    apply_clip,
-)
+from awq_ao.passes.experts import ExpertsInfo, expert_rows, find_experts
+from awq_ao.passes.fold import Transaction
+from awq_ao.passes.group_types import ExpertSlabs
+from awq_ao.report import ConvertReport, GroupReport
 
-# --------------------------------------------------------------------------------------------
-# apply
-# --------------------------------------------------------------------------------------------
+__all__ = ["ExpertScales", "fold_experts", "quantize_experts"]
+
+
+class ExpertScales:
+    """The scales found for one experts module: its input (every expert's gate_up) and each
+    expert's up -> down pair, with the searches' losses for the report."""
+
+    def __init__(self) -> None:
+        self.s_in: torch.Tensor | None = None
+        self.s_down: dict[int, torch.Tensor] = {}
+        self.searched = 0
+        self.loss_rtn = 0.0
+        self.loss_best = 0.0
+
+    def of(self, slab: ExpertSlabs, e: int) -> torch.Tensor | None:
+        """The scale folded into the input channels of expert ``e``'s slab."""
+        return self.s_down.get(e) if slab.attr == "down_proj" else self.s_in
 
 
 def _set_param(txn: Transaction, mod: nn.Module, attr: str, value: torch.Tensor, frozen: bool = False) -> None:
@@ -33,136 +47,154 @@ def _set_param(txn: Transaction, mod: nn.Module, attr: str, value: torch.Tensor,
         txn.set_param(mod, attr, value)
 
 
-def _error_feedback_experts(
-    w: torch.Tensor, target: torch.Tensor, grams: list[torch.Tensor | None], config: AWQConfig, transposed: bool
-) -> Int4WeightTensor:
-    """Round each expert ``[N, K]`` slab with error feedback, as a linear's weight is rounded:
-    the grid (scale, zero) of the clipped slab ``w[e]``, the codes chosen on the unclipped
-    scaled slab ``target[e]`` with the expert's input Gram (RTN for an expert without one)."""
+def fold_experts(mod: nn.Module, info: ExpertsInfo, scales: ExpertScales, txn: Transaction) -> None:
+    """Fold an experts module's scales into its weights, in float64, one cast at the end:
+    every expert's gate_up input channels times ``s_in``; expert e's up rows (and bias) divided
+    by ``s_down[e]`` and its down slab's input channels multiplied by it."""
+    if scales.s_in is None and not scales.s_down:
+        return
+    w_up = getattr(mod, info.up_attr)
+    up = expert_rows(w_up.detach().double(), info.transposed).clone()
+    if scales.s_in is not None:
+        up = up * scales.s_in.to(up.device, torch.float64)
+    b_attr = f"{info.up_attr}_bias"
+    b_up = getattr(mod, b_attr, None) if info.has_bias else None
+    if scales.s_down:
+        dn = expert_rows(mod.down_proj.detach().double(), info.transposed).clone()
+        ui = info.up_index.to(up.device)
+        new_b = None if b_up is None else b_up.detach().double().clone()
+        for e, s in scales.s_down.items():
+            s64 = s.to(up.device, torch.float64)
+            up[e, ui] = up[e, ui] / s64[:, None]
+            dn[e] = dn[e] * s64
+            if new_b is not None:
+                new_b[e, ui] = new_b[e, ui] / s64
+        _set_param(txn, mod, "down_proj", _logical(dn, info).to(mod.down_proj.dtype))
+        if new_b is not None:
+            _set_param(txn, mod, b_attr, new_b.to(b_up.dtype))
+    _set_param(txn, mod, info.up_attr, _logical(up, info).to(w_up.dtype))
+
+
+def _logical(rows: torch.Tensor, info: ExpertsInfo) -> torch.Tensor:
+    return (rows.transpose(1, 2) if info.transposed else rows).contiguous()
+
+
+def _quantize_weight(
+    mod: nn.Module, name: str, info: ExpertsInfo, attr: str, grams: dict[str, torch.Tensor],
+    scales: ExpertScales, config: AWQConfig,
+) -> tuple[Int4WeightTensor, bool, bool]:
+    """One 3-D weight: per expert slab, clip and round exactly as a linear is (the slab's
+    input Gram scaled by the slab's scale). Returns ``(weight, clipped, error feedback)``."""
+    from awq_ao.passes.apply import clip_weight, grid_params, input_grams, round_weights
+
+    w = expert_rows(getattr(mod, attr).detach(), info.transposed)
+    slab = ExpertSlabs(name, attr, info.transposed)
     n, k = w.shape[1:]
     layout = choose_layout(w.device, config.bits, n, k, config.group_size)
+    grids: list[torch.Tensor] = []
+    fulls: list[torch.Tensor | None] = []
+    clipped = False
+    for e in range(info.num_experts):
+        group_gram, full = input_grams(grams.get(slab.key(e)), scales.of(slab, e), w.device, config.group_size)
+        w_grid = w[e]
+        if config.clip and group_gram is not None:
+            w_grid = clip_weight(w[e], group_gram, config)
+            clipped = True
+        grids.append(w_grid)
+        fulls.append(full)
+    if not any(f is not None for f in fulls):  # round to nearest on each (clipped) slab's grid
+        logical = _logical(torch.stack(grids), info)
+        q = Int4WeightTensor.from_float(logical, config.bits, config.group_size, config.zero_point, transposed=info.transposed)
+        return q, clipped, False
     slabs = []
-    for e in range(w.shape[0]):
-        w_now = w[e].contiguous()
-        if grams[e] is None:
-            slabs.append(Int4WeightTensor.from_float(w_now, config.bits, config.group_size, config.zero_point, layout=layout))
+    for e, (w_grid, full) in enumerate(zip(grids, fulls, strict=True)):
+        if full is None:  # an expert without a Gram: round to nearest
+            slabs.append(Int4WeightTensor.from_float(w_grid.contiguous(), config.bits, config.group_size, config.zero_point, layout=layout))
             continue
-        gs, zs = quant_params(w_now, config.bits, config.group_size, config.zero_point)
-        gs = round_scale(gs, scale_storage_dtype(w_now.dtype, layout))
-        codes = error_feedback_codes(
-            target[e].to(w_now.dtype), gs, zs, grams[e].to(w_now.device), config.bits, config.group_size,
-            damp=config.gptq_damp, act_order=config.gptq_act_order,
-        )
-        slabs.append(Int4WeightTensor.from_codes(codes, gs, zs, config.bits, config.group_size, w_now.dtype, layout=layout))
-    return Int4WeightTensor.from_slabs(slabs, transposed)
+        params = grid_params(w_grid, config)
+        codes = round_weights([w[e]], [params], full, config)[0]
+        slabs.append(Int4WeightTensor.from_codes(codes, *params, config.bits, config.group_size, w.dtype, layout=layout))
+    return Int4WeightTensor.from_slabs(slabs, info.transposed), clipped, True
 
 
 def quantize_experts(
     root: nn.Module,
-    analysis: Any,
+    experts: dict[str, ExpertsInfo] | None,
+    scales: dict[str, ExpertScales],
+    grams: dict[str, torch.Tensor],
+    tokens: dict[str, list[int]],
     config: AWQConfig,
     txn: Transaction,
-    report: Any,
+    report: ConvertReport,
     prefix: str = "",
-    quantize: bool = True,
 ) -> None:
-    """Fold the experts' scales, clip, and store their 3-D weights as INT4 (RTN without a plan).
-
-    ``quantize=False`` only folds the scales (float weights; for tests of the fold).
-    """
-    from awq_ao.report import GroupReport
-
-    plan: MoEPlan | None = getattr(analysis, "moe", None) if analysis is not None else None
-    if plan is None:
+    """Clip, round and store every experts module's 3-D weights as INT4 (scales already folded;
+    without ``experts``, those of ``root`` to round to nearest) and switch its forward to the
+    ``"awq_ao_int4"`` implementation."""
+    if experts is None:
         experts = find_experts(root, config)
-        if not experts:
-            return
-        plan = MoEPlan(experts)
-    group_of = {g.experts: g for g in plan.groups}
-    for note in plan.notes:
-        report.warnings.append(prefix + note)
-    for name, info in plan.experts.items():
+    for name, info in experts.items():
         mod = root.get_submodule(name)
-        res = plan.results.get(name)
-        g = group_of.get(name)
-        s_in = g.result.scales if g is not None and g.result is not None else None
-        if s_in is not None:
-            for pname, dim in g.rescaled_params:  # routers: kept in full precision
-                owner, _, attr = pname.rpartition(".")
-                pm = root.get_submodule(owner)
-                txn.set_param(pm, attr, _scale_along(getattr(pm, attr), s_in, dim, divide=False))
-            report.groups.append(GroupReport(
-                "norm", prefix + g.producer.module if g.producer.module else None,
-                [f"{prefix}{name}.{info.up_attr}"] + [prefix + p for p, _ in g.rescaled_params],
-                prefix + g.inspect, g.result.alpha, g.result.loss_rtn, g.result.loss_best,
-                "MoE block input: router rescaled, kept in full precision",
-            ))
-        w_up = getattr(mod, info.up_attr)
-        w_dn = mod.down_proj
-        up = expert_rows(w_up.detach().double(), info.transposed).clone()
-        dn = expert_rows(w_dn.detach().double(), info.transposed).clone()
-        b_attr = f"{info.up_attr}_bias"
-        b_up = getattr(mod, b_attr, None) if info.has_bias else None
-        new_b = None if b_up is None else b_up.detach().double().clone()
-        if s_in is not None:
-            up = up * s_in.to(up.device, torch.float64)
-        for e in range(info.num_experts):
-            s_e = res.s_down[e] if res is not None else None
-            if s_e is not None and info.up_index is not None:
-                s64 = s_e.to(up.device, torch.float64)
-                ui = info.up_index.to(up.device)
-                up[e, ui] = up[e, ui] / s64[:, None]
-                if new_b is not None:
-                    new_b[e, ui] = new_b[e, ui] / s64
-                dn[e] = dn[e] * s64
-        up_t = up.to(w_up.dtype)
-        dn_t = dn.to(w_dn.dtype)
-        if res is not None:
-            for e in range(info.num_experts):
-                if res.clip_up[e] is not None:
-                    up_t[e] = apply_clip(up_t[e], res.clip_up[e], config.group_size, config.clip_mode)
-                if res.clip_down[e] is not None:
-                    dn_t[e] = apply_clip(dn_t[e], res.clip_down[e], config.group_size, config.clip_mode)
-            if any(c is not None for c in res.clip_up):
-                report.clipped += 2
-        if new_b is not None and res is not None and any(s is not None for s in res.s_down):
-            _set_param(txn, mod, b_attr, new_b.to(b_up.dtype))
-        if not quantize:
-            for attr, w in ((info.up_attr, up), ("down_proj", dn)):
-                logical = w.transpose(1, 2) if info.transposed else w
-                _set_param(txn, mod, attr, logical.contiguous().to(getattr(mod, attr).dtype))
-            continue
-        grams = {info.up_attr: res.gram_up if res is not None else [], "down_proj": res.gram_down if res is not None else []}
-        for attr, w, target in ((info.up_attr, up_t, up), ("down_proj", dn_t, dn)):
-            if config.rounding == "gptq" and any(g is not None for g in grams[attr]):
-                q = _error_feedback_experts(w, target, grams[attr], config, info.transposed)
+        found = scales.get(name) or ExpertScales()
+        rounded = "nearest"
+        for attr in (info.up_attr, "down_proj"):
+            q, clipped, ef = _quantize_weight(mod, name, info, attr, grams, found, config)
+            report.clipped += int(clipped)
+            if ef:
                 report.error_feedback += info.num_experts
-            else:
-                logical = w.transpose(1, 2) if info.transposed else w
-                q = Int4WeightTensor.from_float(logical.contiguous(), config.bits, config.group_size, config.zero_point, transposed=info.transposed)
+                rounded = "error feedback (gptq)"
             _set_param(txn, mod, attr, q, frozen=True)
             report.experts_quantized.append(f"{prefix}{name}.{attr}")
         cfg_copy = copy.copy(mod.config)
         cfg_copy._experts_implementation_internal = IMPLEMENTATION
         txn.record(mod, "config")
         mod.config = cfg_copy
-        if res is not None:
-            empty = sum(1 for t in res.tokens if t == 0)
-            report.experts_no_tokens += empty
-            if empty:
-                report.warnings.append(
-                    f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens; "
-                    "their scale search and clipping fell back to the statistics of the whole block "
-                    "(all of the block's calibration tokens); calibrate with more or more varied data "
-                    "to cover them"
-                )
-            rounded = "error feedback (gptq)" if any(g is not None for g in res.gram_up) else "nearest"
-            note = (f"per-expert up->down: {res.scaled} scaled, {info.num_experts - res.scaled} unscaled; "
-                    f"{empty} without tokens (whole-block statistics); rounded with {rounded}")
-            if info.fold_note:
-                note = f"{info.fold_note}; rounded with {rounded}"
-            report.groups.append(GroupReport(
-                "experts", f"{prefix}{name}.{info.up_attr}", [f"{prefix}{name}.down_proj"], prefix + name,
-                None, res.loss_rtn if info.up_index is not None else None,
-                res.loss_best if info.up_index is not None else None, note,
-            ))
+        counts = tokens.get(name)
+        if counts is None:
+            continue
+        _report_experts(report, prefix, name, info, found, counts, rounded)
+
+
+def _report_experts(report: ConvertReport, prefix: str, name: str, info: ExpertsInfo, found: ExpertScales,
+                    counts: list[int], rounded: str) -> None:
+    empty = sum(1 for t in counts if t == 0)
+    report.experts_no_tokens += empty
+    if empty:
+        report.warnings.append(
+            f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens; "
+            "their scale search and clipping fell back to the statistics of the whole block "
+            "(all of the block's calibration tokens); calibrate with more or more varied data "
+            "to cover them"
+        )
+    scaled = len(found.s_down)
+    note = (f"per-expert up->down: {scaled} scaled, {info.num_experts - scaled} unscaled; "
+            f"{empty} without tokens (whole-block statistics); rounded with {rounded}")
+    if info.fold_note:
+        note = f"{info.fold_note}; rounded with {rounded}"
+    searched = info.up_index is not None and found.searched > 0
+    report.groups.append(GroupReport(
+        "experts", f"{prefix}{name}.{info.up_attr}", [f"{prefix}{name}.down_proj"], prefix + name, None,
+        found.loss_rtn if searched else None, found.loss_best if searched else None, note,
+    ))
+
+
+def experts_scales(analysis: Any, results: dict[int, Any]) -> dict[str, ExpertScales]:
+    """``{experts module: ExpertScales}`` from the search results of the experts' groups."""
+    out: dict[str, ExpertScales] = {}
+    for gi, g in enumerate(analysis.groups):
+        if not g.slabs:
+            continue
+        res = results.get(gi)
+        sc = out.setdefault(g.slabs[0].module, ExpertScales())
+        idx = g.slabs[0].index
+        if idx is not None and res is not None and res.loss_rtn is not None:
+            sc.searched += 1
+            sc.loss_rtn += res.loss_rtn
+            sc.loss_best += res.loss_best if res.loss_best is not None else res.loss_rtn
+        if res is None or res.scales is None:
+            continue
+        if idx is None:
+            sc.s_in = res.scales
+        else:
+            sc.s_down[idx] = res.scales
+    return out

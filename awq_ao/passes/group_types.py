@@ -5,10 +5,11 @@ the result of the whole analysis (:class:`GraphAnalysis`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["ParamFold", "Producer", "ScaleGroup", "GraphAnalysis"]
+__all__ = ["ParamFold", "Producer", "ExpertSlabs", "ScaleGroup", "GraphAnalysis"]
 
 
 @dataclass
@@ -37,9 +38,32 @@ class Producer:
     path: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ExpertSlabs:
+    """Consumers inside a transformers experts module: the input channels of its 3-D weight
+    ``attr`` (stored ``[E, out, in]``, or ``[E, in, out]`` when ``transposed``), of every
+    expert (``index`` None: the MoE block input's group) or of expert ``index`` only."""
+
+    module: str
+    attr: str
+    transposed: bool = False
+    index: int | None = None
+
+    def key(self, e: int) -> str:
+        """The name of expert ``e``'s slab (its input Gram's key, e.g. ``mlp.experts.down_proj[3]``)."""
+        return f"{self.module}.{self.attr}[{e}]"
+
+
 @dataclass
 class ScaleGroup:
-    """One AWQ scale group: consumers sharing an input X and X's producer."""
+    """One AWQ scale group: consumers sharing an input X and X's producer.
+
+    Consumers are linears (``consumers``) and/or slabs of MoE experts weights (``slabs``).
+    Two group kinds hold experts: the MoE block input (producer: e.g. the norm before the
+    block; consumers: every expert's gate_up, shared-expert linears; ``rescaled_params``: the
+    router, kept in full precision) and one expert's up -> down pair (producer kind
+    ``"experts_up"``: the up rows of expert ``slabs[0].index``; consumer: its down slab).
+    """
 
     x_node: str
     in_features: int
@@ -51,11 +75,20 @@ class ScaleGroup:
     inspect: str | None = None
     channel_map: torch.Tensor | None = None  # X channel -> producer channel
     consumer_is_conv1d: dict[str, bool] = field(default_factory=dict)
+    slabs: list[ExpertSlabs] = field(default_factory=list)
+    #: parameters read by X's other readers (MoE routers): ``(name, input-channel dim)``,
+    #: multiplied by s, kept in full precision
+    rescaled_params: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
         """Short label for reports: the producer kind or "fallback"."""
         return self.producer.kind if self.foldable else "fallback"
+
+    @property
+    def searched(self) -> bool:
+        """Whether the group has anything to scale (linears or experts slabs)."""
+        return bool(self.consumers or self.slabs)
 
     def tie_groups(self) -> torch.Tensor | None:
         """Class id per X channel: channels mapped to one producer channel share a scale."""
@@ -78,3 +111,10 @@ class GraphAnalysis:
     # ``lin.weight.view(...)``): the op that does, per target. A quantized weight tensor
     # must support those ops, or such layers must stay in full precision.
     direct_weight_use: dict[str, str] = field(default_factory=dict)
+    # MoE experts modules to quantize (name -> passes.experts.ExpertsInfo), planned with the
+    # groups; their slabs are consumers of the groups above
+    experts: dict[str, Any] = field(default_factory=dict)
+    # what the planning could not do (e.g. an MoE block input that cannot be scaled)
+    notes: list[str] = field(default_factory=list)
+    # filled by the search: tokens routed to each expert of each experts module
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)

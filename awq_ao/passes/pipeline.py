@@ -22,7 +22,6 @@ from awq_ao.observers.activation import RecordedCall
 from awq_ao.passes.apply import add_time, apply_found, has_custom_forward
 from awq_ao.passes.capture import CaptureError, capture
 from awq_ao.passes.experts import plan_experts
-from awq_ao.passes.experts_search import search_experts
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.groups import GraphAnalysis, find_groups
 from awq_ao.passes.sample_chunks import accumulate_grams, rows_of, splits_rows
@@ -71,7 +70,7 @@ def analyze(
     config: AWQConfig,
     report: ConvertReport,
 ) -> GraphAnalysis:
-    """Capture ``root`` and find its scale groups (and MoE plan). Nothing is modified."""
+    """Capture ``root`` and find its scale groups, the MoE experts' among them. Nothing is modified."""
     t0 = time.perf_counter()
     try:
         ep = capture(root, first_call)
@@ -111,7 +110,7 @@ def search(
     prefix: str = "",
     rows: int = 0,
 ) -> tuple[dict[int, GroupResult], dict[str, torch.Tensor]]:
-    """Scale search (and experts search) on the search chunk of the sample; the model is untouched.
+    """Scale search (MoE experts' groups included) on the search chunk of the sample; the model is untouched.
 
     The search replays the first ``max_search_samples`` of the sample's ``rows`` rows; the
     linears' input Grams are then completed over the other rows
@@ -119,7 +118,7 @@ def search(
     ``({group index: result}, {linear: input Gram})``: the Grams are kept for the clipping
     search and error-feedback rounding.
     """
-    if not any(g.consumers for g in analysis.groups) and getattr(analysis, "moe", None) is None:
+    if not any(g.searched for g in analysis.groups) and not analysis.experts:
         return {}, {}
     t0 = time.perf_counter()
     run = current()
@@ -139,9 +138,9 @@ def search(
     root.eval()
     try:
         results = scale_search.run(search_args, search_kwargs)
+        analysis.expert_tokens = dict(scale_search.experts.tokens)
         grams = accumulate_grams(root, scale_search.clip_inputs, scale_search.gram_tokens, args, kwargs,
                                  rows, first, config) if first else scale_search.clip_inputs
-        search_experts(root, analysis, results, grams, search_args, search_kwargs, config)
     finally:
         root.train(was_training)
     add_time(report, "search", time.perf_counter() - t0)
@@ -166,7 +165,7 @@ def block_stages(analysis: Any, local: list[str]) -> list[tuple[list[int], list[
     None where the block cannot be split: one child only, an MoE block, or a group whose
     linears span several children (parallel attention/MLP blocks fed by one norm).
     """
-    if getattr(analysis, "moe", None) is not None:
+    if analysis.experts:
         return None
 
     def top(name: str) -> str:

@@ -10,7 +10,9 @@ The search runs inside forward hooks during one replay of the recorded calibrati
 so only one module's inputs are held at a time. Nothing in the model changes here: results
 are returned and applied afterwards (passes/fold), which keeps a failed search harmless.
 
-The losses a candidate is scored by are in :mod:`~awq_ao.passes.search_loss` and the
+The candidates and the grid are in :mod:`~awq_ao.passes.scale_grid`, the losses a candidate
+is scored by in :mod:`~awq_ao.passes.search_loss`, MoE experts' inputs in
+:mod:`~awq_ao.passes.experts_search` and the
 weight-clipping search in :mod:`~awq_ao.passes.clipping`; their public names are re-exported
 here.
 """
@@ -25,14 +27,22 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.lowering.quant_math import group_geometry
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.candidate_screen import screen_stages, screened_grid_search, stage_chunks
 from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
+from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, slab_rows
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.rounding import full_gram
 from awq_ao.passes.sample_chunks import gram_tokens, rows_of, splits_rows
+from awq_ao.passes.scale_grid import (
+    candidate_scales,
+    duo_families,
+    grid_search,
+    scale_candidates,
+    tie_mean,
+    weight_mean,
+)
 from awq_ao.passes.search_loss import (
     _mse,
     _Swap,
@@ -77,113 +87,6 @@ def weight_2d(module: nn.Module, is_conv1d: bool) -> torch.Tensor:
     """The weight as [out, in] (a view for Conv1D's [in, out] storage)."""
     w = module.weight
     return w.t() if is_conv1d else w
-
-
-def tie_mean(v: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-    """Replace each entry by the mean over entries of its class (tied scales)."""
-    if classes is None:
-        return v
-    c = classes.to(v.device)
-    n = int(c.max()) + 1
-    sums = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, c, v)
-    cnt = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, c, torch.ones_like(v))
-    return (sums / cnt.clamp(min=1))[c]
-
-
-def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Mean over output rows of |w| normalised by its group's max, per input channel."""
-    k = weights[0].shape[1]
-    g, _, pad = group_geometry(k, group_size)
-    total = torch.zeros(k + pad, dtype=torch.float32, device=weights[0].device)
-    n = 0
-    for w in weights:
-        for r0 in range(0, w.shape[0], 512):  # float32 temporaries of one row chunk at a time
-            wa = w[r0 : r0 + 512].detach().float().abs()
-            if pad:
-                wa = torch.cat([wa, wa.new_zeros(wa.shape[0], pad)], dim=1)
-            wg = wa.view(wa.shape[0], -1, g)
-            total += (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).sum(dim=0).view(-1)
-            n += wa.shape[0]
-    return total[:k] / n
-
-
-def candidate_scales(
-    x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float, tie: torch.Tensor | None
-) -> torch.Tensor:
-    """AWQ scale for exponent ``alpha`` (normalised so max*min == 1)."""
-    if w_mean is not None:
-        s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
-    else:
-        s = x_mean.pow(alpha)
-    s = s.clamp(min=1e-4)
-    s = tie_mean(s, tie)
-    s = s / (s.max() * s.min()).sqrt()
-    return s
-
-
-def scale_candidates(
-    x_mean: torch.Tensor,
-    w_mean: torch.Tensor | None,
-    n_grid: int,
-    duo_scaling: bool | str,
-    tie: torch.Tensor | None = None,
-):
-    """Yield ``(alpha, s)`` for every candidate scale of the search grid.
-
-    ``duo_scaling``: True uses mean|x|^a / mean|w|^(1-a), False mean|x|^a, ``"both"`` tries
-    both families (2 x n_grid candidates).
-    """
-    for wm in duo_families(w_mean, duo_scaling):
-        for i in range(n_grid):
-            alpha = i / n_grid
-            yield alpha, candidate_scales(x_mean, wm, alpha, tie)
-
-
-def duo_families(w_mean: torch.Tensor | None, duo_scaling: bool | str) -> list[torch.Tensor | None]:
-    """The weight terms of the searched scale families: with it, without it, or both."""
-    return [w_mean, None] if duo_scaling == "both" else [w_mean if duo_scaling else None]
-
-
-def grid_search(
-    loss_of: Any,
-    best: tuple[float, float | None, torch.Tensor | None],
-    x_mean: torch.Tensor,
-    w_mean: torch.Tensor | None,
-    n_grid: int,
-    duo_scaling: bool | str,
-    tie: torch.Tensor | None = None,
-    refine: bool = False,
-) -> tuple[float, float | None, torch.Tensor | None]:
-    """Minimise ``loss_of(s)`` over the candidates of :func:`scale_candidates`.
-
-    ``best``: ``(loss, alpha, s)`` to beat (plain RTN). ``refine``: per family, try every
-    second alpha of the grid, then the two grid neighbours of the best of those (13 of 21
-    candidates at ``n_grid=20``); it finds the full grid's minimum wherever the loss is
-    unimodal over alpha on the coarse grid's scale. Ties keep the earlier candidate.
-    """
-    for wm in duo_families(w_mean, duo_scaling):
-        if refine and n_grid >= 4:
-            coarse = list(range(0, n_grid, 2))
-            losses = {i: _grid_point(loss_of, x_mean, wm, i, n_grid, tie) for i in coarse}
-            j = min(coarse, key=lambda i: (losses[i][0], i))
-            for i in (j - 1, j + 1):
-                if 0 <= i < n_grid:
-                    losses[i] = _grid_point(loss_of, x_mean, wm, i, n_grid, tie)
-        else:
-            losses = {i: _grid_point(loss_of, x_mean, wm, i, n_grid, tie) for i in range(n_grid)}
-        for i in sorted(losses):  # grid order: ties keep the smaller alpha, as a full scan does
-            loss, cand = losses[i]
-            if loss < best[0]:
-                best = (loss, i / n_grid, cand)
-    return best
-
-
-def _grid_point(
-    loss_of: Any, x_mean: torch.Tensor, w_mean: torch.Tensor | None, i: int, n_grid: int, tie: torch.Tensor | None
-) -> tuple[float, torch.Tensor]:
-    s = candidate_scales(x_mean, w_mean, i / n_grid, tie)
-    return loss_of(s), s
-
 
 
 def _module_loss(search_loss: str, g: ScaleGroup, qk_linears: set[str]) -> bool:
@@ -235,13 +138,17 @@ class ScaleSearch:
         self._by_inspect: dict[str, list[int]] = {}
         self._direct: dict[str, list[int]] = {}
         self._rows = 0  # batch rows of the replayed sample (the screen cuts its rows)
+        self._per_expert: dict[str, dict[int, int]] = {}  # experts module -> {expert: up->down group}
+        self.experts = ExpertsTaps(self.modules, getattr(analysis, "experts", {}) or {}, config)
         for i, g in enumerate(analysis.groups):
-            if not g.consumers:
+            if g.slabs and g.slabs[0].index is not None:  # one expert's up -> down pair
+                self._per_expert.setdefault(g.slabs[0].module, {})[g.slabs[0].index] = i
+            elif not g.searched:
                 continue
-            if g.inspect is None or not _module_loss(config.search_loss, g, analysis.qk_linears):
-                self._direct.setdefault(g.consumers[0], []).append(i)
+            elif g.inspect is not None and (g.slabs or _module_loss(config.search_loss, g, analysis.qk_linears)):
+                self._by_inspect.setdefault(g.inspect, []).append(i)  # MoE block inputs: always the block's output
             else:
-                self._by_inspect.setdefault(g.inspect, []).append(i)
+                self._direct.setdefault(g.consumers[0], []).append(i)
 
     # --- hooks -------------------------------------------------------------------------
     def _pre_inspect(self, name: str):
@@ -291,6 +198,27 @@ class ScaleSearch:
 
         return hook
 
+    def _pre_experts(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.active:
+                self.experts.record(name, args, kwargs)
+
+        return hook
+
+    def _post_experts(self, name: str):
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            if not self.active or name in self.experts.tokens:
+                return
+            groups = self._per_expert.get(name, {})
+
+            def on_expert(e: int, h: torch.Tensor) -> None:
+                if e in groups:
+                    self._run_group(groups[e], None, h)
+
+            self.experts.per_expert(name, self.clip_inputs, self.gram_tokens, on_expert)
+
+        return hook
+
     # --- search ------------------------------------------------------------------------
     def _run_group(self, gi: int, call: Any, x: torch.Tensor | None = None, rows_call: Any = None) -> None:
         g = self.analysis.groups[gi]
@@ -308,26 +236,30 @@ class ScaleSearch:
             return GroupResult(None)
         if not g.foldable and cfg.fallback == "skip":
             return GroupResult(None, note="not foldable; left unscaled (fallback='skip')")
-        obs = self.observers.get(g.consumers[0])
-        xm = obs.mean_abs() if obs is not None else None
+        xm = self._x_mean(g, x)
         if xm is None:
             return GroupResult(None, note="no calibration activations reached this group")
         mods = [self.modules[c] for c in g.consumers]
         conv = [g.consumer_is_conv1d.get(c, False) for c in g.consumers]
-        dev = mods[0].weight.device
+        slabs = [slab_rows(getattr(self.modules[sl.module], sl.attr), sl) for sl in g.slabs]
         tie = g.tie_groups()
-        x_mean = tie_mean(xm.to(dev, torch.float32), tie)
+        x_mean = tie_mean(xm.to((mods[0].weight if mods else slabs[0]).device, torch.float32), tie)
         w2d = [weight_2d(m, c) for m, c in zip(mods, conv, strict=True)]
-        w_mean = tie_mean(weight_mean(w2d, cfg.group_size), tie) if cfg.duo_scaling else None
+        w_mean = tie_mean(weight_mean(slabs + w2d, cfg.group_size), tie) if cfg.duo_scaling else None
         swap = _Swap(mods)
+        slab_swap = SlabSwap(self.modules, g.slabs, cfg) if call is not None else None
         orig = [w.detach() for w in w2d]
 
         def quantized(s: torch.Tensor | None) -> None:
+            if slab_swap is not None:
+                slab_swap.set(s)
             for i, (w, c) in enumerate(zip(orig, conv, strict=True)):
                 swap.set(i, fake_quantize_scaled(w, s, cfg.bits, cfg.group_size, cfg.zero_point, c))
 
         gram = None
-        if x is not None and (call is None or g.consumers == [g.inspect]):
+        if call is None and g.slabs:  # one expert's down slab: its own output error, through its input's Gram
+            orig, gram = slabs, full_gram(x)
+        elif x is not None and (call is None or g.consumers == [g.inspect]):
             # the loss is the consumers' own output error: cheaper through their input's Gram
             gram = self._direct_gram(g.consumers[0], x, sum(w.shape[0] for w in orig))
         if call is None:
@@ -350,6 +282,8 @@ class ScaleSearch:
                     best, loss_rtn = self._full_grid(g, run, gram, orig, quantized, x_mean, w_mean, tie)
         finally:
             swap.restore()
+            if slab_swap is not None:
+                slab_swap.restore()
         loss, alpha, s = best
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -363,8 +297,9 @@ class ScaleSearch:
                    quantized: Any, x_mean: torch.Tensor, w_mean: torch.Tensor | None, tie: Any) -> tuple[Any, float]:
         """Every grid candidate scored on the whole search chunk (``refine``: a subset)."""
         cfg = self.config
-        ref = run()
-        _check_finite(ref, g)
+        ref = run() if gram is None else None
+        if ref is not None:
+            _check_finite(ref, g)
 
         def loss_of(s: torch.Tensor | None) -> float:
             if gram is not None:  # a direct group: the same MSE through the input's Gram
@@ -405,6 +340,16 @@ class ScaleSearch:
         best = screened_grid_search(chunk_loss, len(calls), ends, (loss_rtn, None, None), families)
         return best, loss_rtn
 
+    def _x_mean(self, g: ScaleGroup, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean |x| per input channel: the consumers' observer (every calibration batch), else
+        for experts the search sample's (one expert's down input ``x``, or the block input)."""
+        obs = self.observers.get(g.consumers[0]) if g.consumers else None
+        if obs is not None:
+            return obs.mean_abs()
+        if g.slabs and g.slabs[0].index is not None:
+            return None if x is None else x.abs().float().mean(0)
+        return self.experts.hidden_mean(g.slabs[0].module) if g.slabs else None
+
     def _direct_gram(self, consumer: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The Gram of a direct group's input when its loss is cheaper through it (else None).
 
@@ -434,6 +379,10 @@ class ScaleSearch:
             names = {c for g in self.analysis.groups for c in g.consumers}
             for name in sorted(names):
                 handles.append(self.modules[name].register_forward_pre_hook(self._pre_consumer(name)))
+            for name in self.experts.experts:
+                m = self.modules[name]
+                handles.append(m.register_forward_pre_hook(self._pre_experts(name), with_kwargs=True))
+                handles.append(m.register_forward_hook(self._post_experts(name), with_kwargs=True))
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
@@ -441,4 +390,5 @@ class ScaleSearch:
                 h.remove()
             self._inputs.clear()
             self._last_gram = None
+            self.experts.calls.clear()
         return self.results

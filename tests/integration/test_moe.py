@@ -16,15 +16,11 @@ from awq_ao.lowering.int4_experts import IMPLEMENTATION
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.swap import model_size_bytes
 from awq_ao.observers.activation import RecordedCall
+from awq_ao.passes.apply import fold_scales
 from awq_ao.passes.capture import capture
-from awq_ao.passes.experts import (
-    ExpertsResult,
-    as_scale_group,
-    is_experts_module,
-    plan_experts,
-)
-from awq_ao.passes.experts_apply import quantize_experts
-from awq_ao.passes.fold import Transaction, fold_group
+from awq_ao.passes.experts import is_experts_module, plan_experts
+from awq_ao.passes.experts_apply import experts_scales, fold_experts, quantize_experts
+from awq_ao.passes.fold import Transaction
 from awq_ao.passes.groups import find_groups
 from awq_ao.passes.search import GroupResult
 from awq_ao.report import ConvertReport
@@ -100,7 +96,7 @@ def test_int4_experts_forward_matches_dequantized_reference(name):
     the dequantized weights, in float64."""
     model = tiny_moe(name, torch.float64)  # RTN experts (float64 linears are not quantizable)
     cfg = awq_config(scale_search=False, clip=False, group_size=32)
-    quantize_experts(model, None, cfg, Transaction(), ConvertReport(4, 32, True))
+    quantize_experts(model, None, {}, {}, {}, cfg, Transaction(), ConvertReport(4, 32, True))
     mods = experts_modules(model)
     assert mods and all(m.config._experts_implementation == IMPLEMENTATION for m in mods)
     out = logits(model, TEST_IDS)
@@ -136,22 +132,21 @@ def test_fold_random_scales_is_exact(name):
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     ep = capture(model, RecordedCall((batches(1)[0]["input_ids"][:1],), {"use_cache": False}, 1))
     analysis = find_groups(ep, model, targets)
-    plan = plan_experts(ep, model, analysis, targets, cfg)
+    added = plan_experts(ep, model, analysis, targets, cfg)
     model = model.double()
     model.set_experts_implementation("eager")
     ref = logits(model, TEST_IDS)
-    assert plan is not None and len(plan.groups) == len(plan.experts)  # every MoE block input folds
+    inputs = [g for g in added if g.slabs[0].index is None]
+    assert len(inputs) == len(analysis.experts)  # every MoE block input folds
+    pairs = sum(info.num_experts for info in analysis.experts.values() if info.up_index is not None)
+    assert len(added) == len(inputs) + pairs  # and every expert's up -> down pair where the gate allows
     gen = torch.Generator().manual_seed(1)
     txn = Transaction()
-    for g in plan.groups:
-        s = torch.rand(g.hidden, generator=gen, dtype=torch.float64) + 0.5
-        g.result = GroupResult(s, 0.5)
-        fold_group(model, as_scale_group(g), s, txn)
-    for name_, info in plan.experts.items():
-        e = info.num_experts
-        s_down = [torch.rand(info.inter, generator=gen, dtype=torch.float64) + 0.5 for _ in range(e)]
-        plan.results[name_] = ExpertsResult([1] * e, s_down, [None] * e, [None] * e)
-    quantize_experts(model, analysis, cfg, txn, ConvertReport(4, 32, True), quantize=False)
+    results = {gi: GroupResult(torch.rand(g.in_features, generator=gen, dtype=torch.float64) + 0.5, 0.5)
+               for gi, g in enumerate(analysis.groups) if g.slabs}
+    fold_scales(model, analysis, results, cfg, txn, ConvertReport(4, 32, True))
+    for name_, sc in experts_scales(analysis, results).items():
+        fold_experts(model.get_submodule(name_), analysis.experts[name_], sc, txn)
     out = logits(model, TEST_IDS)
     err = float((out - ref).abs().max() / ref.abs().max())
     assert err < tol64(name), err
@@ -397,7 +392,6 @@ def test_unpickled_experts_weight_registers_its_implementation(tmp_path):
 def test_search_refine_applies_to_experts(monkeypatch):
     """search_refine=True searches the experts' scales (the MoE input group and every expert's
     up -> down pair) on the refined grid too: fewer candidates, the same grid otherwise."""
-    import awq_ao.passes.experts_search as experts_pass
     from awq_ao.passes import search as search_pass
 
     calls: list[tuple[bool, int]] = []
@@ -414,19 +408,22 @@ def test_search_refine_applies_to_experts(monkeypatch):
         calls.append((refine, n[0]))
         return out
 
-    monkeypatch.setattr(experts_pass, "grid_search", counting)
+    monkeypatch.setattr(search_pass, "grid_search", counting)
     seen = {}
     for refine in (False, True):
         calls.clear()
         model = tiny_moe("MixtralForCausalLM")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            awq_ao.quantize(model, batches(3), group_size=32, n_grid=10, search_refine=refine, progress=False, verbose=False)
+            report = awq_ao.quantize(model, batches(3), group_size=32, n_grid=10, search_refine=refine,
+                                     screen_rows=None, progress=False, verbose=False)
         seen[refine] = list(calls)
+        dense = sum(1 for g in report.groups if g.kind != "experts" and not any("experts" in c for c in g.consumers))
     n_layers = tiny_moe("MixtralForCausalLM").config.num_hidden_layers
     n_experts = tiny_moe("MixtralForCausalLM").config.num_local_experts
     for refine, want in ((False, 10), (True, 7)):  # refine at n_grid=10: 5 coarse + 2 neighbours at most
-        assert len(seen[refine]) == n_layers * (1 + n_experts)  # the MoE input group + each expert
+        # the dense groups, and per layer the MoE input group and each expert's up -> down pair
+        assert len(seen[refine]) == dense + n_layers * (1 + n_experts)
         assert all(r is refine for r, _ in seen[refine])
         assert all(n == want for _, n in seen[refine]) if not refine else all(6 <= n <= want for _, n in seen[refine])
 

@@ -47,15 +47,15 @@ def test_group_spanning_children_or_moe_is_not_split():
         return NS(consumers=consumers, rescaled=[], producer=NS(kind=kind, module=producer))
 
     local = ["attn.q", "attn.o", "mlp.fc1", "mlp.fc2"]
-    split = NS(groups=[group(["attn.q"]), group(["attn.o"], "attn.q"), group(["mlp.fc1"]), group(["mlp.fc2"], "mlp.fc1")], moe=None)
+    split = NS(groups=[group(["attn.q"]), group(["attn.o"], "attn.q"), group(["mlp.fc1"]), group(["mlp.fc2"], "mlp.fc1")], experts={})
     assert [t for _, t in block_stages(split, local)] == [["attn.q", "attn.o"], ["mlp.fc1", "mlp.fc2"]]
     # one norm feeding attention and MLP (GPT-J / Phi-1 parallel blocks): one group spans both
-    parallel = NS(groups=[group(["attn.q", "mlp.fc1"]), group(["attn.o"], "attn.q")], moe=None)
+    parallel = NS(groups=[group(["attn.q", "mlp.fc1"]), group(["attn.o"], "attn.q")], experts={})
     assert block_stages(parallel, local) is None
     # a linear producer in another child than its consumer
-    cross = NS(groups=[group(["mlp.fc1"], "attn.o")], moe=None)
+    cross = NS(groups=[group(["mlp.fc1"], "attn.o")], experts={})
     assert block_stages(cross, local) is None
-    assert block_stages(NS(groups=split.groups, moe=object()), local) is None
+    assert block_stages(NS(groups=split.groups, experts={"mlp.experts": object()}), local) is None
     assert block_stages(split, ["mlp.fc1", "mlp.fc2"]) is None
 
 

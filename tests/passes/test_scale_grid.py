@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import awq_ao.passes.search as search
-from awq_ao.passes.search import grid_search
+import awq_ao.passes.scale_grid as search
+from awq_ao.passes.scale_grid import grid_search
 
 
 def _run(loss_by_alpha, n_grid: int, refine: bool, duo: bool | str = False):
