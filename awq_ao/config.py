@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -281,55 +280,29 @@ def whole_model(module: nn.Module, fqn: str) -> bool:
     return fqn == ""
 
 
-def _enclosing_quantize_model(module: nn.Module) -> nn.Module:
-    """The ``model`` argument of the running ``quantize_`` call (default ``filter_fn`` only).
-
-    With torchao's default filter, ``quantize_`` hands the handler one linear at a time and
-    never the model; this looks the model up in ``quantize_``'s own frame, once per call of
-    the handler. Every path inside awq_ao (``awq_ao.quantize``, the CLI) passes
-    ``filter_fn=whole_model`` instead and never gets here.
-    """
-    from torchao.quantization import quant_api
-
-    code = quant_api.quantize_.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            model = frame.f_locals.get("model")
-            return model if isinstance(model, nn.Module) else module
-        frame = frame.f_back
-    return module
-
-
 @register_quantize_module_handler(AWQConfig)
 def _awq_transform(module: nn.Module, config: AWQConfig) -> nn.Module:
-    """torchao handler: prepare or convert the model ``module`` (see :func:`whole_model`).
+    """torchao handler: prepare or convert the model ``module`` it is given and return it.
 
-    Given a model (``filter_fn=whole_model``), it runs prepare or convert on it and returns
-    it. Given a linear
-    (torchao's default filter calls the handler once per ``nn.Linear``), the first call does
-    the work on the whole model of that ``quantize_`` call and every call returns the
-    module that replaced its linear.
+    ``quantize_(model, awq_config(...), filter_fn=whole_model)`` calls it once, on ``model``
+    (see :func:`whole_model`). torchao's default filter would call it once per ``nn.Linear``
+    without ever showing it the model, and AWQ cannot work on a linear alone: that call is
+    refused before anything changes.
     """
     from awq_ao.lowering.swap import is_quantizable_linear
     from awq_ao.observers.attach import prepare
     from awq_ao.passes.convert import convert
-    from awq_ao.state import get_state
 
-    if not is_quantizable_linear(module):
-        if config.step == "prepare":
-            prepare(module, config)
-        else:
-            convert(module, config)
-        return module
-    root = _enclosing_quantize_model(module)
-    state = get_state(root)
-    if config.step == "prepare":  # once per quantize_ call: the config object marks the call
-        if state is None or state.phase != "prepared" or state.prepare_token is not config:
-            prepare(root, config, token=config)
-        return module
-    if state is None or state.convert_token is not config:
-        convert(root, config, token=config)
-        state = get_state(root)
-    assert state is not None
-    return state.replacements.get(id(module), module)
+    if is_quantizable_linear(module):
+        raise ValueError(
+            f"awq_config(step={config.step!r}) was handed one {type(module).__name__}, not the model: "
+            "torchao's default filter_fn calls the handler once per linear, but AWQ's scale groups "
+            "span norms and linears, so awq_ao needs the whole model. Pass filter_fn=awq_ao.whole_model: "
+            "quantize_(model, awq_config(...), filter_fn=whole_model) (or use awq_ao.quantize(model, "
+            "calibration)). Nothing was changed."
+        )
+    if config.step == "prepare":
+        prepare(module, config)
+    else:
+        convert(module, config)
+    return module

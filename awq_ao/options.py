@@ -97,8 +97,8 @@ class SearchOptions:
             clipping and error-feedback rounding (and, layer by layer, carried through the
             blocks); they cost one extra forward per chunk, not one per candidate. At least
             ``max_samples`` rows are kept; the per-channel statistics use every calibration
-            batch either way. Bounds calibration memory. MoE experts modules (3-D weights)
-            are still searched and clipped on the first ``max_samples`` rows only.
+            batch either way. Bounds calibration memory. MoE experts' Grams too (each
+            expert's over the tokens routed to it in these rows).
             Default 64. (Flat ``max_gram_samples``.)
         fallback: what to do where no fold is legal: ``"multiply"`` (default) inserts an
             explicit per-channel input multiply (counted in the report), ``"skip"`` leaves the

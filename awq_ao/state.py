@@ -21,8 +21,6 @@ class AWQState:
     recorder: RootCallRecorder | None = None
     handles: list[Any] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
-    prepare_token: Any = None
-    convert_token: Any = None
     replacements: dict[int, nn.Module] = field(default_factory=dict)
     report: Any = None
 

@@ -110,7 +110,7 @@ def _matches_explicit(name: str, patterns: tuple[str, ...]) -> bool:
     return any(p == name for p in patterns)
 
 
-def prepare(model: nn.Module, config: AWQConfig, token: object = None) -> AWQState:
+def prepare(model: nn.Module, config: AWQConfig) -> AWQState:
     """Attach observers to every target linear and a recorder to the root module.
 
     Calling prepare again replaces the earlier observers (statistics start afresh).
@@ -126,7 +126,7 @@ def prepare(model: nn.Module, config: AWQConfig, token: object = None) -> AWQSta
             "no quantizable layer found: awq_ao quantizes nn.Linear and transformers' Conv1D "
             "modules (the output head is kept in full precision). Check include=/skip=."
         )
-    state = AWQState(phase="prepared", targets=targets, prepare_token=token)
+    state = AWQState(phase="prepared", targets=targets)
     modules = dict(model.named_modules())
     for name in targets:
         mod = modules[name]

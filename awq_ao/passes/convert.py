@@ -59,7 +59,7 @@ def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
         )
 
 
-def convert(model: nn.Module, config: AWQConfig, token: object = None) -> ConvertReport:
+def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
     """Quantize ``model`` in place with AWQ; return a :class:`ConvertReport`."""
     from awq_ao.lowering.swap import footprint, model_size_bytes
 
@@ -150,7 +150,6 @@ def convert(model: nn.Module, config: AWQConfig, token: object = None) -> Conver
     state.observers = {}
     state.recorder = None
     state.phase = "converted"
-    state.convert_token = token
     state.report = report
     set_state(model, state)
     from awq_ao.integrations.transformers_quantizer import attach_to_model

@@ -164,7 +164,7 @@ def _report_experts(report: ConvertReport, prefix: str, name: str, info: Experts
             f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens; "
             "their scale search and clipping fell back to the statistics of the whole block "
             "(all of the block's calibration tokens); calibrate with more or more varied data "
-            "to cover them"
+            "(or a larger max_gram_samples) to cover them"
         )
     scaled = len(found.s_down)
     note = (f"per-expert up->down: {scaled} scaled, {info.num_experts - scaled} unscaled; "

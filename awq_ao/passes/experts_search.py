@@ -126,6 +126,7 @@ class ExpertsTaps:
                                     (ExpertSlabs(name, "down_proj", info.transposed), h)):
                         key = slab.key(e)
                         g = full_gram(x, cfg.clip_tokens) if cfg.rounding == "gptq" else group_gram(x, cfg.group_size, cfg.clip_tokens)
-                        grams[key], tokens[key] = g.cpu(), gram_tokens(x, cfg.clip_tokens)
+                        # tokens 0 marks the whole block's stand-in: routed tokens of other rows replace it
+                        grams[key], tokens[key] = g.cpu(), gram_tokens(x, cfg.clip_tokens) if n else 0
                 on_expert(e, h)
         self.tokens[name] = counts

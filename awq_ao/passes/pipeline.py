@@ -140,7 +140,7 @@ def search(
         results = scale_search.run(search_args, search_kwargs)
         analysis.expert_tokens = dict(scale_search.experts.tokens)
         grams = accumulate_grams(root, scale_search.clip_inputs, scale_search.gram_tokens, args, kwargs,
-                                 rows, first, config) if first else scale_search.clip_inputs
+                                 rows, first, config, analysis.experts, analysis.expert_tokens) if first else scale_search.clip_inputs
     finally:
         root.train(was_training)
     add_time(report, "search", time.perf_counter() - t0)

@@ -76,6 +76,8 @@ def accumulate_grams(
     total: int,
     first: int,
     config: Any,
+    experts: dict[str, Any] | None = None,
+    expert_tokens: dict[str, list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Add rows ``first:total`` of the sample to the Grams of the search chunk (rows ``:first``).
 
@@ -84,7 +86,11 @@ def accumulate_grams(
     ``tokens[name]`` tokens. The extra rows are replayed through ``root`` in chunks of
     ``first`` rows with a pre-hook on each of those linears; the model is not modified.
     ``config.clip_tokens`` caps the tokens of each chunk, as it does the search chunk's.
-    Returns the combined Grams.
+    ``experts`` (experts module -> ``ExpertsInfo``): their experts' Grams (keys
+    ``module.attr[e]``) get the tokens routed to each expert in the extra rows too; a Gram of
+    an expert that had none in the search chunk (``tokens`` 0: the whole block's stand-in) is
+    replaced by its routed tokens' where the extra rows have some; ``expert_tokens`` (experts
+    module -> tokens routed to each expert) counts them. Returns the combined Grams.
     """
     if total <= first or not grams:
         return grams
@@ -110,17 +116,45 @@ def accumulate_grams(
             if (key, id(x)) in seen:  # q/k/v: one input, one shared Gram, added once
                 return
             seen.add((key, id(x)))
-            entry = acc[key]
-            orig = entry[0]
-            g = full_gram(x, cap) if orig.dim() == 2 else group_gram(x, config.group_size, cap)
-            t = gram_tokens(x, cap)
-            g = g.to(orig.device, orig.dtype) * t
-            entry[2] = g if entry[2] is None else entry[2] + g
-            entry[3] += t
+            add(key, x)
+
+        return hook
+
+    def add(key: int, x: torch.Tensor) -> None:
+        entry = acc[key]
+        orig = entry[0]
+        g = full_gram(x, cap) if orig.dim() == 2 else group_gram(x, config.group_size, cap)
+        t = gram_tokens(x, cap)
+        entry[2] = g.to(orig.device, orig.dtype) * t if entry[2] is None else entry[2] + g.to(orig.device, orig.dtype) * t
+        entry[3] += t
+
+    def experts_hook(name: str):
+        from awq_ao.passes.experts_search import expert_inputs, experts_call
+
+        info = experts[name]
+
+        def hook(module: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            call = experts_call(a, kw)
+            if call is None or name in called:
+                return
+            called.add(name)
+            for e in range(info.num_experts):
+                xe, h, n = expert_inputs(module, info, *call, e)
+                if n == 0:  # no routed token in these rows: nothing to add
+                    continue
+                if expert_tokens is not None and name in expert_tokens:
+                    expert_tokens[name][e] += n
+                for attr, x in ((info.up_attr, xe), ("down_proj", h)):
+                    key = f"{name}.{attr}[{e}]"
+                    if key in owners:
+                        add(owners[key], x)
 
         return hook
 
     handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in grams if name in modules]
+    for name in experts or {}:
+        if any(k.startswith(f"{name}.") and k not in modules for k in grams):
+            handles.append(modules[name].register_forward_pre_hook(experts_hook(name), with_kwargs=True))
     try:
         with torch.no_grad():
             for start, stop in row_chunks(total - first, first):

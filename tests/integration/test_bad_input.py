@@ -8,26 +8,26 @@ from tiny_models import assert_unchanged, snapshot, tiny_model, token_batches
 from torchao.quantization import quantize_
 
 import awq_ao
-from awq_ao import CalibrationError, awq_config, get_state
+from awq_ao import CalibrationError, awq_config, get_state, whole_model
 
 
 def test_convert_without_prepare():
     model = tiny_model("llama", layers=1)
     with pytest.raises(CalibrationError, match="step='prepare'"):
-        quantize_(model, awq_config())
+        quantize_(model, awq_config(), filter_fn=whole_model)
 
 
 def test_convert_without_calibration_batches():
     model = tiny_model("llama", layers=1)
-    quantize_(model, awq_config(step="prepare"))
+    quantize_(model, awq_config(step="prepare"), filter_fn=whole_model)
     snap = snapshot(model)
     with pytest.raises(CalibrationError, match="no calibration data"):
-        quantize_(model, awq_config())
+        quantize_(model, awq_config(), filter_fn=whole_model)
     assert_unchanged(model, snap)
     # still prepared: calibrate now and convert works
     with torch.no_grad():
         model(token_batches(1)[0])
-    quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
+    quantize_(model, awq_config(group_size=32, verbose=False, progress=False), filter_fn=whole_model)
     assert get_state(model).phase == "converted"
 
 
@@ -40,23 +40,23 @@ def test_nan_activations_name_the_layer():
     model = tiny_model("llama", layers=1)
     with torch.no_grad():
         model.model.embed_tokens.weight[7] = float("nan")
-    quantize_(model, awq_config(step="prepare"))
+    quantize_(model, awq_config(step="prepare"), filter_fn=whole_model)
     with torch.no_grad():
         model(torch.full((1, 8), 7))
     with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        quantize_(model, awq_config())
+        quantize_(model, awq_config(), filter_fn=whole_model)
 
 
 def test_unsupported_dtype():
     model = tiny_model("llama", layers=1, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64.*skip="):
-        quantize_(model, awq_config(step="prepare"))
+        quantize_(model, awq_config(step="prepare"), filter_fn=whole_model)
 
 
 def test_unquantizable_module_requested():
     model = tiny_model("llama", layers=1)
     with pytest.raises(ValueError, match="cannot be quantized"):
-        quantize_(model, awq_config(step="prepare", include=("model.embed_tokens",)))
+        quantize_(model, awq_config(step="prepare", include=("model.embed_tokens",)), filter_fn=whole_model)
 
 
 @pytest.mark.parametrize("kw", [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"n_grid": 0}, {"step": "calibrate"}])
@@ -68,7 +68,7 @@ def test_bad_config(kw):
 @pytest.mark.parametrize("sequential", [False, True])
 def test_failure_midway_restores_model(monkeypatch, sequential):
     model = tiny_model("llama", layers=2)
-    quantize_(model, awq_config(step="prepare"))
+    quantize_(model, awq_config(step="prepare"), filter_fn=whole_model)
     with torch.no_grad():
         for b in token_batches(2):
             model(b)
@@ -86,12 +86,12 @@ def test_failure_midway_restores_model(monkeypatch, sequential):
 
     monkeypatch.setattr(swap, "quantize_linear_module", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        quantize_(model, awq_config(group_size=32, verbose=False, progress=False, sequential=sequential))
+        quantize_(model, awq_config(group_size=32, verbose=False, progress=False, sequential=sequential), filter_fn=whole_model)
     assert calls["n"] == 9
     assert_unchanged(model, snap)
     assert get_state(model).phase == "prepared"
     monkeypatch.setattr(swap, "quantize_linear_module", real)
-    quantize_(model, awq_config(group_size=32, verbose=False, progress=False))
+    quantize_(model, awq_config(group_size=32, verbose=False, progress=False), filter_fn=whole_model)
     assert get_state(model).phase == "converted"
 
 

@@ -17,7 +17,7 @@ from tiny_models import (
 from torchao.quantization import quantize_
 
 import awq_ao
-from awq_ao import awq_config, get_state
+from awq_ao import awq_config, get_state, whole_model
 from awq_ao.lowering import Int4WeightTensor
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 
@@ -25,11 +25,11 @@ LAYERS = 2
 
 
 def run_flow(model, data, **opts):
-    quantize_(model, awq_config(step="prepare", **opts))
+    quantize_(model, awq_config(step="prepare", **opts), filter_fn=whole_model)
     with torch.no_grad():
         for b in data:
             model(b)
-    quantize_(model, awq_config(progress=False, verbose=False, **opts))
+    quantize_(model, awq_config(progress=False, verbose=False, **opts), filter_fn=whole_model)
     return get_state(model).report
 
 
@@ -146,7 +146,7 @@ def test_deterministic():
 def test_memory_bounded_by_config(search_rows, gram_rows):
     """The recorder keeps whole batches until max(max_search_samples, max_gram_samples) rows."""
     model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, inter=128, layers=1)
-    quantize_(model, awq_config(step="prepare", max_search_samples=search_rows, max_gram_samples=gram_rows))
+    quantize_(model, awq_config(step="prepare", max_search_samples=search_rows, max_gram_samples=gram_rows), filter_fn=whole_model)
     with torch.no_grad():
         for b in token_batches(20, 2, 16):
             model(b)

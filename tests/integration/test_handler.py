@@ -1,4 +1,5 @@
-"""The torchao handler: ``filter_fn=whole_model`` hands it the root; the default filter still works."""
+"""The torchao handler works on the root ``filter_fn=whole_model`` hands it; torchao's default
+per-linear filter is refused with the fix, before anything changes."""
 
 from __future__ import annotations
 
@@ -28,15 +29,7 @@ def _run(model, filter_fn):
         return model(token_batches(1, seed=5)[0]).logits
 
 
-@pytest.fixture
-def no_frame_lookup(monkeypatch):
-    def refuse(module):
-        raise AssertionError("the handler looked for quantize_'s model although it was given the root")
-
-    monkeypatch.setattr(config_mod, "_enclosing_quantize_model", refuse)
-
-
-def test_whole_model_filter_gives_the_root_once(monkeypatch, no_frame_lookup):
+def test_whole_model_filter_gives_the_root_once(monkeypatch):
     calls = []
     real = config_mod._awq_transform
 
@@ -54,21 +47,39 @@ def test_whole_model_filter_gives_the_root_once(monkeypatch, no_frame_lookup):
     assert state.phase == "converted" and state.report.quantized
 
 
-def test_whole_model_and_default_filter_quantize_identically(no_frame_lookup, monkeypatch):
-    a = _run(tiny_model("llama", layers=2), whole_model)
-    monkeypatch.undo()  # the default filter needs the lookup
-    b = _run(tiny_model("llama", layers=2), None)
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("step", ["prepare", "convert"])
+def test_default_filter_is_refused_with_the_fix_and_nothing_changes(step):
+    from tiny_models import assert_unchanged, snapshot
+
+    model = tiny_model("llama", layers=1)
+    if step == "convert":
+        quantize_(model, awq_config(step="prepare", **OPTS), filter_fn=whole_model)
+        with torch.no_grad():
+            model(token_batches(1)[0])
+    snap = snapshot(model)
+    phase = get_state(model).phase if get_state(model) else None
+    with pytest.raises(ValueError, match="filter_fn=awq_ao.whole_model") as err:
+        quantize_(model, awq_config(step=step, **OPTS) if step == "prepare" else awq_config(**OPTS))
+    assert "Linear" in str(err.value) and "Nothing was changed" in str(err.value)
+    assert_unchanged(model, snap)
+    assert (get_state(model).phase if get_state(model) else None) == phase
 
 
-def test_whole_model_on_a_model_without_nn_linear_targets(no_frame_lookup):
+def test_handler_never_walks_python_frames():
+    import inspect
+
+    src = inspect.getsource(config_mod)
+    assert "_getframe" not in src and "f_locals" not in src
+
+
+def test_whole_model_on_a_model_without_nn_linear_targets():
     """GPT-2's blocks hold Conv1D only: the default filter would never visit them."""
     model = tiny_model("gpt2", layers=1)
     _run(model, whole_model)
     assert any(".attn.c_attn" in n for n in get_state(model).report.quantized)
 
 
-def test_one_call_helper_takes_the_root_path(no_frame_lookup):
+def test_one_call_helper_takes_the_root_path():
     model = tiny_model("llama", layers=1)
     report = awq_ao.quantize(model, token_batches(2), **OPTS)
     assert report.quantized and get_state(model).phase == "converted"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moe_models import VOCAB, batches, tiny_moe
 
 import awq_ao
-from awq_ao import awq_config
+from awq_ao import awq_config, whole_model
 from awq_ao.lowering.int4_experts import IMPLEMENTATION
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.swap import model_size_bytes
@@ -183,11 +183,11 @@ def quantize_(model: torch.nn.Module, calib: list[dict], **kw) -> None:
     from torchao.quantization import quantize_ as tq
 
     opts = dict(group_size=32, n_grid=5, progress=False, verbose=False, **kw)
-    tq(model, awq_config(step="prepare", **opts))
+    tq(model, awq_config(step="prepare", **opts), filter_fn=whole_model)
     with torch.no_grad():
         for b in calib:
             model(**b)
-    tq(model, awq_config(**opts))
+    tq(model, awq_config(**opts), filter_fn=whole_model)
 
 
 def test_awq_experts_beat_rtn_experts():
@@ -244,7 +244,7 @@ def test_convert_failure_restores_model(monkeypatch):
     opts = dict(group_size=32, n_grid=3, progress=False, verbose=False)
     from torchao.quantization import quantize_ as tq
 
-    tq(model, awq_config(step="prepare", **opts))
+    tq(model, awq_config(step="prepare", **opts), filter_fn=whole_model)
     with torch.no_grad():
         for b in batches(2):
             model(**b)
@@ -261,7 +261,7 @@ def test_convert_failure_restores_model(monkeypatch):
 
     monkeypatch.setattr(Int4WeightTensor, "from_slabs", classmethod(flaky))
     with pytest.raises(RuntimeError, match="boom"):
-        tq(model, awq_config(**opts))
+        tq(model, awq_config(**opts), filter_fn=whole_model)
     assert calls["n"] == 3
     after = dict(model.named_parameters())
     assert before.keys() == after.keys()

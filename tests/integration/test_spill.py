@@ -11,13 +11,13 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import awq_ao
-from awq_ao import awq_config, get_state
+from awq_ao import awq_config, get_state, whole_model
 from awq_ao.passes.fold import Transaction
 
 
 def _prepared(arch: str = "llama", layers: int = 2):
     model = tiny_model(arch, layers=layers)
-    quantize_(model, awq_config(step="prepare"))
+    quantize_(model, awq_config(step="prepare"), filter_fn=whole_model)
     with torch.no_grad():
         for b in token_batches(2):
             model(b)
@@ -25,7 +25,7 @@ def _prepared(arch: str = "llama", layers: int = 2):
 
 
 def _convert(model, **kw):
-    quantize_(model, awq_config(group_size=32, verbose=False, progress=False, sequential=True, **kw))
+    quantize_(model, awq_config(group_size=32, verbose=False, progress=False, sequential=True, **kw), filter_fn=whole_model)
     return get_state(model).report
 
 

@@ -10,7 +10,13 @@ from moe_models import batches, tiny_moe
 
 from awq_ao.config import awq_config
 from awq_ao.passes.experts import find_experts
-from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, expert_inputs, slab_rows
+from awq_ao.passes.experts_search import (
+    ExpertsTaps,
+    SlabSwap,
+    expert_inputs,
+    experts_call,
+    slab_rows,
+)
 from awq_ao.passes.group_types import ExpertSlabs
 from awq_ao.passes.search_loss import fake_quantize_scaled
 
@@ -75,3 +81,41 @@ def test_per_expert_grams_are_stored_under_slab_keys():
         assert grams[f"{name}.{info.up_attr}[{e}]"].shape == (info.hidden, info.hidden)
         assert grams[f"{name}.down_proj[{e}]"].shape == (info.inter, info.inter)
     assert len(taps.tokens[name]) == info.num_experts
+
+
+def test_expert_grams_cover_every_kept_row(monkeypatch):
+    """Experts' input Grams, like the linears', average over every kept calibration row (the
+    search chunk's routed tokens and those of the replayed rows), not the search chunk only."""
+    import warnings
+
+    import awq_ao
+    import awq_ao.passes.experts_apply as experts_apply
+    from awq_ao.passes.rounding import full_gram
+
+    model = tiny_moe("MixtralForCausalLM")
+    name, info = next(iter(find_experts(model, awq_config(group_size=32)).items()))
+    mod = model.get_submodule(name)
+    seen = []
+    h = mod.register_forward_pre_hook(lambda m, a, kw: seen.append(experts_call(a, kw)), with_kwargs=True)
+    data = batches(4)
+    with torch.no_grad():
+        for b in data:
+            model(**b)
+    h.remove()
+    routed = [torch.cat([x for x, _, n in (expert_inputs(mod, info, *c, e) for c in seen) if n])
+              for e in range(info.num_experts)]
+    got = {}
+    real = experts_apply.quantize_experts
+
+    def spy(root, experts, scales, grams, *a, **kw):
+        got.update({k: v.clone() for k, v in grams.items() if k.startswith(name + ".")})
+        return real(root, experts, scales, grams, *a, **kw)
+
+    monkeypatch.setattr(experts_apply, "quantize_experts", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        awq_ao.quantize(model, data, group_size=32, n_grid=3, max_search_samples=2, sequential=False,
+                        progress=False, verbose=False)
+    for e in range(info.num_experts):
+        torch.testing.assert_close(got[f"{name}.{info.up_attr}[{e}]"], full_gram(routed[e]), rtol=1e-4, atol=1e-5)
+
