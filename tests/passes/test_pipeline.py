@@ -1,4 +1,5 @@
-"""Sequential mode searches a block's sub-blocks one after the other (attention, then MLP)."""
+"""The algorithm on one root (passes/pipeline): whole model and one block agree; sequential mode
+searches a block's sub-blocks one after the other (attention, then MLP)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,30 @@ def test_split_and_whole_blocks_both_quantize_everything(arch):
     assert ra.kind_counts() == rb.kind_counts()
     assert ra.folded == rb.folded
     assert ea < 1.5 * eb + 1e-9, (ea, eb)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_one_root_whole_model_and_its_block_give_the_same_groups_and_codes(arch):
+    """awq_root is the algorithm on one root: on a one-block model, the whole model as the
+    root (sequential=False) and its block as the root (layer by layer) find the same groups,
+    pick the same scales and store the same codes."""
+    import warnings
+
+    import awq_ao
+    from awq_ao.lowering import Int4WeightTensor
+
+    runs = []
+    for sequential in (False, True):
+        model = tiny_model(arch, layers=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = awq_ao.quantize(model, token_batches(4, seq=32), group_size=32, sequential=sequential,
+                                  progress=False, verbose=False)
+        assert rep.mode.startswith("layer by layer") == sequential
+        codes = {n: (p.dequantize(), p.scale, p.zero) for n, p in model.named_parameters() if isinstance(p, Int4WeightTensor)}
+        runs.append(([(g.kind, g.producer, g.consumers, g.alpha) for g in rep.groups], codes))
+    (groups_a, codes_a), (groups_b, codes_b) = runs
+    assert groups_a == groups_b and len(groups_a) >= 2
+    assert codes_a.keys() == codes_b.keys() and codes_a
+    for n in codes_a:
+        assert all(torch.equal(x, y) for x, y in zip(codes_a[n], codes_b[n], strict=True)), n
