@@ -258,7 +258,9 @@ class ScaleSearch:
 
         gram = None
         if call is None and g.slabs:  # one expert's down slab: its own output error, through its input's Gram
-            orig, gram = slabs, full_gram(x)
+            have = self.clip_inputs.get(g.slabs[0].key(g.slabs[0].index))  # rounding="gptq": already there
+            reuse = have is not None and have.dim() == 2 and cfg.clip_tokens is None
+            orig, gram = slabs, have.to(x.device) if reuse else full_gram(x)
         elif x is not None and (call is None or g.consumers == [g.inspect]):
             # the loss is the consumers' own output error: cheaper through their input's Gram
             gram = self._direct_gram(g.consumers[0], x, sum(w.shape[0] for w in orig))
