@@ -373,6 +373,19 @@ def with_attention_layer(out: dict[str, Any]) -> dict[str, Any] | None:
     return new if changed else None
 
 
+def with_default_depth(d: dict[str, Any], out: dict[str, Any]) -> dict[str, Any] | None:
+    """A last-resort variant with the default layer structure (counts and per-layer lists),
+    for configs whose validators tie several layer counts together (e.g. input + recurrent +
+    output layers == num_hidden_layers). Widths stay tiny. ``None`` when nothing changes."""
+    new = dict(out)
+    for k, v in d.items():
+        kl = k.lower()
+        depth = kl in _LAYER_KEYS or ("layer" in kl and (_is_int(v) or isinstance(v, (list, str))))
+        if depth and out.get(k) != v:
+            new[k] = v
+    return new if new != out else None
+
+
 def _fix_mamba(d: dict[str, Any], out: dict[str, Any]) -> None:
     """Keep ``heads * head_dim == expand * hidden`` for state-space mixers (ratio preserved)."""
     h0, h = _first_int(d, _HIDDEN_KEYS)[1], _first_int(out, _HIDDEN_KEYS)[1]
@@ -423,13 +436,14 @@ def tiny_configs(model_cls: type) -> list[Any]:
     sub-configs), so derived attributes (e.g. ``layer_types`` from the layer count) are
     recomputed by the config class itself. The first candidate of a hybrid model whose
     defaults list no attention layer adds one (:func:`with_attention_layer`); callers use
-    the first candidate that builds a working model. Raises :class:`TinyConfigError` with
+    the first candidate that builds a working model; the last keeps the default depth
+    (:func:`with_default_depth`) for configs whose validators tie layer counts together. Raises :class:`TinyConfigError` with
     the config class's own message when no candidate validates.
     """
     cfg_cls = model_cls.config_class
     d = _default_dict(cfg_cls)
     new = shrink_dict(d)
-    variants = [v for v in (with_attention_layer(new), new) if v is not None]
+    variants = [v for v in (with_attention_layer(new), new, with_default_depth(d, new)) if v is not None]
     out: list[Any] = []
     error: Exception | None = None
     for variant in variants:

@@ -80,3 +80,12 @@ def test_sweep_all_architectures():
     failures = [(r.name, r.stage, r.reason) for r in results if r.status not in ("ok", "skipped")]
     assert n >= 100
     assert ok >= 0.9 * n, failures
+
+
+def test_default_depth_variant_keeps_layer_structure_and_tiny_widths():
+    from devtools.tiny_configs import with_default_depth
+
+    d = {"num_hidden_layers": 12, "n_input_layers": 2, "layer_types": ["a"] * 12, "hidden_size": 1024}
+    out = {"num_hidden_layers": 2, "n_input_layers": 1, "layer_types": ["a"] * 2, "hidden_size": 64}
+    assert with_default_depth(d, out) == {**d, "hidden_size": 64}
+    assert with_default_depth(d, {**d, "hidden_size": 64}) is None
