@@ -180,9 +180,9 @@ def plan_experts(ep: Any, root: nn.Module, analysis: Any, targets: list[str], co
         return added
     ctx = linear_nodes = None
     if ep is not None:
-        from awq_ao.passes.groups import _Ctx
+        from awq_ao.passes.graph_context import GraphContext
 
-        ctx = _Ctx(ep, root)
+        ctx = GraphContext(ep, root)
         linear_nodes = {n: m for n in ctx.graph.nodes if (m := ctx.linear_module(n)) is not None}
     direct = set(getattr(analysis, "direct_weight_use", {}) or {})
     for name, info in experts.items():
@@ -212,14 +212,10 @@ def _norm_group(
 ) -> ScaleGroup | str:
     from torch import fx
 
+    from awq_ao.passes.graph_context import INPUT_ALIAS_OPS, alias_source
     from awq_ao.passes.graph_utils import LINEAR_OPS, is_op, meta_shape, owner_module, real_users
-    from awq_ao.passes.groups import (
-        _INPUT_ALIAS_OPS,
-        _alias_source,
-        _channel_flow,
-        _enclosing_module,
-        _find_producer,
-    )
+    from awq_ao.passes.groups import channel_flow, enclosing_module
+    from awq_ao.passes.producers import find_producer
 
     block = name.rpartition(".")[0]
     if not block:
@@ -232,7 +228,7 @@ def _norm_group(
             if a.op == "call_function" and not _inside(owner_module(a), block):
                 shape = meta_shape(a)
                 if shape and shape[-1] == info.hidden and a.meta["val"].is_floating_point():
-                    while (src := _alias_source(a)) is not None:
+                    while (src := alias_source(a)) is not None:
                         a = src
                     ext.add(a)
     if len(ext) != 1:
@@ -257,13 +253,13 @@ def _norm_group(
                 else:
                     is_c1d = ctx.conv1d is not None and isinstance(ctx.modules[mod], ctx.conv1d)
                     rescaled.append((f"{mod}.weight", 0 if is_c1d else 1))
-            elif _alias_source(u) is n:
+            elif alias_source(u) is n:
                 stack.append(u)
             elif _inside(owner_module(u), name):
                 reaches_experts = True
             elif is_op(u, LINEAR_OPS) and u.args[0] is n and _inside(owner_module(u), block):
                 w = u.args[1]
-                while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _INPUT_ALIAS_OPS:
+                while isinstance(w, fx.Node) and w.op == "call_function" and w.target in INPUT_ALIAS_OPS:
                     w = w.args[0]  # a cast of the router weight (e.g. to float32)
                 pname = ctx.param_name(w)
                 p = ctx.params.get(pname) if pname else None
@@ -274,20 +270,20 @@ def _norm_group(
                 return f"X is also read by {u.target} in {owner_module(u)}"
     if not reaches_experts:
         return "the experts module does not read the block input directly"
-    found = _find_producer(ctx, x)
+    found = find_producer(ctx, x)
     if found is None:
         return f"no per-channel producer for X (made by {getattr(x.target, '__name__', x.target)})"
     producer, path = found
     producer.path = [n.name for n in path]
     if producer.module in consumers or any(p.startswith(f"{producer.module}.") for p, _ in rescaled):
         return "X's producer consumes X itself"
-    cmap, sinks = _channel_flow(ctx, path, None, x)
+    cmap, sinks = channel_flow(ctx, path, None, x)
     used = set(cmap.tolist())
     for sink, chans in sinks:
         if used & chans:
             return f"the producer's rescaled channels also reach {sink}"
     modules = dict(root.named_modules())
-    inspect = _enclosing_module(modules, [block, *consumers]) or block
+    inspect = enclosing_module(modules, [block, *consumers]) or block
     c1d = {m: ctx.conv1d is not None and isinstance(ctx.modules[m], ctx.conv1d) for m in consumers}
     return ScaleGroup(
         x_node=x.name, in_features=info.hidden, consumers=consumers, producer=producer, foldable=True,

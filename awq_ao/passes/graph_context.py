@@ -19,10 +19,10 @@ from awq_ao.passes.graph_utils import (
     scalar_operand,
 )
 
-__all__ = ["transposed_weight"]
+__all__ = ["INPUT_ALIAS_OPS", "GraphContext", "alias_source", "transposed_weight"]
 
 # Ops through which a consumer's input is still "the same tensor" (views keeping channels).
-_INPUT_ALIAS_OPS = {
+INPUT_ALIAS_OPS = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
     torch.ops.aten._unsafe_view.default,
@@ -34,7 +34,10 @@ _INPUT_ALIAS_OPS = {
 
 
 
-class _Ctx:
+class GraphContext:
+    """The exported graph of ``model`` with lookups the group passes share: which module owns
+    a linear node, a node's parameter name, whether a parameter is shared."""
+
     def __init__(self, ep: torch.export.ExportedProgram, model: nn.Module) -> None:
         self.ep = ep
         self.graph = ep.graph
@@ -81,13 +84,13 @@ class _Ctx:
         x = node.args[1] if is_op(node, ADDMM_OPS) else node.args[0]
         assert isinstance(x, fx.Node)
         while True:
-            src = _alias_source(x)
+            src = alias_source(x)
             if src is None:
                 return x
             x = src
 
 
-def _alias_source(node: fx.Node) -> fx.Node | None:
+def alias_source(node: fx.Node) -> fx.Node | None:
     """The tensor ``node`` re-expresses channel for channel (same last dim), or ``None``.
 
     Views/casts keep every value; ``x * c`` and ``x / c`` with a constant ``c`` scale all
@@ -96,7 +99,7 @@ def _alias_source(node: fx.Node) -> fx.Node | None:
     if node.op != "call_function":
         return None
     src: object = None
-    if node.target in _INPUT_ALIAS_OPS:
+    if node.target in INPUT_ALIAS_OPS:
         src = node.args[0]
     else:
         sc = scalar_operand(node)

@@ -18,8 +18,11 @@ import torch
 from torch import fx, nn
 
 from awq_ao.passes.channel_map import ChannelMapError, channel_set, replay_path, replay_user
-from awq_ao.passes.graph_context import _INPUT_ALIAS_OPS as _INPUT_ALIAS_OPS
-from awq_ao.passes.graph_context import _alias_source, _Ctx, transposed_weight
+from awq_ao.passes.graph_context import (
+    GraphContext,
+    alias_source,
+    transposed_weight,
+)
 from awq_ao.passes.graph_utils import (
     ADDMM_OPS,
     LINEAR_OPS,
@@ -30,7 +33,7 @@ from awq_ao.passes.graph_utils import (
     real_users,
 )
 from awq_ao.passes.group_types import GraphAnalysis, ParamFold, Producer, ScaleGroup
-from awq_ao.passes.producers import _find_producer
+from awq_ao.passes.producers import find_producer
 
 __all__ = [
     "ParamFold",
@@ -38,11 +41,13 @@ __all__ = [
     "ScaleGroup",
     "GraphAnalysis",
     "find_groups",
+    "channel_flow",
+    "enclosing_module",
     "transposed_weight",
 ]
 
 
-def _consumers_of(ctx: _Ctx, x: fx.Node, linear_nodes: dict[fx.Node, str]) -> tuple[list[str], list[fx.Node]]:
+def _consumers_of(ctx: GraphContext, x: fx.Node, linear_nodes: dict[fx.Node, str]) -> tuple[list[str], list[fx.Node]]:
     """Linear modules reading X (through channel-keeping views) and other readers (sinks)."""
     mods: list[str] = []
     others: list[fx.Node] = []
@@ -56,14 +61,14 @@ def _consumers_of(ctx: _Ctx, x: fx.Node, linear_nodes: dict[fx.Node, str]) -> tu
             seen.add(u)
             if u in linear_nodes and ctx.linear_input(u) is x:
                 mods.append(linear_nodes[u])
-            elif _alias_source(u) is n:
+            elif alias_source(u) is n:
                 stack.append(u)
             else:
                 others.append(u)
     return mods, others
 
 
-def _enclosing_module(modules: dict[str, nn.Module], names: list[str]) -> str | None:
+def enclosing_module(modules: dict[str, nn.Module], names: list[str]) -> str | None:
     """Smallest callable module whose subtree holds every name (None if only the root)."""
     parts = [n.split(".") for n in names]
     common: list[str] = []
@@ -81,7 +86,7 @@ def _enclosing_module(modules: dict[str, nn.Module], names: list[str]) -> str | 
     return None
 
 
-def _qk_linears(ctx: _Ctx, linear_nodes: dict[fx.Node, str]) -> set[str]:
+def _qk_linears(ctx: GraphContext, linear_nodes: dict[fx.Node, str]) -> set[str]:
     """Linears whose output reaches an attention's query or key argument."""
     out: set[str] = set()
     for node, mod in linear_nodes.items():
@@ -106,7 +111,7 @@ def _qk_linears(ctx: _Ctx, linear_nodes: dict[fx.Node, str]) -> set[str]:
 
 def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: list[str]) -> GraphAnalysis:
     """Discover AWQ scale groups for ``targets`` in the exported program ``ep`` of ``model``."""
-    ctx = _Ctx(ep, model)
+    ctx = GraphContext(ep, model)
     target_set = set(targets)
     linear_nodes: dict[fx.Node, str] = {}
     for node in ctx.graph.nodes:
@@ -135,7 +140,7 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
         g.consumer_is_conv1d = {
             m: ctx.conv1d is not None and isinstance(ctx.modules[m], ctx.conv1d) for m in consumers
         }
-        g.inspect = _enclosing_module(ctx.modules, consumers)
+        g.inspect = enclosing_module(ctx.modules, consumers)
         _classify(ctx, g, x, others, rescaled)
         groups.append(g)
     return GraphAnalysis(
@@ -144,7 +149,7 @@ def find_groups(ep: torch.export.ExportedProgram, model: nn.Module, targets: lis
 
 
 
-def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
+def _direct_weight_use(ctx: GraphContext, targets: list[str]) -> dict[str, str]:
     """Targets whose weight placeholder is read by something other than a linear call of it."""
     by_param = {f"{t}.weight": t for t in targets}
     out: dict[str, str] = {}
@@ -166,7 +171,7 @@ def _direct_weight_use(ctx: _Ctx, targets: list[str]) -> dict[str, str]:
     return out
 
 
-def _classify(ctx: _Ctx, g: ScaleGroup, x: fx.Node, others: list[fx.Node], rescaled: list[str]) -> None:
+def _classify(ctx: GraphContext, g: ScaleGroup, x: fx.Node, others: list[fx.Node], rescaled: list[str]) -> None:
     for m in rescaled:
         if not ctx.unshared(f"{m}.weight"):
             g.reason = f"{m} also reads X and shares its weight with another module"
@@ -174,7 +179,7 @@ def _classify(ctx: _Ctx, g: ScaleGroup, x: fx.Node, others: list[fx.Node], resca
     if others:
         g.reason = f"X is also read by {others[0].target} (not a linear): it cannot be rescaled"
         return
-    found = _find_producer(ctx, x)
+    found = find_producer(ctx, x)
     if found is None:
         g.reason = f"no per-channel producer for X (made by {getattr(x.target, '__name__', x.target)})"
         return
@@ -184,7 +189,7 @@ def _classify(ctx: _Ctx, g: ScaleGroup, x: fx.Node, others: list[fx.Node], resca
         g.reason = "X's producer consumes X itself"
         return
     try:
-        cmap, sinks = _channel_flow(ctx, path, g, x)
+        cmap, sinks = channel_flow(ctx, path, g, x)
     except ChannelMapError as e:
         g.reason = f"channel map: {e}"
         return
@@ -198,8 +203,8 @@ def _classify(ctx: _Ctx, g: ScaleGroup, x: fx.Node, others: list[fx.Node], resca
     g.foldable = True
 
 
-def _channel_flow(
-    ctx: _Ctx, path: list[fx.Node], g: ScaleGroup, x: fx.Node
+def channel_flow(
+    ctx: GraphContext, path: list[fx.Node], g: ScaleGroup, x: fx.Node
 ) -> tuple[torch.Tensor, list[tuple[str, set[int]]]]:
     """Map X channels to producer channels and list other readers of the producer's output."""
     start = path[0]

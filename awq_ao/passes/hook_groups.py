@@ -18,7 +18,7 @@ from torch import nn
 from awq_ao.observers.activation import first_tensor
 from awq_ao.observers.attach import conv1d_class
 from awq_ao.passes.fold import Transaction, fold_group
-from awq_ao.passes.groups import GraphAnalysis, ParamFold, Producer, ScaleGroup, _enclosing_module
+from awq_ao.passes.groups import GraphAnalysis, ParamFold, Producer, ScaleGroup, enclosing_module
 
 
 def _norm_like(mod: nn.Module, channels: int) -> list[str] | None:
@@ -81,7 +81,7 @@ def hook_groups(
         in_f = int(w0.shape[0] if c1d is not None and isinstance(modules[cons[0]], c1d) else w0.shape[1])
         g = ScaleGroup(x_node=f"hook:{cons[0]}", in_features=in_f, consumers=cons)
         g.consumer_is_conv1d = {c: c1d is not None and isinstance(modules[c], c1d) for c in cons}
-        g.inspect = _enclosing_module(modules, cons)
+        g.inspect = enclosing_module(modules, cons)
         pname = produced.get(key)
         pnames = _norm_like(modules[pname], in_f) if pname else None
         if pname is None or pnames is None:

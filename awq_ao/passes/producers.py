@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from awq_ao.passes.graph_context import _Ctx
+from awq_ao.passes.graph_context import GraphContext
 from awq_ao.passes.graph_utils import (
     ADD_OPS,
     AFFINE_SCALAR_OPS,
@@ -29,7 +29,7 @@ from awq_ao.passes.graph_utils import (
 from awq_ao.passes.group_types import ParamFold, Producer
 
 
-def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tuple[str, float]]] | None:
+def _affine_chain(ctx: GraphContext, node: object, channels: int) -> tuple[str, list[tuple[str, float]]] | None:
     """If ``node`` is a per-channel vector computed from one parameter by scalar-affine ops."""
     ops: list[tuple[str, float]] = []
     cur = node
@@ -79,7 +79,7 @@ def _affine_chain(ctx: _Ctx, node: object, channels: int) -> tuple[str, list[tup
 
 
 def _norm_producer(
-    ctx: _Ctx, node: fx.Node, w_arg: int, b_arg: int | None, channels: int
+    ctx: GraphContext, node: fx.Node, w_arg: int, b_arg: int | None, channels: int
 ) -> Producer | None:
     """A ``layer_norm``/``rms_norm`` call whose weight is its own 1-D parameter, possibly
     through scalar-affine ops (``F.layer_norm(x, shape, 1 + self.weight, self.bias)``),
@@ -106,7 +106,7 @@ def _norm_producer(
     return Producer("norm", w.rsplit(".", 1)[0], params, channels)
 
 
-def _find_producer(ctx: _Ctx, x: fx.Node) -> tuple[Producer, list[fx.Node]] | None:
+def find_producer(ctx: GraphContext, x: fx.Node) -> tuple[Producer, list[fx.Node]] | None:
     """Walk back from X through channel-preserving ops to a foldable producer.
 
     Norm parameters may have fewer channels than X (a per-head norm whose weight is shared
