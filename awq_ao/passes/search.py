@@ -112,7 +112,14 @@ def _check_finite(ref: torch.Tensor, g: ScaleGroup) -> None:
 
 
 class ScaleSearch:
-    """Runs the scale search for every group during one forward of the search sample."""
+    """Runs the scale search for every group during one forward of the search sample.
+
+    Module-scored groups are searched when their enclosing module returns (its call is
+    replayed per candidate), direct groups when their first consumer is called, and each MoE
+    expert's up -> down group when its experts module returns (on the tokens routed to it).
+    Collects the consumers' input Grams (``clip_inputs``) for clipping and rounding, the
+    experts' under their slab keys.
+    """
 
     def __init__(
         self,
