@@ -39,7 +39,7 @@ class ConvertReport:
     size_before: int = 0
     size_after: int = 0
     experts_quantized: list[str] = field(default_factory=list)  # 3-D MoE expert weights
-    experts_no_tokens: int = 0  # experts that received no calibration tokens
+    experts_no_tokens: int = 0  # experts that received no calibration tokens in the search rows
     spilled_bytes: int = 0  # rollback originals kept on disk (sequential spill_dir)
     mode: str = ""  # how the model was walked: layer by layer (which stack) or whole model
     footprint: dict = field(default_factory=dict)  # lowering.swap.footprint of the result
@@ -67,7 +67,7 @@ class ConvertReport:
         if self.experts_quantized:
             lines.append(
                 f"  MoE experts: {len(self.experts_quantized)} 3-D expert weights quantized; "
-                f"{self.experts_no_tokens} experts received no calibration tokens (searched on the whole block's tokens)"
+                f"{self.experts_no_tokens} experts received no calibration tokens in the search rows (searched on the whole block's tokens)"
             )
         if self.size_before:
             lines.append(

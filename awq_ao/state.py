@@ -21,7 +21,6 @@ class AWQState:
     recorder: RootCallRecorder | None = None
     handles: list[Any] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
-    replacements: dict[int, nn.Module] = field(default_factory=dict)
     report: Any = None
 
     def remove_hooks(self) -> None:

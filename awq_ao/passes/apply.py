@@ -201,7 +201,6 @@ def pack_linear(
     input_scale: torch.Tensor | None,
     config: AWQConfig,
     txn: Transaction,
-    replacements: dict[int, nn.Module],
 ) -> None:
     """Swap linear ``name`` to its INT4 weight (``codes`` on ``params``, else round to nearest)."""
     from awq_ao.lowering import swap
@@ -220,7 +219,6 @@ def pack_linear(
         new = ScaledInputLinear(new, 1.0 / input_scale)
     if new is not mod:
         txn.set_module(root, name, new)
-        replacements[id(mod)] = new
 
 
 def grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +258,6 @@ def quantize_linears(
     config: AWQConfig,
     txn: Transaction,
     report: ConvertReport,
-    replacements: dict[int, nn.Module],
     prefix: str = "",
 ) -> None:
     """Clip, round and pack every linear of ``targets`` (scales already folded).
@@ -287,7 +284,7 @@ def quantize_linears(
             codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config)
             report.error_feedback += len(pending)
             for (name, handling, _, params), c in zip(pending, codes, strict=True):
-                pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn, replacements)
+                pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn)
                 done(name)
         pending.clear()
 
@@ -319,7 +316,7 @@ def quantize_linears(
         if w_grid is not w_target:
             txn.set_param(mod, "weight", w_grid.t().contiguous() if conv else w_grid)
         del w_grid, w_target
-        pack_linear(root, name, handling, None, None, input_scale.get(name), config, txn, replacements)
+        pack_linear(root, name, handling, None, None, input_scale.get(name), config, txn)
         done(name)
     flush()
 
@@ -333,7 +330,6 @@ def apply_found(
     config: AWQConfig,
     txn: Transaction,
     report: ConvertReport,
-    replacements: dict[int, nn.Module],
     prefix: str = "",
 ) -> None:
     """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
@@ -349,6 +345,5 @@ def apply_found(
         report.warnings.append(prefix + note)
     quantize_experts(root, experts, scales, clip_inputs, getattr(analysis, "expert_tokens", {}), config, txn,
                      report, prefix)
-    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report,
-                     replacements, prefix)
+    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report, prefix)
     add_time(report, "fold+clip+quantize", time.perf_counter() - t0)

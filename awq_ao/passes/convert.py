@@ -90,7 +90,6 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
     if state is not None and state.recorder is not None:
         state.recorder.enabled = False
     txn = Transaction(config.spill_dir)
-    replacements: dict[int, nn.Module] = {}
     # replays must not grow a KV cache, also where use_cache only arrives through **kwargs
     hf_config = getattr(model, "config", None)
     saved_use_cache = getattr(hf_config, "use_cache", None)
@@ -101,13 +100,13 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
             search_tokens, kept_tokens = _sample_tokens(state, config.max_search_samples)
             plan_quantization(run, model, targets, config, search_tokens, kept_tokens=kept_tokens)
             if not config.needs_calibration:
-                apply_found(model, None, {}, {}, targets, config, txn, report, replacements)
+                apply_found(model, None, {}, {}, targets, config, txn, report)
             elif _layer_by_layer(model, targets, config, report):
                 from awq_ao.passes.sequential import convert_sequential
 
                 assert state is not None and state.recorder is not None
                 try:
-                    convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report, replacements)
+                    convert_sequential(model, state.recorder.calls, targets, observers, config, txn, report)
                 except CaptureError as e:
                     if config.sequential != "auto" or config.spill_dir is not None:
                         raise
@@ -116,14 +115,13 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
                     txn.rollback()
                     txn.close()
                     txn = Transaction(None)
-                    replacements.clear()
                     report = ConvertReport(config.bits, config.group_size, config.zero_point)
                     report.size_before = model_size_bytes(model)
                     report.mode = f"whole model at once (a block could not be captured on its own: {str(e).split('. ')[0]})"
-                    _whole_model(model, state, targets, observers, config, txn, report, replacements)
+                    _whole_model(model, state, targets, observers, config, txn, report)
             else:
                 assert state is not None
-                _whole_model(model, state, targets, observers, config, txn, report, replacements)
+                _whole_model(model, state, targets, observers, config, txn, report)
             run.finish("search")
             run.finish("round")
     except BaseException:
@@ -145,7 +143,6 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
         report.head = quantize_head(model, head_plan)
     if state is None:
         state = AWQState()
-    state.replacements.update(replacements)
     state.remove_hooks()
     state.observers = {}
     state.recorder = None
@@ -190,7 +187,6 @@ def _whole_model(
     config: AWQConfig,
     txn: Transaction,
     report: ConvertReport,
-    replacements: dict[int, nn.Module],
 ) -> None:
     """Search the whole model on one replay of the stacked calibration sample, then apply."""
     assert state.recorder is not None
@@ -198,7 +194,7 @@ def _whole_model(
     calls = state.recorder.calls
     args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)
-    awq_root(model, calls[0], args, kwargs, targets, observers, config, txn, report, replacements, rows=rows)
+    awq_root(model, calls[0], args, kwargs, targets, observers, config, txn, report, rows=rows)
 
 
 def _layer_by_layer(model: nn.Module, targets: list[str], config: AWQConfig, report: ConvertReport) -> bool:

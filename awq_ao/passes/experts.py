@@ -23,9 +23,10 @@ modes) means the same for them:
    on the block's output with every expert's gate_up fake-quantized (screened like any
    module-scored group); each expert's up -> down scale on its own down output over the
    tokens routed to it, through its input's Gram (like a linear's own-output loss). The
-   experts' input Grams (of the search sample's tokens) are kept for clipping and rounding.
-   Experts that receive no calibration tokens fall back to the statistics of the whole
-   block (as if every token were routed to them); the report counts and names them.
+   experts' input Grams (each expert's routed tokens in every kept row, as for linears) are
+   kept for clipping and rounding. Experts that receive no calibration tokens in the search
+   rows are searched on the statistics of the whole block (as if every token were routed to
+   them); the report counts and names them.
 3. **apply** (:mod:`~awq_ao.passes.experts_apply`): fold, then clip and round each expert's
    slab with the linears' code (the slab's Gram scaled by its scale), store each 3-D weight
    as a 3-D :class:`~awq_ao.lowering.int4_tensor.Int4WeightTensor` and switch the module's
@@ -160,8 +161,8 @@ def _inside(owner: str | None, prefix: str) -> bool:
 def plan_experts(ep: Any, root: nn.Module, analysis: Any, targets: list[str], config: AWQConfig) -> list[ScaleGroup]:
     """Add the experts of ``root`` and their scale groups to ``analysis`` (the group pass).
 
-    Sets ``analysis.experts`` (the experts modules to quantize) and appends to
-    ``analysis.groups``, for every experts module:
+    Sets ``analysis.experts`` (the experts modules to quantize) and, with the scale search
+    on, appends to ``analysis.groups`` for every experts module:
 
     * its *MoE block input* group, where the graph allows one (``ep`` given and the scale
       search on): X's producer (e.g. the post-attention norm) folds 1/s, every expert's

@@ -151,6 +151,9 @@ def quantize_experts(
         mod.config = cfg_copy
         counts = tokens.get(name)
         if counts is None:
+            if config.scale_search or config.clip:
+                report.warnings.append(f"{prefix}{name}: the experts module never ran during the search; "
+                                       "its experts were rounded to nearest without scales or clipping")
             continue
         _report_experts(report, prefix, name, info, found, counts, rounded)
 
@@ -161,10 +164,11 @@ def _report_experts(report: ConvertReport, prefix: str, name: str, info: Experts
     report.experts_no_tokens += empty
     if empty:
         report.warnings.append(
-            f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens; "
-            "their scale search and clipping fell back to the statistics of the whole block "
-            "(all of the block's calibration tokens); calibrate with more or more varied data "
-            "(or a larger max_gram_samples) to cover them"
+            f"{prefix}{name}: {empty} of {info.num_experts} experts received no calibration tokens in the "
+            "search rows; their scale search fell back to the statistics of the whole block (all of "
+            "its tokens), and so did their clipping and rounding unless the other kept rows routed "
+            "tokens to them; calibrate with more or more varied data (or a larger "
+            "max_search_samples) to cover them"
         )
     scaled = len(found.s_down)
     note = (f"per-expert up->down: {scaled} scaled, {info.num_experts - scaled} unscaled; "
@@ -194,7 +198,8 @@ def experts_scales(analysis: Any, results: dict[int, Any]) -> dict[str, ExpertSc
         if res is None or res.scales is None:
             continue
         if idx is None:
-            sc.s_in = res.scales
+            if g.foldable:  # the producer fold (fold_scales) goes with it
+                sc.s_in = res.scales
         else:
             sc.s_down[idx] = res.scales
     return out

@@ -19,7 +19,7 @@ from awq_ao.passes.rounding import full_gram
 from awq_ao.passes.sample_chunks import gram_tokens
 from awq_ao.passes.search_loss import fake_quantize_scaled
 
-__all__ = ["experts_call", "expert_inputs", "slab_rows", "SlabSwap", "ExpertsTaps"]
+__all__ = ["experts_call", "expert_inputs", "expert_slabs", "SlabSwap", "ExpertsTaps"]
 
 
 def experts_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -36,12 +36,16 @@ def experts_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.T
 
 
 def expert_inputs(
-    mod: nn.Module, info: ExpertsInfo, hidden: torch.Tensor, idx: torch.Tensor, e: int
+    mod: nn.Module, info: ExpertsInfo, hidden: torch.Tensor, idx: torch.Tensor, e: int, stand_in: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(x_e, h_e, tokens)``: expert ``e``'s up input (the hidden states routed to it) and its
     down input ``act(x_e W_up[e]^T + b)``, in float32. An expert without routed tokens gets
-    every token of the call (its search and clipping then use the whole block's statistics)."""
+    every token of the call (its search and clipping then use the whole block's statistics),
+    or, with ``stand_in=False``, empty inputs."""
     tok = (idx == e).any(dim=-1).nonzero().squeeze(1)
+    if not tok.numel() and not stand_in:
+        empty = hidden.new_zeros((0, hidden.shape[-1]), dtype=torch.float32)
+        return empty, empty.new_zeros((0, info.inter)), 0
     xe = hidden[tok].float() if tok.numel() else hidden.float()
     w_up = getattr(mod, info.up_attr)
     z = xe @ expert_rows(w_up[e : e + 1].detach(), info.transposed)[0].float().t()
@@ -52,12 +56,11 @@ def expert_inputs(
     return xe, h, int(tok.numel())
 
 
-def slab_rows(w: torch.Tensor, slab: ExpertSlabs) -> torch.Tensor:
-    """The consumer rows ``[N, K]`` of one expert (``slab.index``), or of all experts stacked
-    (``[E * N, K]``), of the logical 3-D weight ``w``; float32."""
-    w = w.detach() if slab.index is None else w.detach()[slab.index : slab.index + 1]
-    r = expert_rows(w.float(), slab.transposed)
-    return r.reshape(-1, r.shape[-1])
+def expert_slabs(w: torch.Tensor, slab: ExpertSlabs) -> list[torch.Tensor]:
+    """The consumer rows ``[N, K]`` of each expert of ``slab`` (one, or all), as views of the
+    logical 3-D weight ``w`` in its own dtype."""
+    rows = expert_rows(w.detach(), slab.transposed)
+    return [rows[slab.index]] if slab.index is not None else list(rows.unbind(0))
 
 
 class SlabSwap:

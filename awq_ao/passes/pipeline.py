@@ -40,7 +40,6 @@ def awq_root(
     config: AWQConfig,
     txn: Transaction,
     report: ConvertReport,
-    replacements: dict[int, nn.Module],
     prefix: str = "",
     label: str = "",
     split: bool = False,
@@ -60,7 +59,7 @@ def awq_root(
         results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix, rows)  # data only
         release_freed_memory()
         # fold the scales, then per linear: clip -> error-feedback round -> pack / swap
-        apply_found(root, stage, results, grams, stage_targets, config, txn, report, replacements, prefix)
+        apply_found(root, stage, results, grams, stage_targets, config, txn, report, prefix)
 
 
 def analyze(
@@ -140,7 +139,7 @@ def search(
         results = scale_search.run(search_args, search_kwargs)
         analysis.expert_tokens = dict(scale_search.experts.tokens)
         grams = accumulate_grams(root, scale_search.clip_inputs, scale_search.gram_tokens, args, kwargs,
-                                 rows, first, config, analysis.experts, analysis.expert_tokens) if first else scale_search.clip_inputs
+                                 rows, first, config, analysis.experts) if first else scale_search.clip_inputs
     finally:
         root.train(was_training)
     add_time(report, "search", time.perf_counter() - t0)

@@ -77,7 +77,6 @@ def accumulate_grams(
     first: int,
     config: Any,
     experts: dict[str, Any] | None = None,
-    expert_tokens: dict[str, list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Add rows ``first:total`` of the sample to the Grams of the search chunk (rows ``:first``).
 
@@ -89,8 +88,7 @@ def accumulate_grams(
     ``experts`` (experts module -> ``ExpertsInfo``): their experts' Grams (keys
     ``module.attr[e]``) get the tokens routed to each expert in the extra rows too; a Gram of
     an expert that had none in the search chunk (``tokens`` 0: the whole block's stand-in) is
-    replaced by its routed tokens' where the extra rows have some; ``expert_tokens`` (experts
-    module -> tokens routed to each expert) counts them. Returns the combined Grams.
+    replaced by its routed tokens' where the extra rows have some. Returns the combined Grams.
     """
     if total <= first or not grams:
         return grams
@@ -139,11 +137,9 @@ def accumulate_grams(
                 return
             called.add(name)
             for e in range(info.num_experts):
-                xe, h, n = expert_inputs(module, info, *call, e)
+                xe, h, n = expert_inputs(module, info, *call, e, stand_in=False)
                 if n == 0:  # no routed token in these rows: nothing to add
                     continue
-                if expert_tokens is not None and name in expert_tokens:
-                    expert_tokens[name][e] += n
                 for attr, x in ((info.up_attr, xe), ("down_proj", h)):
                     key = f"{name}.{attr}[{e}]"
                     if key in owners:

@@ -30,7 +30,7 @@ from awq_ao.config import AWQConfig
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
 from awq_ao.passes.candidate_screen import screen_stages, screened_grid_search, stage_chunks
 from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
-from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, slab_rows
+from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, expert_slabs
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
 from awq_ao.passes.rounding import full_gram
@@ -103,10 +103,17 @@ def _module_out(call: Any, g: ScaleGroup) -> torch.Tensor:
     return out
 
 
-def _check_finite(ref: torch.Tensor, g: ScaleGroup) -> None:
+def _label(g: ScaleGroup) -> str:
+    """The group's name in messages: its enclosing module, first linear or expert slab."""
+    if g.inspect or g.consumers:
+        return g.inspect or g.consumers[0]
+    return g.slabs[0].key(g.slabs[0].index) if g.slabs else g.x_node
+
+
+def _check_finite(ref: torch.Tensor, g: ScaleGroup, what: str = "the output of") -> None:
     if not torch.isfinite(ref).all():
         raise FloatingPointError(
-            f"the output of {g.inspect or g.consumers[0]} contains NaN/Inf on the "
+            f"{what} {_label(g)} contains NaN/Inf on the "
             "calibration sample; check the model in full precision first."
         )
 
@@ -248,7 +255,8 @@ class ScaleSearch:
             return GroupResult(None, note="no calibration activations reached this group")
         mods = [self.modules[c] for c in g.consumers]
         conv = [g.consumer_is_conv1d.get(c, False) for c in g.consumers]
-        slabs = [slab_rows(getattr(self.modules[sl.module], sl.attr), sl) for sl in g.slabs]
+        # experts' rows as per-expert [N, K] views in the weights' dtype (no float32 copy of all experts)
+        slabs = [r for sl in g.slabs for r in expert_slabs(getattr(self.modules[sl.module], sl.attr), sl)]
         tie = g.tie_groups()
         x_mean = tie_mean(xm.to((mods[0].weight if mods else slabs[0]).device, torch.float32), tie)
         w2d = [weight_2d(m, c) for m, c in zip(mods, conv, strict=True)]
@@ -267,7 +275,7 @@ class ScaleSearch:
         if call is None and g.slabs:  # one expert's down slab: its own output error, through its input's Gram
             have = self.clip_inputs.get(g.slabs[0].key(g.slabs[0].index))  # rounding="gptq": already there
             reuse = have is not None and have.dim() == 2 and cfg.clip_tokens is None
-            orig, gram = slabs, have.to(x.device) if reuse else full_gram(x)
+            orig, gram = [s.float() for s in slabs], have.to(x.device) if reuse else full_gram(x)
         elif x is not None and (call is None or g.consumers == [g.inspect]):
             # the loss is the consumers' own output error: cheaper through their input's Gram
             gram = self._direct_gram(g.consumers[0], x, sum(w.shape[0] for w in orig))
@@ -296,7 +304,7 @@ class ScaleSearch:
         loss, alpha, s = best
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"the AWQ search loss of {g.inspect or g.consumers[0]} is not finite"
+                f"the AWQ search loss of {_label(g)} is not finite"
             )
         if s is None:
             return GroupResult(None, None, loss_rtn, loss_rtn)
@@ -307,8 +315,7 @@ class ScaleSearch:
         """Every grid candidate scored on the whole search chunk (``refine``: a subset)."""
         cfg = self.config
         ref = run() if gram is None else None
-        if ref is not None:
-            _check_finite(ref, g)
+        _check_finite(gram if ref is None else ref, g, "the input Gram of" if ref is None else "the output of")
 
         def loss_of(s: torch.Tensor | None) -> float:
             if gram is not None:  # a direct group: the same MSE through the input's Gram

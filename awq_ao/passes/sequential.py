@@ -151,7 +151,6 @@ def convert_sequential(
     config: AWQConfig,
     txn: Transaction,
     report: ConvertReport,
-    replacements: dict[int, nn.Module],
 ) -> None:
     """Run search/fold/quantize block by block (see the module docstring)."""
     release_freed_memory()  # what the user's calibration loop freed
@@ -176,8 +175,7 @@ def convert_sequential(
         a, kw = _to(a, dev), _to(kw, dev)
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
-            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, replacements,
-                     prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
+            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)
         if nxt is None or not torch.isfinite(nxt).all():
@@ -195,7 +193,7 @@ def convert_sequential(
         release_freed_memory()
     rest = [t for t in targets if t not in done]
     if rest:
-        apply_found(model, None, {}, {}, rest, config, txn, report, replacements)
+        apply_found(model, None, {}, {}, rest, config, txn, report)
         report.warnings.append(
             f"{len(rest)} linears outside {blocks_name} were quantized without scaling: "
             + ", ".join(rest[:5])

@@ -14,8 +14,8 @@ from awq_ao.passes.experts_search import (
     ExpertsTaps,
     SlabSwap,
     expert_inputs,
+    expert_slabs,
     experts_call,
-    slab_rows,
 )
 from awq_ao.passes.group_types import ExpertSlabs
 from awq_ao.passes.search_loss import fake_quantize_scaled
@@ -31,8 +31,8 @@ def test_slab_swap_quantizes_every_expert_and_restores_exactly(e, n, k, transpos
     mod.w = torch.nn.Parameter(rows.transpose(1, 2).contiguous() if transposed else rows.clone())
     before = mod.w.data.clone()
     slab = ExpertSlabs("m", "w", transposed)
-    assert torch.equal(slab_rows(mod.w, slab), rows.reshape(e * n, k))
-    assert torch.equal(slab_rows(mod.w, ExpertSlabs("m", "w", transposed, e - 1)), rows[e - 1])
+    assert torch.equal(torch.cat(expert_slabs(mod.w, slab)), rows.reshape(e * n, k))
+    assert torch.equal(torch.cat(expert_slabs(mod.w, ExpertSlabs("m", "w", transposed, e - 1))), rows[e - 1])
     s = torch.rand(k, generator=g) + 0.5
     swap = SlabSwap({"m": mod}, [slab], awq_config(group_size=16))
     swap.set(s)
