@@ -18,7 +18,7 @@ from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_sto
 from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
-from awq_ao.passes.fold import Transaction, _scale_along, fold_group, scale_consumer
+from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
 from awq_ao.passes.rounding import error_feedback_codes, group_blocks, scale_full_gram
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
@@ -59,10 +59,6 @@ def fold_scales(
         if res is not None and res.scales is not None and not expert_pair:
             if g.foldable:
                 fold_group(root, g, res.scales, txn)
-                for pname, dim in g.rescaled_params:  # MoE routers: kept in full precision
-                    owner, _, attr = pname.rpartition(".")
-                    pm = root.get_submodule(owner)
-                    txn.set_param(pm, attr, _scale_along(getattr(pm, attr), res.scales, dim, divide=False))
             else:
                 for c in g.consumers:
                     scale_consumer(root.get_submodule(c), g.consumer_is_conv1d.get(c, False), res.scales, txn)

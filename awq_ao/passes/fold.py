@@ -254,3 +254,7 @@ def fold_group(model: nn.Module, group: ScaleGroup, s_x: torch.Tensor, txn: Tran
         fold_producer(model, pf, s_prod, txn)
     for name in group.consumers + group.rescaled:
         scale_consumer(model.get_submodule(name), group.consumer_is_conv1d.get(name, False), s_x, txn)
+    for pname, dim in group.rescaled_params:  # e.g. MoE routers, kept in full precision
+        owner, _, attr = pname.rpartition(".")
+        mod = model.get_submodule(owner)
+        txn.set_param(mod, attr, _scale_along(getattr(mod, attr), s_x, dim, divide=False))
