@@ -113,7 +113,6 @@ class AWQConfig(AOBaseConfig):
     rounding             ``rounding_options.method``
     gptq_damp            ``rounding_options.damp``
     gptq_act_order       ``rounding_options.act_order``
-    fp_targets           ``rounding_options.fp_targets``
     max_gram_gib         ``rounding_options.max_gram_gib``
     skip                 ``selection.skip``
     include              ``selection.include``
@@ -168,7 +167,6 @@ class AWQConfig(AOBaseConfig):
     rounding = _Flat[Rounding]("rounding_options", "method")
     gptq_damp = _Flat[float]("rounding_options", "damp")
     gptq_act_order = _Flat[bool]("rounding_options", "act_order")
-    fp_targets = _Flat[bool]("rounding_options", "fp_targets")
     max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")

@@ -98,7 +98,7 @@ def validate(cfg: AWQConfig) -> None:
         raise _bad("group_size", cfg.group_size, "an integer >= 1, or -1 for one group per output row")
     cfg.group_size = int(cfg.group_size)
     for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "gptq_act_order",
-                 "fp_targets", "split_blocks", "experts", "progress", "verbose"):
+                 "split_blocks", "experts", "progress", "verbose"):
         _choice(cfg, name, (True, False))
     _int_at_least(cfg, "n_grid", 1)
     _int_at_least(cfg, "clip_grid", 1)
@@ -115,11 +115,6 @@ def validate(cfg: AWQConfig) -> None:
     _choice(cfg, "duo_scaling", (True, False, "both"))
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))
-    if cfg.fp_targets and cfg.rounding != "gptq":
-        raise ValueError(
-            "awq_config: fp_targets=True corrects each weight before error-feedback rounding and needs "
-            "rounding='gptq'; pass rounding='gptq' or drop fp_targets."
-        )
     _choice(cfg, "search_loss", ("module", "linear", "attention"))
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))

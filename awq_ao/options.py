@@ -166,13 +166,6 @@ class RoundingOptions:
             energy (each keeps its group's grid, so storage and kernels do not change).
             Default True: chosen on held-out validation perplexity (SmolLM2 INT4 g64: 24.558
             vs 25.081 without; docs/results.md). (Flat ``gptq_act_order``.)
-        fp_targets: layer by layer, carry the full-precision model's hidden states beside the
-            quantized model's and correct each linear toward the full-precision model's output
-            before it is clipped and rounded (``W + W M^T (H + damp I)^-1``, with ``M`` the
-            cross Gram of the linear's inputs in the two streams; :mod:`awq_ao.passes.fp_targets`),
-            so later blocks compensate the error the earlier ones left. Costs one or two block
-            forwards per block and one ``[K, K]`` matrix per distinct linear input. Needs
-            ``method="gptq"``. Default False. (Flat ``fp_targets``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes
             (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
@@ -182,7 +175,6 @@ class RoundingOptions:
     method: Rounding = "gptq"
     damp: float = 0.1
     act_order: bool = True
-    fp_targets: bool = False
     max_gram_gib: float = 4.0
 
 

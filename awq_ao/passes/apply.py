@@ -255,17 +255,12 @@ def quantize_linears(
     txn: Transaction,
     report: ConvertReport,
     prefix: str = "",
-    cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Clip, round and pack every linear of ``targets`` (scales already folded).
 
     Consecutive linears reading the same input with the same scale (q/k/v, gate/up) share
     their scaled Grams and are rounded in one error-feedback call (:func:`round_weights`).
-    ``cross`` (linear -> cross Gram): those linears are first corrected toward the
-    full-precision model's output (:func:`awq_ao.passes.fp_targets.corrected_weight`).
     """
-    from awq_ao.passes.fp_targets import corrected_weight
-
     scale_of = scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
     excluded = set(getattr(analysis, "excluded", set()) or set())
@@ -307,10 +302,6 @@ def quantize_linears(
             flush()
             key = new_key
             group_gram, full = input_grams(gram, scale, w_target.device, config.group_size)
-        m = (cross or {}).get(name)
-        if m is not None and full is not None:
-            m = scale_full_gram(m.to(w_target.device, torch.float32), scale) if scale is not None else m
-            w_target = corrected_weight(w_target.float(), m, full, config.gptq_damp).to(w_target.dtype)
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
             w_grid = clip_weight(w_target, group_gram, config)
@@ -336,11 +327,8 @@ def apply_found(
     txn: Transaction,
     report: ConvertReport,
     prefix: str = "",
-    cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase).
-
-    ``cross``: cross Grams toward full-precision targets (see :func:`quantize_linears`)."""
+    """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
     from awq_ao.passes.experts_apply import experts_scales, fold_experts, quantize_experts
 
     t0 = time.perf_counter()
@@ -353,5 +341,5 @@ def apply_found(
         report.warnings.append(prefix + note)
     quantize_experts(root, experts, scales, clip_inputs, getattr(analysis, "expert_tokens", {}), config, txn,
                      report, prefix)
-    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report, prefix, cross)
+    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report, prefix)
     add_time(report, "fold+clip+quantize", time.perf_counter() - t0)

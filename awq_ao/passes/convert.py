@@ -189,9 +189,6 @@ def _whole_model(
     report: ConvertReport,
 ) -> None:
     """Search the whole model on one replay of the stacked calibration sample, then apply."""
-    if config.fp_targets:
-        report.warnings.append("fp_targets has no effect in whole-model mode: every linear already sees the "
-                               "full-precision model's inputs")
     assert state.recorder is not None
     _check_gram_budget(model, targets, config)
     calls = state.recorder.calls

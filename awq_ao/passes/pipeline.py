@@ -44,7 +44,6 @@ def awq_root(
     label: str = "",
     split: bool = False,
     rows: int | None = None,
-    cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Quantize the linears ``targets`` of ``root`` with AWQ, searched on ``(args, kwargs)``.
 
@@ -52,8 +51,7 @@ def awq_root(
     sub-blocks one after the other (attention, then MLP), each on the outputs of the
     already quantized ones, where the root can be split (:func:`block_stages`). ``rows``: the
     batch rows of ``(args, kwargs)`` (default ``first_call.rows``); the candidates are scored
-    on the first ``max_search_samples`` of them, the Grams use all of them. ``cross``: the
-    linears' cross Grams toward full-precision targets (:mod:`awq_ao.passes.fp_targets`).
+    on the first ``max_search_samples`` of them, the Grams use all of them.
     """
     rows = first_call.rows if rows is None else rows
     analysis = analyze(root, first_call, targets, config, report)  # capture -> scale groups
@@ -61,7 +59,7 @@ def awq_root(
         results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix, rows)  # data only
         release_freed_memory()
         # fold the scales, then per linear: clip -> error-feedback round -> pack / swap
-        apply_found(root, stage, results, grams, stage_targets, config, txn, report, prefix, cross)
+        apply_found(root, stage, results, grams, stage_targets, config, txn, report, prefix)
 
 
 def analyze(

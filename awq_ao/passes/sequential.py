@@ -28,7 +28,6 @@ from awq_ao.observers.activation import RecordedCall, first_tensor
 from awq_ao.passes.apply import apply_found
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.fold import Transaction
-from awq_ao.passes.fp_targets import cross_grams
 from awq_ao.passes.pipeline import awq_root, stack_calls
 from awq_ao.passes.sample_chunks import row_chunks, rows_of, splits_rows
 from awq_ao.report import ConvertReport
@@ -165,7 +164,6 @@ def convert_sequential(
     if h0 is None:
         raise RuntimeError("the first block received no tensor input")
     hidden = h0.detach().to("cpu")
-    hidden_fp = hidden if config.fp_targets and config.rounding == "gptq" else None
     done: set[str] = set()
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}."
@@ -175,16 +173,9 @@ def convert_sequential(
             block.to(dev)
         a, kw = _with_hidden(block_calls[i], hidden)
         a, kw = _to(a, dev), _to(kw, dev)
-        cross = None
-        if hidden_fp is not None:  # before the block is quantized: its full-precision output
-            fa, fkw = _with_hidden(block_calls[i], hidden_fp)
-            cross, nxt_fp = cross_grams(block, local, (a, kw), (_to(fa, dev), _to(fkw, dev)), rows,
-                                        config.max_search_samples, with_cross=hidden_fp is not hidden)
-            if nxt_fp is None:
-                raise RuntimeError(f"block {blocks_name}.{i} has no tensor output")
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
-            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks, cross=cross)
+            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)
         if nxt is None or not torch.isfinite(nxt).all():
@@ -193,8 +184,6 @@ def convert_sequential(
                 "(or has no tensor output); try a wider dtype or more bits."
             )
         hidden = nxt.detach().to("cpu")
-        if hidden_fp is not None:
-            hidden_fp = nxt_fp
         if dev is not None and home is not None:
             block.to(home)
             txn.move_saved(home)
