@@ -47,6 +47,7 @@ from awq_ao.options import (
     RoundingOptions,
     SearchLoss,
     SearchOptions,
+    SearchRounding,
     Selection,
     Sequential,
     WeightFormat,
@@ -101,6 +102,7 @@ class AWQConfig(AOBaseConfig):
     screen_rows          ``search_options.screen_rows``
     screen_keep          ``search_options.screen_keep``
     search_loss          ``search_options.loss``
+    search_rounding      ``search_options.rounding``
     max_search_samples   ``search_options.max_samples``
     max_gram_samples     ``search_options.max_gram_samples``
     fallback             ``search_options.fallback``
@@ -155,6 +157,7 @@ class AWQConfig(AOBaseConfig):
     screen_rows = _Flat[int | None]("search_options", "screen_rows")
     screen_keep = _Flat[int]("search_options", "screen_keep")
     search_loss = _Flat[SearchLoss]("search_options", "loss")
+    search_rounding = _Flat[SearchRounding]("search_options", "rounding")
     max_search_samples = _Flat[int]("search_options", "max_samples")
     max_gram_samples = _Flat[int]("search_options", "max_gram_samples")
     fallback = _Flat[Fallback]("search_options", "fallback")

@@ -116,6 +116,12 @@ def validate(cfg: AWQConfig) -> None:
     _choice(cfg, "clip_mode", ("range", "asymmetric", "symmetric"))
     _choice(cfg, "rounding", ("nearest", "gptq"))
     _choice(cfg, "search_loss", ("module", "linear", "attention"))
+    _choice(cfg, "search_rounding", ("auto", "nearest", "gptq"))
+    if cfg.search_rounding == "gptq" and cfg.rounding != "gptq":
+        raise ValueError(
+            "awq_config: search_rounding='gptq' scores candidates after error-feedback rounding, which "
+            "needs the full input Grams of rounding='gptq'; pass rounding='gptq' or search_rounding='auto'."
+        )
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

@@ -19,6 +19,7 @@ from typing import Generic, Literal, TypeVar
 
 DuoScaling = bool | Literal["both"]
 SearchLoss = Literal["module", "linear", "attention"]
+SearchRounding = Literal["auto", "nearest", "gptq"]
 Fallback = Literal["multiply", "skip"]
 ClipMode = Literal["range", "asymmetric", "symmetric"]
 Rounding = Literal["nearest", "gptq"]
@@ -90,6 +91,14 @@ class SearchOptions:
             (the softmax seen), the linears' own outputs for every other group. Groups whose
             enclosing module is the consumer itself score the same every way.
             (Flat ``search_loss``.)
+        rounding: how a candidate scale's weights are rounded when it is scored.
+            ``"gptq"``: with error feedback on the search chunk's input Gram, as convert will
+            round them (:mod:`awq_ao.passes.rounded_candidates`); groups scored through their
+            input's Gram round only the best ``screen_keep // 2`` candidates by the
+            round-to-nearest loss (all of them with ``screen_rows=None``). ``"nearest"``:
+            round to nearest (AutoAWQ's search). ``"auto"`` (default): the same as the
+            final ``rounding``. ``"gptq"`` needs ``rounding="gptq"`` (its full Grams).
+            (Flat ``search_rounding``.)
         max_samples: batch rows (e.g. sequences) of the kept calibration sample that every
             candidate scale is scored on (the first ones); also the chunk size in which the
             rest of the sample is replayed. Default 16. (Flat ``max_search_samples``.)
@@ -112,6 +121,7 @@ class SearchOptions:
     screen_rows: int | None = 4
     screen_keep: int = 10
     loss: SearchLoss = "module"
+    rounding: SearchRounding = "auto"
     max_samples: int = 16
     max_gram_samples: int = 64
     fallback: Fallback = "multiply"

@@ -33,6 +33,7 @@ from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gr
 from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, expert_slabs
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
 from awq_ao.passes.replay import replay_call, snapshot_call
+from awq_ao.passes.rounded_candidates import RoundedWeights, direct_rounded_search
 from awq_ao.passes.rounding import full_gram
 from awq_ao.passes.sample_chunks import gram_tokens, rows_of, splits_rows
 from awq_ao.passes.scale_grid import (
@@ -152,6 +153,8 @@ class ScaleSearch:
         self._by_inspect: dict[str, list[int]] = {}
         self._direct: dict[str, list[int]] = {}
         self._rows = 0  # batch rows of the replayed sample (the screen cuts its rows)
+        sr = config.search_rounding
+        self._search_rounding = config.rounding if sr == "auto" else sr
         self._per_expert: dict[str, dict[int, int]] = {}  # experts module -> {expert: up->down group}
         self.experts = ExpertsTaps(self.modules, getattr(analysis, "experts", {}) or {}, config)
         for i, g in enumerate(analysis.groups):
@@ -265,9 +268,15 @@ class ScaleSearch:
         slab_swap = SlabSwap(self.modules, g.slabs, cfg) if call is not None else None
         orig = [w.detach() for w in w2d]
 
+        rounded = self._rounded(g, orig, conv)
+
         def quantized(s: torch.Tensor | None) -> None:
             if slab_swap is not None:
                 slab_swap.set(s)
+            if rounded is not None:  # search_rounding="gptq": as convert will round them
+                for i, w in enumerate(rounded(s)):
+                    swap.set(i, w)
+                return
             for i, (w, c) in enumerate(zip(orig, conv, strict=True)):
                 swap.set(i, fake_quantize_scaled(w, s, cfg.bits, cfg.group_size, cfg.zero_point, c))
 
@@ -293,7 +302,11 @@ class ScaleSearch:
         stages = screen_stages(total, cfg.screen_rows, cfg.screen_keep) if cfg.screen_rows else []
         try:
             with torch.no_grad():
-                if gram is None and call is not None and rows_call is not None and stages:
+                if gram is not None and self._search_rounding == "gptq" and not g.slabs:
+                    keep = cfg.screen_keep // 2 if cfg.screen_rows else cfg.n_grid * len(duo_families(w_mean, cfg.duo_scaling))
+                    _check_finite(gram, g, "the input Gram of")
+                    best, loss_rtn = direct_rounded_search(orig, gram, x_mean, w_mean, tie, cfg, keep)
+                elif gram is None and call is not None and rows_call is not None and stages:
                     best, loss_rtn = self._screened(g, rows_call, total, stages, quantized, x_mean, w_mean, tie)
                 else:
                     best, loss_rtn = self._full_grid(g, run, gram, orig, quantized, x_mean, w_mean, tie)
@@ -355,6 +368,16 @@ class ScaleSearch:
                     for wm in duo_families(w_mean, cfg.duo_scaling)]
         best = screened_grid_search(chunk_loss, len(calls), ends, (loss_rtn, None, None), families)
         return best, loss_rtn
+
+    def _rounded(self, g: ScaleGroup, orig: list[torch.Tensor], conv: list[bool]) -> RoundedWeights | None:
+        """The consumers' weights rounded with error feedback per candidate, where the search
+        rounds that way (``search_rounding="gptq"``) and they read one input with a full Gram."""
+        if self._search_rounding != "gptq" or not orig or g.slabs:
+            return None
+        grams = [self.clip_inputs.get(c) for c in g.consumers]
+        if grams[0] is None or grams[0].dim() != 2 or any(h is not grams[0] for h in grams):
+            return None
+        return RoundedWeights(orig, conv, grams[0], self.config)
 
     def _x_mean(self, g: ScaleGroup, x: torch.Tensor | None) -> torch.Tensor | None:
         """Mean |x| per input channel: the consumers' observer (every calibration batch), else

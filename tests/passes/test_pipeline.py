@@ -67,7 +67,9 @@ def test_split_and_whole_blocks_both_quantize_everything(arch):
     )
     assert sorted(ra.quantized) == sorted(rb.quantized)
     assert ra.kind_counts() == rb.kind_counts()
-    assert ra.folded == rb.folded
+    # the same groups searched (whether each keeps a scale or plain rounding wins may differ)
+    assert sorted((g.producer, tuple(g.consumers)) for g in ra.groups) == sorted(
+        (g.producer, tuple(g.consumers)) for g in rb.groups)
     assert ea < 1.5 * eb + 1e-9, (ea, eb)
 
 
