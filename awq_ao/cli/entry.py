@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codes on the AWQ grid: gptq error feedback (default) or round to nearest (plain AWQ)")
     q.add_argument("--search-loss", choices=["module", "linear", "attention"], default=None,
                    help="what candidate scales are scored on (default: the library's; see docs/options.md)")
+    q.add_argument("--search-rounding", choices=["auto", "nearest", "gptq"], default=None,
+                   help="how candidate scales' weights are rounded when scored (default: the library's, auto = as --rounding)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq rounding: columns in order of decreasing input energy (default: the library's)")
     q.add_argument("--sequential", action="store_true",

@@ -25,31 +25,55 @@ from typing import Any
 import torch
 
 from awq_ao.lowering.quant_math import group_geometry, quant_params
-from awq_ao.passes.rounding import error_feedback_codes, scale_full_gram
+from awq_ao.passes.rounding import error_feedback_codes_batched, scale_full_gram
 from awq_ao.passes.scale_grid import candidate_scales, duo_families
 from awq_ao.passes.search_loss import gram_output_mse
 
-__all__ = ["rounded_scaled", "RoundedWeights", "rounded_gram_loss", "direct_rounded_search"]
+__all__ = ["rounded_scaled", "RoundedWeights", "rounded_gram_loss", "rounded_gram_losses", "direct_rounded_search"]
+
+
+#: Most elements of rounded candidate weights :class:`RoundedWeights` keeps (float32: 512 MiB).
+CACHE_ELEMS = 1 << 27
+#: Most weight rows (all candidates together) rounded in one column sweep: each column's
+#: update touches ``rows x 128`` floats, which should stay in the CPU's cache (measured: one
+#: sweep of 9 x 3072 rows ran slower than 9 sweeps of 3072).
+SWEEP_ROWS = 4096
+
+
+def _per_sweep(weights: list[torch.Tensor]) -> int:
+    return max(1, SWEEP_ROWS // max(sum(w.shape[0] for w in weights), 1))
+
+
+def _key(s: torch.Tensor | None) -> bytes | None:
+    return None if s is None else s.detach().float().cpu().numpy().tobytes()
 
 
 def rounded_scaled(
-    weights: list[torch.Tensor], s: torch.Tensor | None, gram: torch.Tensor, config: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Q, W, H)`` in the scaled space: ``W = [w_1; w_2; ...] * s`` (float32 ``[sum N, K]``),
-    ``Q`` its error-feedback rounding on ``W``'s round-to-nearest grid, ``H`` the Gram of
-    ``x / s``. The weights read one input whose Gram (unscaled) is ``gram [K, K]``."""
-    w = torch.cat([t.float() for t in weights])
-    h = gram.to(w.device, torch.float32)
-    if s is not None:
-        sf = s.to(w.device, torch.float32)
-        w = w * sf
-        h = scale_full_gram(h, sf)
-    scale, zero = quant_params(w, config.bits, config.group_size, config.zero_point)
-    codes = error_feedback_codes(w, scale, zero, h, config.bits, config.group_size, config.gptq_damp,
-                                 act_order=config.gptq_act_order)
-    col_group = torch.arange(w.shape[1], device=w.device) // group_geometry(w.shape[1], config.group_size).size
-    q = (codes.float() - zero[:, col_group]) * scale[:, col_group]
-    return q, w, h
+    weights: list[torch.Tensor], scales: list[torch.Tensor | None], gram: torch.Tensor, config: Any
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``[(Q, W, H)]`` per candidate scale ``s``, in the scaled space: ``W = [w_1; w_2; ...] * s``
+    (float32 ``[sum N, K]``), ``Q`` its error-feedback rounding on ``W``'s round-to-nearest grid,
+    ``H`` the Gram of ``x / s``. The weights read one input whose Gram (unscaled) is
+    ``gram [K, K]``. The candidates are rounded in one column sweep
+    (:func:`~awq_ao.passes.rounding.error_feedback_codes_batched`)."""
+    w0 = torch.cat([t.float() for t in weights])
+    h0 = gram.to(w0.device, torch.float32)
+    ws, hs, grids = [], [], []
+    for s in scales:
+        w, h = w0, h0
+        if s is not None:
+            sf = s.to(w0.device, torch.float32)
+            w, h = w0 * sf, scale_full_gram(h0, sf)
+        ws.append(w)
+        hs.append(h)
+        grids.append(quant_params(w, config.bits, config.group_size, config.zero_point))
+    rows = w0.shape[0] if len(scales) * w0.shape[0] <= SWEEP_ROWS else None  # one sweep if it fits
+    codes = error_feedback_codes_batched(ws, [p[0] for p in grids], [p[1] for p in grids], hs, config.bits,
+                                         config.group_size, config.gptq_damp, rows_per_chunk=rows,
+                                         act_order=config.gptq_act_order)
+    col_group = torch.arange(w0.shape[1], device=w0.device) // group_geometry(w0.shape[1], config.group_size).size
+    return [((c.float() - zero[:, col_group]) * scale[:, col_group], w, h)
+            for c, (scale, zero), w, h in zip(codes, grids, ws, hs, strict=True)]
 
 
 class RoundedWeights:
@@ -57,34 +81,67 @@ class RoundedWeights:
 
     ``weights``: the consumers' ``[N, K]`` weights (unscaled), all reading one input with the
     full Gram ``gram``; ``transpose[i]``: consumer ``i`` stores its weight ``[K, N]`` (Conv1D).
+    :meth:`prepare` rounds a list of candidates in batched sweeps (as many as
+    :data:`CACHE_ELEMS` allows); a candidate not prepared is rounded when asked for.
     """
 
     def __init__(self, weights: list[torch.Tensor], transpose: list[bool], gram: torch.Tensor, config: Any) -> None:
         self.weights, self.transpose, self.gram, self.config = weights, transpose, gram, config
-        self._cache: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+        self._elems = sum(w.numel() for w in weights)
+        self._room = max(1, CACHE_ELEMS // max(self._elems, 1))  # candidates the cache holds
+        self._cache: dict[bytes | None, list[torch.Tensor]] = {}
+
+    def prepare(self, scales: list[torch.Tensor | None]) -> None:
+        """Round the candidates ``scales`` (those the cache has room for) in batched sweeps."""
+        todo, keys = [], set()
+        for s in scales:
+            k = _key(s)
+            if k not in self._cache and k not in keys:
+                todo.append(s)
+                keys.add(k)
+        todo = todo[: max(0, self._room - len(self._cache))]
+        per_sweep = _per_sweep(self.weights)
+        for b0 in range(0, len(todo), per_sweep):
+            self._store(todo[b0 : b0 + per_sweep])
+
+    def _store(self, scales: list[torch.Tensor | None]) -> None:
+        if len(self._cache) + len(scales) > self._room:
+            self._cache.clear()
+        for s, (q, _, _) in zip(scales, rounded_scaled(self.weights, scales, self.gram, self.config), strict=True):
+            if s is not None:
+                q = q / s.to(q.device, torch.float32)
+            out = []
+            for part, w, t in zip(q.split([w.shape[0] for w in self.weights]), self.weights, self.transpose,
+                                  strict=True):
+                part = part.to(w.dtype)
+                out.append(part.t().contiguous() if t else part)
+            self._cache[_key(s)] = out
 
     def __call__(self, s: torch.Tensor | None) -> list[torch.Tensor]:
         """``Q(w * s) / s`` for each consumer, in its weight's dtype and storage layout."""
-        hit = self._cache.get(id(s))
-        if hit is not None and hit[0] is s:
-            return hit[1]
-        q, _, _ = rounded_scaled(self.weights, s, self.gram, self.config)
-        if s is not None:
-            q = q / s.to(q.device, torch.float32)
-        out = []
-        for part, w, t in zip(q.split([w.shape[0] for w in self.weights]), self.weights, self.transpose, strict=True):
-            part = part.to(w.dtype)
-            out.append(part.t().contiguous() if t else part)
-        self._cache[id(s)] = (s, out)  # the scale is kept alive with its entry: ids stay unique
-        return out
+        k = _key(s)
+        if k not in self._cache:
+            self._store([s])
+        return self._cache[k]
 
 
 def rounded_gram_loss(weights: list[torch.Tensor], s: torch.Tensor | None, gram: torch.Tensor, config: Any) -> float:
     """Output MSE of the error-feedback rounded weights at scale ``s``, through the input's Gram
     (the same measure as :func:`~awq_ao.passes.search_loss.gram_output_mse`)."""
-    q, w, h = rounded_scaled(weights, s, gram, config)
-    d = q - w
-    return float(((d @ h) * d).sum()) / max(w.shape[0], 1)
+    return rounded_gram_losses(weights, [s], gram, config)[0]
+
+
+def rounded_gram_losses(
+    weights: list[torch.Tensor], scales: list[torch.Tensor | None], gram: torch.Tensor, config: Any
+) -> list[float]:
+    """:func:`rounded_gram_loss` of several candidate scales, rounded in batched sweeps."""
+    per_sweep = _per_sweep(weights)
+    out = []
+    for b0 in range(0, len(scales), per_sweep):
+        for q, w, h in rounded_scaled(weights, scales[b0 : b0 + per_sweep], gram, config):
+            d = q - w
+            out.append(float(((d @ h) * d).sum()) / max(w.shape[0], 1))
+    return out
 
 
 def direct_rounded_search(
@@ -109,10 +166,11 @@ def direct_rounded_search(
             loss = gram_output_mse(weights, s, gram, config.bits, config.group_size, config.zero_point)
             ranked.append((loss, len(ranked), i / config.n_grid, s))
     ranked.sort(key=lambda r: (r[0], r[1]))
-    loss_none = rounded_gram_loss(weights, None, gram, config)
+    chosen = sorted(ranked[: max(1, keep)], key=lambda r: r[1])
+    losses = rounded_gram_losses(weights, [None] + [r[3] for r in chosen], gram, config)
+    loss_none = losses[0]
     best: tuple[float, float | None, torch.Tensor | None] = (loss_none, None, None)
-    for _, _, alpha, s in sorted(ranked[: max(1, keep)], key=lambda r: r[1]):
-        loss = rounded_gram_loss(weights, s, gram, config)
+    for (_, _, alpha, s), loss in zip(chosen, losses[1:], strict=True):
         if loss < best[0]:
             best = (loss, alpha, s)
     return best, loss_none

@@ -120,47 +120,83 @@ def error_feedback_codes(
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"error_feedback_round: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
+    return error_feedback_codes_batched([w], [scale], [zero], [h], bits, group_size, damp, block, rows_per_chunk,
+                                        act_order)[0]
+
+
+def error_feedback_codes_batched(
+    ws: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    zeros: list[torch.Tensor],
+    hs: list[torch.Tensor],
+    bits: int,
+    group_size: int,
+    damp: float = 0.1,
+    block: int = 128,
+    rows_per_chunk: int | None = None,
+    act_order: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`error_feedback_codes` of several ``(w_b [N, K], grid, Gram h_b [K, K])`` at once.
+
+    Every item is rounded exactly as alone (same column order, factor and damping per item),
+    but the column sweep runs once for all of them: each per-column step works on a
+    ``[B, rows]`` tile, so small weights (or many AWQ candidates of one weight) share the
+    per-column cost. All items have the same shape.
+    """
+    nb = len(ws)
+    n, k = ws[0].shape
+    if any(w.shape != (n, k) for w in ws) or any(h.shape != (k, k) for h in hs):
+        raise ValueError("error_feedback_codes_batched: every weight must be [N, K] and every Gram [K, K] alike")
+    dev = ws[0].device
     g = group_geometry(k, group_size).size
     max_int = 2**bits - 1
-    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    hc = h.to(w.device, cdt)
-    col_group = torch.arange(k, device=w.device) // g
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(hc), descending=True, stable=True)
-        hc = hc[perm][:, perm]
-        col_group = col_group[perm]
-    u = inverse_cholesky(hc, damp)
-    del hc
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    rows_per_chunk = rows_per_chunk or max(1024, ROUND_CHUNK_ELEMS // k)
-    diag = torch.diagonal(u).tolist()
-    cols = perm.tolist() if perm is not None else list(range(k))
+    cdt = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+    base_group = torch.arange(k, device=dev) // g
+    perms, col_groups, us = [], [], []
+    for h in hs:
+        hc = h.to(dev, cdt)
+        perm = torch.argsort(torch.diagonal(hc), descending=True, stable=True) if act_order else None
+        if perm is not None:
+            hc = hc[perm][:, perm]
+        us.append(inverse_cholesky(hc, damp))
+        perms.append(perm)
+        col_groups.append(base_group[perm] if perm is not None else base_group)
+        del hc
+    u = torch.stack(us)  # [B, K, K]
+    del us
+    diag = torch.diagonal(u, dim1=1, dim2=2).unsqueeze(-1)  # [B, K, 1]
+    codes = [torch.empty(n, k, dtype=torch.uint8, device=dev) for _ in range(nb)]
+    rows_per_chunk = rows_per_chunk or max(1024 // nb, 1, ROUND_CHUNK_ELEMS // (k * nb))
     for r0 in range(0, n, rows_per_chunk):
-        # columns as contiguous rows ([K, n]): every per-column step reads and writes one
-        # contiguous vector instead of a stride-K column
-        wr = w[r0 : r0 + rows_per_chunk].to(cdt)
-        wt = (wr[:, perm] if perm is not None else wr).t().clone(memory_format=torch.contiguous_format)  # a copy, always
-        rows = wt.shape[1]
-        st = scale[r0 : r0 + rows].to(w.device, cdt).t()[col_group].contiguous()  # [K, n]
-        zt = zero[r0 : r0 + rows].to(w.device, cdt).t()[col_group].contiguous()
-        out = torch.empty(k, rows, dtype=torch.uint8, device=w.device)
+        # columns as contiguous rows ([B, K, rows]): every per-column step reads and writes one
+        # contiguous [B, rows] tile instead of stride-K columns
+        wt = torch.stack([(w[r0 : r0 + rows_per_chunk].to(cdt)[:, p] if p is not None else w[r0 : r0 + rows_per_chunk].to(cdt)).t()
+                          for w, p in zip(ws, perms, strict=True)])  # a copy, always
+        rows = wt.shape[2]
+        st = torch.stack([sc[r0 : r0 + rows].to(dev, cdt).t()[cg] for sc, cg in zip(scales, col_groups, strict=True)])
+        zt = torch.stack([zr[r0 : r0 + rows].to(dev, cdt).t()[cg] for zr, cg in zip(zeros, col_groups, strict=True)])
+        out = torch.empty(nb, k, rows, dtype=torch.uint8, device=dev)
         for b0 in range(0, k, block):
             b1 = min(b0 + block, k)
-            wb = wt[b0:b1]
+            wb = wt[:, b0:b1]
             err = torch.empty_like(wb)
             for i in range(b1 - b0):
                 c = b0 + i
-                sc, zc = st[c], zt[c]
-                q = (torch.round(wb[i] / sc) + zc).clamp_(0, max_int)
-                out[cols[c]] = q.to(torch.uint8)
-                e = (wb[i] - (q - zc) * sc) / diag[c]
-                err[i] = e
+                sc, zc = st[:, c], zt[:, c]
+                q = (torch.round(wb[:, i] / sc) + zc).clamp_(0, max_int)
+                out[:, c] = q.to(torch.uint8)
+                e = (wb[:, i] - (q - zc) * sc) / diag[:, c]
+                err[:, i] = e
                 if i + 1 < b1 - b0:
-                    wb[i + 1 :] -= u[c, c + 1 : b1][:, None] * e[None, :]
+                    wb[:, i + 1 :] -= u[:, c, c + 1 : b1].unsqueeze(-1) * e.unsqueeze(1)
             if b1 < k:
-                wt[b1:] -= u[b0:b1, b1:].t() @ err
-        codes[r0 : r0 + rows] = out.t()
+                wt[:, b1:] -= torch.bmm(u[:, b0:b1, b1:].transpose(1, 2), err)
+        for b in range(nb):
+            ob = out[b].t()  # [rows, K] in sweep order
+            if perms[b] is not None:
+                codes[b][r0 : r0 + rows, perms[b]] = ob
+            else:
+                codes[b][r0 : r0 + rows] = ob
     return codes
 
 

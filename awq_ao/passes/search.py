@@ -306,10 +306,14 @@ class ScaleSearch:
                     keep = cfg.screen_keep // 2 if cfg.screen_rows else cfg.n_grid * len(duo_families(w_mean, cfg.duo_scaling))
                     _check_finite(gram, g, "the input Gram of")
                     best, loss_rtn = direct_rounded_search(orig, gram, x_mean, w_mean, tie, cfg, keep)
-                elif gram is None and call is not None and rows_call is not None and stages:
-                    best, loss_rtn = self._screened(g, rows_call, total, stages, quantized, x_mean, w_mean, tie)
                 else:
-                    best, loss_rtn = self._full_grid(g, run, gram, orig, quantized, x_mean, w_mean, tie)
+                    if rounded is not None:  # every candidate rounded up front, in batched sweeps
+                        rounded.prepare([None] + [c for _, c in scale_candidates(x_mean, w_mean, cfg.n_grid,
+                                                                                 cfg.duo_scaling, tie)])
+                    if gram is None and call is not None and rows_call is not None and stages:
+                        best, loss_rtn = self._screened(g, rows_call, total, stages, quantized, x_mean, w_mean, tie)
+                    else:
+                        best, loss_rtn = self._full_grid(g, run, gram, orig, quantized, x_mean, w_mean, tie)
         finally:
             swap.restore()
             if slab_swap is not None:

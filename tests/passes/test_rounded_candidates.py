@@ -120,7 +120,7 @@ def test_the_search_rounds_candidates_as_configured(monkeypatch, mode, expect):
     import awq_ao.passes.search as search
 
     calls = {"module": 0, "gram": 0}
-    orig_call, orig_loss = rc.RoundedWeights.__call__, rc.rounded_gram_loss
+    orig_call, orig_loss = rc.RoundedWeights.__call__, rc.rounded_gram_losses
 
     def counted_call(self, s):
         calls["module"] += 1
@@ -131,7 +131,7 @@ def test_the_search_rounds_candidates_as_configured(monkeypatch, mode, expect):
         return orig_loss(*a, **kw)
 
     monkeypatch.setattr(rc.RoundedWeights, "__call__", counted_call)
-    monkeypatch.setattr(rc, "rounded_gram_loss", counted_loss)
+    monkeypatch.setattr(rc, "rounded_gram_losses", counted_loss)
     assert search.direct_rounded_search.__module__ == rc.__name__
     model = tiny_model("llama", layers=1)
     with warnings.catch_warnings():
