@@ -11,9 +11,8 @@ grid, the same damping and column order), and scored on that.
 
 * Groups scored on a module's output: each candidate's weights are rounded once (cached for
   the stages of the screened search) and swapped in as usual.
-* Groups scored through their input's Gram (``v -> o``, ``up -> down``): every candidate is
-  ranked by its cheap round-to-nearest loss, and the best ``keep`` of them (plus no scaling)
-  are rounded and scored by ``tr((Q - W) H (Q - W)^T) / N``.
+* Groups scored through their input's Gram (``v -> o``, ``up -> down``): every candidate (and
+  no scaling) is rounded, in batched sweeps, and scored by ``tr((Q - W) H (Q - W)^T) / N``.
 
 The grid is the unclipped one (clipping comes after the search, as before).
 """
@@ -151,13 +150,15 @@ def direct_rounded_search(
     w_mean: torch.Tensor | None,
     tie: torch.Tensor | None,
     config: Any,
-    keep: int,
+    keep: int | None = None,
 ) -> tuple[tuple[float, float | None, torch.Tensor | None], float]:
     """The best ``(loss, alpha, s)`` of a Gram-scored group after error-feedback rounding, and
     the loss of no scaling.
 
-    Every grid candidate is ranked by its round-to-nearest loss; the first ``keep`` (ties in
-    grid order) and no scaling are rounded and scored. Ties keep no scaling, then grid order.
+    ``keep=None`` (what the search uses) rounds and scores every grid candidate; an integer
+    ranks them by the round-to-nearest loss first and rounds only the best ``keep`` (ties in
+    grid order; measured worse on validation, see docs/results.md). Ties keep no scaling,
+    then grid order.
     """
     ranked: list[tuple[float, int, float, torch.Tensor]] = []
     for wm in duo_families(w_mean, config.duo_scaling):
@@ -166,7 +167,7 @@ def direct_rounded_search(
             loss = gram_output_mse(weights, s, gram, config.bits, config.group_size, config.zero_point)
             ranked.append((loss, len(ranked), i / config.n_grid, s))
     ranked.sort(key=lambda r: (r[0], r[1]))
-    chosen = sorted(ranked[: max(1, keep)], key=lambda r: r[1])
+    chosen = sorted(ranked if keep is None else ranked[: max(1, keep)], key=lambda r: r[1])
     losses = rounded_gram_losses(weights, [None] + [r[3] for r in chosen], gram, config)
     loss_none = losses[0]
     best: tuple[float, float | None, torch.Tensor | None] = (loss_none, None, None)

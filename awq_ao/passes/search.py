@@ -303,9 +303,8 @@ class ScaleSearch:
         try:
             with torch.no_grad():
                 if gram is not None and self._search_rounding == "gptq" and not g.slabs:
-                    keep = cfg.screen_keep // 2 if cfg.screen_rows else cfg.n_grid * len(duo_families(w_mean, cfg.duo_scaling))
                     _check_finite(gram, g, "the input Gram of")
-                    best, loss_rtn = direct_rounded_search(orig, gram, x_mean, w_mean, tie, cfg, keep)
+                    best, loss_rtn = direct_rounded_search(orig, gram, x_mean, w_mean, tie, cfg)
                 else:
                     if rounded is not None:  # every candidate rounded up front, in batched sweeps
                         rounded.prepare([None] + [c for _, c in scale_candidates(x_mean, w_mean, cfg.n_grid,

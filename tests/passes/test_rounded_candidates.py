@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from awq_ao.config import awq_config
-from awq_ao.passes.rounded_candidates import RoundedWeights, direct_rounded_search, rounded_gram_loss
+from awq_ao.passes.rounded_candidates import (
+    RoundedWeights,
+    direct_rounded_search,
+    rounded_gram_loss,
+)
 from awq_ao.passes.rounding import error_feedback_round
 from awq_ao.passes.scale_grid import candidate_scales
 from awq_ao.passes.search_loss import gram_output_mse
