@@ -415,8 +415,10 @@ def test_search_refine_applies_to_experts(monkeypatch):
         model = tiny_moe("MixtralForCausalLM")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # search_rounding="nearest": the dense Gram-scored groups go through grid_search too
+            # (with "gptq" they are scored by rounded_candidates.direct_rounded_search)
             report = awq_ao.quantize(model, batches(3), group_size=32, n_grid=10, search_refine=refine,
-                                     screen_rows=None, progress=False, verbose=False)
+                                     screen_rows=None, search_rounding="nearest", progress=False, verbose=False)
         seen[refine] = list(calls)
         dense = sum(1 for g in report.groups if g.kind != "experts" and not any("experts" in c for c in g.consumers))
     n_layers = tiny_moe("MixtralForCausalLM").config.num_hidden_layers
