@@ -1,16 +1,18 @@
-"""Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, ``csrc/int8_cpu.cpp``, AVX2 + FMA).
+"""Build and load awq_ao's C++ CPU kernels (``csrc/int4_cpu.cpp``, ``csrc/int8_cpu.cpp``,
+``csrc/ef_round_cpu.cpp``; AVX2 + FMA).
 
 The kernels are compiled once per machine with :func:`torch.utils.cpp_extension.load` (a C++
 compiler and ``ninja`` are needed; the build takes about 20 s on two cores and is cached
 under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in a folder named
 after a hash of the source and flags). They register the ops
-``torch.ops.awq_ao_cpu.int4_gemm``, ``torch.ops.awq_ao_cpu.int4_dequant_t`` and
-``torch.ops.awq_ao_cpu.int8_gemm``.
+``torch.ops.awq_ao_cpu.int4_gemm``, ``torch.ops.awq_ao_cpu.int4_dequant_t``,
+``torch.ops.awq_ao_cpu.int8_gemm`` and ``torch.ops.awq_ao_cpu.ef_round_block`` (the column sweep
+of error-feedback rounding, :mod:`awq_ao.passes.rounding`).
 
 :func:`load` never raises: where the kernels cannot be had (no AVX2/FMA, no compiler, a
 failed build, or ``AWQ_AO_CPU_KERNELS=0``) it returns ``False`` and :func:`unavailable_reason`
 says why; :mod:`awq_ao.lowering.cpu_kernels` then uses ATen's kernels and its path log names
-the reason. ``AWQ_AO_CPU_KERNELS=1`` turns a failed build into an error instead.
+the reason, and error-feedback rounding its torch loop (the same codes, slower). ``AWQ_AO_CPU_KERNELS=1`` turns a failed build into an error instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 #: The 4-bit kernels' source file.
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 #: Every source file compiled into the extension, and the header they share.
-SOURCES = (SOURCE, SOURCE.with_name("int8_cpu.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("int8_cpu.cpp"), SOURCE.with_name("ef_round_cpu.cpp"))
 _HEADERS = (SOURCE.with_name("act_quant.h"),)
 
 #: -fopenmp: at::parallel_for is inline OpenMP code in torch's OpenMP builds; without the flag
@@ -147,7 +149,8 @@ def load() -> bool:
                     raise RuntimeError(f"awq_ao: AWQ_AO_CPU_KERNELS=1 but {reason}") from e
                 log.warning(
                     "awq_ao: the C++ CPU kernels are unavailable: %s; INT4 layers use ATen's "
-                    "slower kernels. Set AWQ_AO_CPU_KERNELS=0 to silence this.",
+                    "slower kernels and error-feedback rounding a slower torch loop. Set "
+                    "AWQ_AO_CPU_KERNELS=0 to silence this.",
                     reason,
                 )
         elif _setting() == "1":

@@ -36,7 +36,7 @@ CACHE_ELEMS = 1 << 27
 #: Most weight rows (all candidates together) rounded in one column sweep: each column's
 #: update touches ``rows x 128`` floats, which should stay in the CPU's cache (measured: one
 #: sweep of 9 x 3072 rows ran slower than 9 sweeps of 3072).
-SWEEP_ROWS = 4096
+SWEEP_ROWS = 65536
 
 
 def _per_sweep(weights: list[torch.Tensor]) -> int:
@@ -164,7 +164,8 @@ def direct_rounded_search(
     for wm in duo_families(w_mean, config.duo_scaling):
         for i in range(config.n_grid):
             s = candidate_scales(x_mean, wm, i / config.n_grid, tie)
-            loss = gram_output_mse(weights, s, gram, config.bits, config.group_size, config.zero_point)
+            loss = 0.0 if keep is None else gram_output_mse(weights, s, gram, config.bits, config.group_size,
+                                                            config.zero_point)
             ranked.append((loss, len(ranked), i / config.n_grid, s))
     ranked.sort(key=lambda r: (r[0], r[1]))
     chosen = sorted(ranked if keep is None else ranked[: max(1, keep)], key=lambda r: r[1])

@@ -8,6 +8,7 @@ rounding; ``int4_dequant_t`` must equal awq_ao's eager dequantization bit for bi
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -248,3 +249,53 @@ def test_setting_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="path must be one of"):
         with ck.forced_path("fast"):
             pass
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 80),
+    k=st.integers(1, 200),
+    items=st.integers(1, 4),
+    gs=st.sampled_from([8, 32, -1]),
+    bits=st.sampled_from([3, 4, 8]),
+    block=st.sampled_from([1, 7, 128]),
+    act_order=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_ef_round_block_gives_the_torch_loops_codes_bit_for_bit(n, k, items, gs, bits, block, act_order, seed):
+    """The C++ column sweep of error-feedback rounding does the torch loop's float32 operations
+    in the same order: the same codes, every bit (row tails, ragged blocks, several items)."""
+    from awq_ao.lowering.quant_math import quant_params
+    from awq_ao.passes import rounding
+
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=gen) * 3 for _ in range(items)]
+    hs = []
+    for _ in range(items):
+        x = torch.randn(2 * k + 3, k, generator=gen) @ torch.randn(k, k, generator=gen) * 0.3
+        hs.append(x.t() @ x / x.shape[0])
+    grids = [quant_params(w, bits, gs, True) for w in ws]
+    args = (ws, [p[0] for p in grids], [p[1] for p in grids], hs, bits, gs)
+    opts = {"damp": 0.05, "block": block, "act_order": act_order}
+    assert rounding._sweep_kernel(torch.float32, torch.device("cpu"))
+    got = rounding.error_feedback_codes_batched(*args, **opts)
+    with mock.patch.object(rounding, "_sweep_kernel", lambda dtype, device: False):
+        want = rounding.error_feedback_codes_batched(*args, **opts)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_ef_round_block_rejects_bad_arguments():
+    wt = torch.zeros(1, 4, 8)
+    u = torch.eye(4).unsqueeze(0)
+    out = torch.zeros(1, 4, 8, dtype=torch.uint8)
+    err = torch.zeros(1, 2, 8)
+    torch.ops.awq_ao_cpu.ef_round_block(wt, u, wt + 1, wt.clone(), out, err, 0, 2, 15.0)
+    with pytest.raises(RuntimeError, match="bad column block"):
+        torch.ops.awq_ao_cpu.ef_round_block(wt, u, wt + 1, wt.clone(), out, err, 2, 6, 15.0)
+    with pytest.raises(RuntimeError, match="err must be"):
+        torch.ops.awq_ao_cpu.ef_round_block(wt, u, wt + 1, wt.clone(), out, err, 0, 3, 15.0)
+    with pytest.raises(RuntimeError, match="wt must be contiguous float32"):
+        torch.ops.awq_ao_cpu.ef_round_block(wt.double(), u, wt.clone(), wt.clone(), out, err, 0, 2, 15.0)

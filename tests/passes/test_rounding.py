@@ -16,6 +16,7 @@ from awq_ao.passes.rounding import (
     full_gram,
     group_blocks,
     inverse_cholesky,
+    lower_triangular_inverse,
     scale_full_gram,
 )
 from awq_ao.passes.search import group_gram, scale_gram
@@ -132,6 +133,29 @@ def test_dead_channels_and_singular_grams():
     w = torch.randn(4, 12)
     scale, zero = quant_params(w, 4, 4)
     assert torch.isfinite(error_feedback_round(w, scale, zero, full_gram(x), 4, 4)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([1, 4, 33, 128]), st.integers(0, 2**16))
+def test_lower_triangular_inverse_against_float64(k, leaf, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lower = torch.randn(k, k, generator=gen, dtype=torch.float64).tril() / k**0.5
+    lower.diagonal().copy_(torch.rand(k, generator=gen, dtype=torch.float64) + 0.5)
+    inv = lower_triangular_inverse(lower, leaf)
+    assert torch.equal(inv, inv.tril())
+    torch.testing.assert_close(inv @ lower, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 200), st.sampled_from([0.01, 0.1]), st.integers(0, 2**16))
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(k, damp, seed):
+    """U upper triangular with a positive diagonal and U^T U = (H + damp * mean(diag H) I)^-1."""
+    gen = torch.Generator().manual_seed(seed)
+    h = full_gram(correlated(2 * k + 1, k, gen).double())
+    u = inverse_cholesky(h, damp)
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    damped = h + damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(u.t() @ u @ damped, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-7)
 
 
 def test_shape_mismatch_is_an_error():
