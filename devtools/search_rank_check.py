@@ -9,8 +9,14 @@ full search, the search loss it gives up, and its cost in row-forwards:
 * ``screen R top K``: rank every candidate on the first R rows, score the best K on all rows;
 * ``halving``: successive halving, e.g. all candidates on 4 rows, the best 8 on 8 rows, the
   best 4 on every row (rows are cumulative, so the survivors end with the full loss).
+* ``linear top K``: rank the candidates by the consumers' own output error through their
+  input's Gram, with the weights rounded as the search rounds them (no module forward; with
+  ``search_rounding="gptq"`` the error-feedback rounded weights the search computes anyway),
+  then apply a module-loss rule to the best K only.
 
-    python -m devtools.search_rank_check [--model gemma3] [--layers 30] [--out FILE.json]
+The full search is forced (``screen_rows=None``) so that every candidate has every row.
+
+    python -m devtools.search_rank_check [--model gemma3] [--bits 3] [--group-size 64] [--out FILE.json]
 
 The whole-model numbers come from one full default quantization (about 10 minutes for
 SmolLM2 on 2 cores).
@@ -37,6 +43,24 @@ from machine import machine_info  # noqa: E402
 
 RECORDS: list[dict] = []
 _current: list[torch.Tensor] | None = None
+_linear: list[float] | None = None
+
+
+def _wrap_rounded(orig):
+    """Record each candidate's linear loss, ``sum_i tr((Q_i - W_i) H (Q_i - W_i)^T)``, in call order."""
+
+    def wrapped(self, s):
+        out = orig(self, s)
+        if _linear is not None:
+            h = self.gram.double()
+            total = 0.0
+            for q, w, t in zip(out, self.weights, self.transpose, strict=True):
+                d = (q.t() if t else q).double() - w.double()
+                total += float(((d @ h) * d).sum())
+            _linear.append(total)
+        return out
+
+    return wrapped
 
 
 def _recording_mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,15 +72,17 @@ def _recording_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _wrap_search(orig):
     def wrapped(self, g, call, x, rows_call=None):
-        global _current
-        _current = []
+        global _current, _linear
+        _current, _linear = [], []
         try:
             return orig(self, g, call, x, rows_call)
         finally:
             if _current:
-                RECORDS.append({"inspect": g.inspect, "consumers": list(g.consumers),
-                                "rows": torch.stack(_current).tolist()})
-            _current = None
+                rec = {"inspect": g.inspect, "consumers": list(g.consumers), "rows": torch.stack(_current).tolist()}
+                if len(_linear) == len(_current):
+                    rec["linear"] = _linear
+                RECORDS.append(rec)
+            _current, _linear = None, None
 
     return wrapped
 
@@ -70,14 +96,19 @@ def pick(losses: list[float]) -> int:
     return best
 
 
-def simulate(rows: torch.Tensor, schedule: list[tuple[int, int]]) -> tuple[int, int]:
+def simulate(rows: torch.Tensor, schedule: list[tuple[int, int]], prescreen: tuple[list[float], int] | None = None
+             ) -> tuple[int, int]:
     """``rows [C, R]``: per-candidate, per-row errors (candidate 0 = RTN, always kept).
 
     ``schedule``: ``[(rows, keep)]`` stages; after a stage on the first ``rows`` rows, the best
-    ``keep`` alpha candidates survive (RTN is scored on every row regardless). Returns the
-    chosen candidate and the cost in row-forwards."""
+    ``keep`` alpha candidates survive (RTN is scored on every row regardless). ``prescreen``:
+    ``(loss per candidate, K)``: only the K alpha candidates of smallest such loss enter the
+    stages. Returns the chosen candidate and the cost in row-forwards."""
     c, r = rows.shape
     alive = list(range(1, c))
+    if prescreen is not None:
+        pre, k = prescreen
+        alive = sorted(sorted(alive, key=lambda i: (pre[i], i))[:k])
     cost = r  # RTN on every row
     done = 0
     for n_rows, keep in schedule:
@@ -107,13 +138,23 @@ def summarize(records: list[dict]) -> dict:
         "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
         "halving 4/6, 8/3": [(4, 6), (8, 3)],
     }
+    pre_rules: dict[str, tuple[int, list[tuple[int, int]]]] = {
+        "linear top 5, full": (5, []),
+        "linear top 8, full": (8, []),
+        "linear top 10, full": (10, []),
+        "linear top 10, halving 4/5, 8/3": (10, [(4, 5), (8, 3)]),
+        "linear top 12, halving 4/6, 8/3": (12, [(4, 6), (8, 3)]),
+    }
+    if not all("linear" in rec for rec in records):
+        pre_rules = {}
     summary = {}
-    for name, sched in rules.items():
+    for name, rule in [*((n, (None, sc)) for n, sc in rules.items()), *pre_rules.items()]:
+        top, sched = rule
         same, cost, full_cost, excess = 0, 0, 0, []
         for rec in records:
             rows = torch.tensor(rec["rows"], dtype=torch.float64)
             ref, _ = simulate(rows, [])
-            got, c = simulate(rows, sched)
+            got, c = simulate(rows, sched, None if top is None else (rec["linear"], top))
             full = rows.sum(dim=1)
             same += int(got == ref)
             cost += c
@@ -130,23 +171,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
     ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     search_mod.ScaleSearch._search = _wrap_search(search_mod.ScaleSearch._search)
     search_mod._mse = _recording_mse
+    search_mod.RoundedWeights.__call__ = _wrap_rounded(search_mod.RoundedWeights.__call__)
     torch.manual_seed(0)
     model, tok = load_model(args.model, torch.float32)
     bos = leading_bos(tok)
     calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_calib, 512, bos_token_id=bos)
     t = time.perf_counter()
-    quantize(model, list(batches(calib, 8)), bits=4, group_size=64, verbose=False, progress=False)
+    quantize(model, list(batches(calib, 8)), bits=args.bits, group_size=args.group_size, verbose=False, progress=False,
+             screen_rows=None)  # every candidate on every row
     quant_s = time.perf_counter() - t
 
     summary = summarize(RECORDS)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": " ".join(["python -m devtools.search_rank_check", *sys.argv[1:]]),
                                               "date": dt.date.today().isoformat(), "machine": machine_info(),
-                                              "model": args.model, "n_calib": args.n_calib, "quant_s": quant_s,
+                                              "model": args.model, "n_calib": args.n_calib, "bits": args.bits,
+                                              "group_size": args.group_size, "quant_s": quant_s,
                                               "summary": summary, "records": RECORDS}))
 
 
