@@ -16,7 +16,11 @@
 //     float32 rounding (no fused multiply-add: fp-contract is off for this file), so the codes
 //     are bit-identical to it. Items and tiles of 64 rows run on torch's intra-op threads.
 
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
 #pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
