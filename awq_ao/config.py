@@ -155,7 +155,7 @@ class AWQConfig(AOBaseConfig):
     duo_scaling = _Flat[DuoScaling]("search_options", "duo_scaling")
     search_refine = _Flat[bool]("search_options", "refine")
     screen_rows = _Flat[int | None]("search_options", "screen_rows")
-    screen_keep = _Flat[int]("search_options", "screen_keep")
+    screen_keep = _Flat[int | None]("search_options", "screen_keep")
     search_loss = _Flat[SearchLoss]("search_options", "loss")
     search_rounding = _Flat[SearchRounding]("search_options", "rounding")
     max_search_samples = _Flat[int]("search_options", "max_samples")

@@ -106,7 +106,7 @@ def validate(cfg: AWQConfig) -> None:
     _int_at_least(cfg, "max_gram_samples", 1)
     _int_at_least(cfg, "clip_tokens", 1, none_ok=True)
     _int_at_least(cfg, "screen_rows", 1, none_ok=True)
-    _int_at_least(cfg, "screen_keep", 1)
+    _int_at_least(cfg, "screen_keep", 1, none_ok=True)
     if not _is_int(cfg.seed):
         raise _bad("seed", cfg.seed, "an integer")
     if cfg.seed != 0:

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from awq_ao.passes.candidate_screen import screen_stages, screened_candidates
+from awq_ao.passes.candidate_screen import screen_keep, screen_stages, screened_candidates
 
 #: seconds per unit of each phase's cost model (fitted on this project's reference run)
 CALIBRATE_S_PER_MAC = 1.8e-11  # one forward multiply-add of a quantized linear during calibration
@@ -64,7 +64,9 @@ class CostModel:
         if not c.screen_rows:
             return float(self.candidates())
         rows = c.max_search_samples
-        per_family = screened_candidates(rows, c.n_grid, screen_stages(rows, c.screen_rows, c.screen_keep))
+        rounded = (c.rounding if c.search_rounding == "auto" else c.search_rounding) == "gptq"
+        keep = screen_keep(c.screen_keep, rounded)
+        per_family = screened_candidates(rows, c.n_grid, screen_stages(rows, c.screen_rows, keep))
         return per_family * (2 if c.duo_scaling == "both" else 1) + 1
 
     def calibrate(self, n: int, k: int, tokens: int) -> float:

@@ -13,10 +13,17 @@ full search, the search loss it gives up, and its cost in row-forwards:
   input's Gram, with the weights rounded as the search rounds them (no module forward; with
   ``search_rounding="gptq"`` the error-feedback rounded weights the search computes anyway),
   then apply a module-loss rule to the best K only.
+* ``refine``: every second alpha on every row, then the best one's two neighbours (the
+  ``search_refine`` option's rule); ``refine by 4``: every fourth, then the neighbours two
+  and one step away.
 
 The full search is forced (``screen_rows=None``) so that every candidate has every row.
 
     python -m devtools.search_rank_check [--model gemma3] [--bits 3] [--group-size 64] [--out FILE.json]
+    python -m devtools.search_rank_check --replay FILE.json [FILE.json ...] [--out FILE.json]
+
+``--replay`` reads the records of earlier runs instead of quantizing and summarizes each file
+with the current rules (seconds).
 
 The whole-model numbers come from one full default quantization (about 10 minutes for
 SmolLM2 on 2 cores).
@@ -124,6 +131,24 @@ def simulate(rows: torch.Tensor, schedule: list[tuple[int, int]], prescreen: tup
     return chosen, cost
 
 
+def refine_pick(full: list[float], step: int) -> tuple[int, int]:
+    """``full``: per-candidate full losses (0 = RTN, then the alpha grid). Every ``step``-th
+    alpha, then the neighbours of the best (for ``step=4``: two steps away, then one step
+    around the best so far); returns the chosen candidate and how many alphas were scored."""
+    n = len(full) - 1
+
+    def best_of(idx: set[int]) -> int:
+        return min(idx, key=lambda i: (full[i + 1], i))
+
+    seen = set(range(0, n, step))
+    radii = [1] if step == 2 else [2, 1]
+    for r in radii:
+        j = best_of(seen)
+        seen |= {i for i in (j - r, j + r) if 0 <= i < n}
+    cands = [0, *(i + 1 for i in sorted(seen))]
+    return cands[pick([full[c] for c in cands])], len(seen)
+
+
 def summarize(records: list[dict]) -> dict:
     """Per selection rule: same picks as the full search, cost, search loss given up."""
     rules: dict[str, list[tuple[int, int]]] = {
@@ -137,6 +162,9 @@ def summarize(records: list[dict]) -> dict:
         "halving 4/10, 8/5 (the default)": [(4, 10), (8, 5)],
         "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
         "halving 4/6, 8/3": [(4, 6), (8, 3)],
+        "halving 4/5, 8/2": [(4, 5), (8, 2)],
+        "halving 4/7, 8/3 (the default for rounded candidates)": [(4, 7), (8, 3)],
+        "halving 2/12, 4/6, 8/3": [(2, 12), (4, 6), (8, 3)],
     }
     pre_rules: dict[str, tuple[int, list[tuple[int, int]]]] = {
         "linear top 5, full": (5, []),
@@ -162,9 +190,28 @@ def summarize(records: list[dict]) -> dict:
             excess.append(float(full[got] / full[ref] - 1))
         summary[name] = {"same_pick": same, "groups": len(records), "cost_vs_full": cost / max(full_cost, 1),
                          "mean_loss_excess": sum(excess) / max(len(excess), 1), "max_loss_excess": max(excess, default=0.0)}
-        print(f"{name:24s} same {same}/{len(records)}  cost {cost / max(full_cost, 1):.2f}x  "
-              f"loss excess mean {summary[name]['mean_loss_excess']:.2e} max {summary[name]['max_loss_excess']:.2e}")
+        _print_rule(name, summary[name])
+    for step in (2, 4):
+        same, cost, full_cost, excess = 0, 0, 0, []
+        for rec in records:
+            rows = torch.tensor(rec["rows"], dtype=torch.float64)
+            full = rows.sum(dim=1)
+            ref, _ = simulate(rows, [])
+            got, scored = refine_pick(full.tolist(), step)
+            same += int(got == ref)
+            cost += (1 + scored) * rows.shape[1]
+            full_cost += rows.numel()
+            excess.append(float(full[got] / full[ref] - 1))
+        name = "refine" if step == 2 else "refine by 4"
+        summary[name] = {"same_pick": same, "groups": len(records), "cost_vs_full": cost / max(full_cost, 1),
+                         "mean_loss_excess": sum(excess) / max(len(excess), 1), "max_loss_excess": max(excess, default=0.0)}
+        _print_rule(name, summary[name])
     return summary
+
+
+def _print_rule(name: str, r: dict) -> None:
+    print(f"{name:32s} same {r['same_pick']}/{r['groups']}  cost {r['cost_vs_full']:.2f}x  "
+          f"loss excess mean {r['mean_loss_excess']:.2e} max {r['max_loss_excess']:.2e}")
 
 
 def main() -> None:
@@ -174,7 +221,17 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--replay", nargs="+", default=None, metavar="FILE", help="summarize stored records instead")
     args = ap.parse_args()
+    if args.replay:
+        replays = {}
+        for f in args.replay:
+            print(f)
+            replays[f] = summarize(json.loads(Path(f).read_text())["records"])
+        if args.out:
+            Path(args.out).write_text(json.dumps({"command": " ".join(["python -m devtools.search_rank_check", *sys.argv[1:]]),
+                                                  "date": dt.date.today().isoformat(), "replays": replays}, indent=1))
+        return
     search_mod.ScaleSearch._search = _wrap_search(search_mod.ScaleSearch._search)
     search_mod._mse = _recording_mse
     search_mod.RoundedWeights.__call__ = _wrap_rounded(search_mod.RoundedWeights.__call__)

@@ -6,10 +6,12 @@ clearly worse than the best few after a handful of rows, so :func:`screened_grid
 scores every candidate on the first rows only, keeps the best ones, scores the survivors on
 more rows, and so on; the last survivors are scored on every row, and the winner is chosen on
 the full loss exactly as the full grid search would choose among them (plain RTN, the
-candidate to beat, is always scored on every row). With the default stages (all 20 candidates
-on 4 of the 16 search rows, the best 10 on 8, the best 5 on all 16) a group costs half the
-full grid's module forwards, and on SmolLM2-135M it picked the same scale as the full grid in
-every one of the 60 module-scored groups (``devtools/search_rank_check.py``).
+candidate to beat, is always scored on every row). With the default stages for candidates
+scored after error-feedback rounding (all 20 candidates on 4 of the 16 search rows, the best 7
+on 8, the best 3 on all 16) a group costs 0.44x the full grid's module forwards (0.52x for
+nearest-rounded candidates: the best 10 on 8, the best 5 on 16), and they picked the same
+scale as the full grid in every module-scored group of SmolLM2-135M and Gemma 3 270M
+(``devtools/search_rank_check.py``).
 
 The losses are sums of squared output errors over row chunks: a survivor's total over every
 chunk is the same mean squared error the full search measures (up to float summation order).
@@ -21,7 +23,14 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["screen_stages", "stage_chunks", "screened_grid_search", "screened_candidates"]
+__all__ = ["screen_stages", "screen_keep", "stage_chunks", "screened_grid_search", "screened_candidates"]
+
+#: ``screen_keep=None``: survivors of the first stage when the candidates are scored after
+#: error-feedback rounding (7) or rounded to nearest (10). In the offline replays
+#: (``devtools/search_rank_check.py``, ``screen_rows=4``) the smallest keep that reproduced
+#: the full grid's pick in every group was 6 for rounded candidates (5 missed one Gemma pick;
+#: 7 is one step above) and 10 for nearest-rounded ones (9 missed one SmolLM2 pick).
+KEEP_ROUNDED, KEEP_NEAREST = 7, 10
 
 #: a chunk's loss: ``(sum of squared errors, number of elements)``
 ChunkLoss = Callable[[torch.Tensor | None, int], tuple[float, int]]
@@ -41,6 +50,14 @@ def screen_stages(total_rows: int, first_rows: int, keep: int) -> list[tuple[int
         stages.append((rows, k))
         rows, k = rows * 2, k // 2
     return stages
+
+
+def screen_keep(keep: int | None, rounded: bool) -> int:
+    """The ``screen_keep`` option resolved: ``keep``, or by default by how the candidates are
+    rounded when scored (``rounded``: with error feedback)."""
+    if keep is not None:
+        return keep
+    return KEEP_ROUNDED if rounded else KEEP_NEAREST
 
 
 def screened_candidates(total_rows: int, n_grid: int, stages: list[tuple[int, int]]) -> float:

@@ -28,7 +28,7 @@ from torch import nn
 
 from awq_ao.config import AWQConfig
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
-from awq_ao.passes.candidate_screen import screen_stages, screened_grid_search, stage_chunks
+from awq_ao.passes.candidate_screen import screen_keep, screen_stages, screened_grid_search, stage_chunks
 from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
 from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, expert_slabs
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup
@@ -299,7 +299,8 @@ class ScaleSearch:
                 return _module_out(call, g)
 
         total = self._rows
-        stages = screen_stages(total, cfg.screen_rows, cfg.screen_keep) if cfg.screen_rows else []
+        keep = screen_keep(cfg.screen_keep, rounded is not None)
+        stages = screen_stages(total, cfg.screen_rows, keep) if cfg.screen_rows else []
         try:
             with torch.no_grad():
                 if gram is not None and self._search_rounding == "gptq" and not g.slabs:

@@ -10,7 +10,7 @@ from tiny_models import block_call
 
 from awq_ao.config import awq_config
 from awq_ao.observers.activation import ChannelStatsObserver, RecordedCall
-from awq_ao.passes.candidate_screen import screen_stages, screened_grid_search, stage_chunks
+from awq_ao.passes.candidate_screen import screen_keep, screen_stages, screened_grid_search, stage_chunks
 from awq_ao.passes.pipeline import analyze, search
 from awq_ao.report import ConvertReport
 
@@ -119,9 +119,20 @@ def test_screen_scores_fewer_rows_and_never_loses_to_rtn():
             assert r.loss_best >= full[gi].loss_best * (1 - 1e-5)  # never better than the full grid
 
 
+def test_default_keep_follows_how_the_candidates_are_rounded():
+    assert screen_keep(None, rounded=True) == 7 and screen_keep(None, rounded=False) == 10
+    assert screen_keep(3, rounded=True) == 3
+    for rounding, keep in (("gptq", 7), ("nearest", 10)):
+        default, _ = _results(8, screen_rows=1, search_rounding=rounding, rounding=rounding)
+        explicit, _ = _results(8, screen_rows=1, screen_keep=keep, search_rounding=rounding, rounding=rounding)
+        other, _ = _results(8, screen_rows=1, screen_keep=1, search_rounding=rounding, rounding=rounding)
+        assert {gi: r.loss_best for gi, r in default.items()} == {gi: r.loss_best for gi, r in explicit.items()}
+        assert {gi: r.loss_best for gi, r in default.items()} != {gi: r.loss_best for gi, r in other.items()}
+
+
 def test_options_are_validated():
     assert awq_config(screen_rows=2).search_options.screen_rows == 2
-    assert (awq_config().screen_rows, awq_config().screen_keep) == (4, 10)  # the default screens
+    assert (awq_config().screen_rows, awq_config().screen_keep) == (4, None)  # the default screens
     with pytest.raises(ValueError, match="screen_rows"):
         awq_config(screen_rows=0)
     with pytest.raises(ValueError, match="screen_keep"):
