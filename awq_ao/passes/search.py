@@ -28,7 +28,12 @@ from torch import nn
 
 from awq_ao.config import AWQConfig
 from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
-from awq_ao.passes.candidate_screen import screen_keep, screen_stages, screened_grid_search, stage_chunks
+from awq_ao.passes.candidate_screen import (
+    screen_keep,
+    screen_stages,
+    screened_grid_search,
+    stage_chunks,
+)
 from awq_ao.passes.clipping import apply_clip, clip_ratios, group_gram, scale_gram
 from awq_ao.passes.experts_search import ExpertsTaps, SlabSwap, expert_slabs
 from awq_ao.passes.groups import GraphAnalysis, ScaleGroup

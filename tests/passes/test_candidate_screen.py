@@ -10,7 +10,12 @@ from tiny_models import block_call
 
 from awq_ao.config import awq_config
 from awq_ao.observers.activation import ChannelStatsObserver, RecordedCall
-from awq_ao.passes.candidate_screen import screen_keep, screen_stages, screened_grid_search, stage_chunks
+from awq_ao.passes.candidate_screen import (
+    screen_keep,
+    screen_stages,
+    screened_grid_search,
+    stage_chunks,
+)
 from awq_ao.passes.pipeline import analyze, search
 from awq_ao.report import ConvertReport
 
