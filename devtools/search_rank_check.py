@@ -19,7 +19,13 @@ full search, the search loss it gives up, and its cost in row-forwards:
 
 The full search is forced (``screen_rows=None``) so that every candidate has every row.
 
-    python -m devtools.search_rank_check [--model gemma3] [--bits 3] [--group-size 64] [--out FILE.json]
+Groups scored through their input's Gram (``v -> o``, ``up -> down``: every candidate rounded
+with error feedback and scored by ``tr((Q - W) H (Q - W)^T)``) are recorded too, as each
+candidate's loss per chunk of weight rows (row ``r`` in chunk ``r % 16``): the output rows
+round independently, so the same rules replay a screen that rounds every candidate on a few
+row chunks and only the survivors on all of them (``gram_records`` / ``gram_summary``).
+
+    python -m devtools.search_rank_check [--model gemma3] [--bits 3] [--group-size 64] [--layers N] [--out FILE.json]
     python -m devtools.search_rank_check --replay FILE.json [FILE.json ...] [--out FILE.json]
 
 ``--replay`` reads the records of earlier runs instead of quantizing and summarizes each file
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+import awq_ao.passes.rounded_candidates as rounded_mod
 import awq_ao.passes.search as search_mod
 from awq_ao.api import quantize
 from awq_ao.evaluation import batches, calibration_blocks, leading_bos
@@ -49,8 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
 RECORDS: list[dict] = []
+GRAM_RECORDS: list[dict] = []  # Gram-scored groups: per candidate, the loss per weight-row chunk
 _current: list[torch.Tensor] | None = None
 _linear: list[float] | None = None
+_gram_rows: list[torch.Tensor] | None = None
+#: weight rows of a Gram-scored group are bucketed by ``row % GRAM_CHUNKS``
+GRAM_CHUNKS = 16
 
 
 def _wrap_rounded(orig):
@@ -77,10 +88,28 @@ def _recording_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
 
+def _recording_gram_losses(weights, scales, gram, config):
+    """rounded_gram_losses (the same float32 losses), also recording each candidate's loss per
+    chunk of weight rows (rows ``r`` with ``r % GRAM_CHUNKS == j``): output rows round
+    independently, so a screen over weight rows is replayed like one over search rows."""
+    out = []
+    per_sweep = rounded_mod._per_sweep(weights)
+    for b0 in range(0, len(scales), per_sweep):
+        for q, w, h in rounded_mod.rounded_scaled(weights, scales[b0 : b0 + per_sweep], gram, config):
+            d = q - w
+            out.append(float(((d @ h) * d).sum()) / max(w.shape[0], 1))
+            if _gram_rows is not None:
+                dd = d.double()
+                per_row = ((dd @ h.double()) * dd).sum(dim=1).cpu()
+                bucket = torch.arange(per_row.numel()) % GRAM_CHUNKS
+                _gram_rows.append(torch.zeros(GRAM_CHUNKS, dtype=torch.float64).index_add_(0, bucket, per_row))
+    return out
+
+
 def _wrap_search(orig):
     def wrapped(self, g, call, x, rows_call=None):
-        global _current, _linear
-        _current, _linear = [], []
+        global _current, _linear, _gram_rows
+        _current, _linear, _gram_rows = [], [], []
         try:
             return orig(self, g, call, x, rows_call)
         finally:
@@ -89,7 +118,9 @@ def _wrap_search(orig):
                 if len(_linear) == len(_current):
                     rec["linear"] = _linear
                 RECORDS.append(rec)
-            _current, _linear = None, None
+            if _gram_rows:
+                GRAM_RECORDS.append({"consumers": list(g.consumers), "rows": torch.stack(_gram_rows).tolist()})
+            _current, _linear, _gram_rows = None, None, None
 
     return wrapped
 
@@ -221,13 +252,18 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder blocks (a quick check)")
     ap.add_argument("--replay", nargs="+", default=None, metavar="FILE", help="summarize stored records instead")
     args = ap.parse_args()
     if args.replay:
         replays = {}
         for f in args.replay:
+            stored = json.loads(Path(f).read_text())
             print(f)
-            replays[f] = summarize(json.loads(Path(f).read_text())["records"])
+            replays[f] = summarize(stored["records"])
+            if stored.get("gram_records"):
+                print(f"{f}: Gram-scored groups, screened over weight-row chunks")
+                replays[f + " (gram)"] = summarize(stored["gram_records"])
         if args.out:
             Path(args.out).write_text(json.dumps({"command": " ".join(["python -m devtools.search_rank_check", *sys.argv[1:]]),
                                                   "date": dt.date.today().isoformat(), "replays": replays}, indent=1))
@@ -235,8 +271,13 @@ def main() -> None:
     search_mod.ScaleSearch._search = _wrap_search(search_mod.ScaleSearch._search)
     search_mod._mse = _recording_mse
     search_mod.RoundedWeights.__call__ = _wrap_rounded(search_mod.RoundedWeights.__call__)
+    rounded_mod.rounded_gram_losses = _recording_gram_losses
     torch.manual_seed(0)
     model, tok = load_model(args.model, torch.float32)
+    if args.layers is not None:
+        inner = model.model if hasattr(model, "model") else model
+        inner.layers = inner.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
     bos = leading_bos(tok)
     calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_calib, 512, bos_token_id=bos)
     t = time.perf_counter()
@@ -245,12 +286,17 @@ def main() -> None:
     quant_s = time.perf_counter() - t
 
     summary = summarize(RECORDS)
+    gram_summary = None
+    if GRAM_RECORDS:
+        print("Gram-scored groups, screened over weight-row chunks:")
+        gram_summary = summarize(GRAM_RECORDS)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": " ".join(["python -m devtools.search_rank_check", *sys.argv[1:]]),
                                               "date": dt.date.today().isoformat(), "machine": machine_info(),
                                               "model": args.model, "n_calib": args.n_calib, "bits": args.bits,
                                               "group_size": args.group_size, "quant_s": quant_s,
-                                              "summary": summary, "records": RECORDS}))
+                                              "summary": summary, "records": RECORDS,
+                                              "gram_summary": gram_summary, "gram_records": GRAM_RECORDS}))
 
 
 if __name__ == "__main__":
