@@ -115,6 +115,7 @@ class AWQConfig(AOBaseConfig):
     rounding             ``rounding_options.method``
     gptq_damp            ``rounding_options.damp``
     gptq_act_order       ``rounding_options.act_order``
+    gptq_shared_factor   ``rounding_options.shared_factor``
     max_gram_gib         ``rounding_options.max_gram_gib``
     skip                 ``selection.skip``
     include              ``selection.include``
@@ -170,6 +171,7 @@ class AWQConfig(AOBaseConfig):
     rounding = _Flat[Rounding]("rounding_options", "method")
     gptq_damp = _Flat[float]("rounding_options", "damp")
     gptq_act_order = _Flat[bool]("rounding_options", "act_order")
+    gptq_shared_factor = _Flat[bool]("rounding_options", "shared_factor")
     max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")

@@ -180,6 +180,14 @@ class RoundingOptions:
             energy (each keeps its group's grid, so storage and kernels do not change).
             Default True: chosen on held-out validation perplexity (SmolLM2 INT4 g64: 24.558
             vs 25.081 without; docs/results.md). (Flat ``gptq_act_order``.)
+        shared_factor: with ``method="gptq"``, damp the Gram and order its columns on the
+            unscaled inputs ``x`` rather than on the scaled ``x / s``: the damped Gram of
+            ``x / s`` is then ``D (H + lam I) D`` (``D = diag(1 / s)``), whose inverse factor is
+            the unscaled one times ``diag(s)``. One factorization per linear input serves every
+            AWQ candidate scale (the search otherwise factorizes a ``[K, K]`` matrix per
+            candidate: ``21 K^3`` work per input, which dominates the search on wide models).
+            Default False. **Experimental: its effect on perplexity is not yet measured.**
+            (Flat ``gptq_shared_factor``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes
             (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
@@ -189,6 +197,7 @@ class RoundingOptions:
     method: Rounding = "gptq"
     damp: float = 0.1
     act_order: bool = True
+    shared_factor: bool = False
     max_gram_gib: float = 4.0
 
 

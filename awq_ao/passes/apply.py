@@ -20,7 +20,13 @@ from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
-from awq_ao.passes.rounding import error_feedback_codes, group_blocks, scale_full_gram
+from awq_ao.passes.rounding import (
+    error_feedback_codes,
+    group_blocks,
+    inverse_factor,
+    scale_full_gram,
+    scaled_factor,
+)
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
 from awq_ao.progress import current
 from awq_ao.report import ConvertReport, GroupReport
@@ -226,12 +232,15 @@ def grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, 
 
 def round_weights(
     targets: list[torch.Tensor], params: list[tuple[torch.Tensor, torch.Tensor]], full: torch.Tensor,
-    config: AWQConfig,
+    config: AWQConfig, gram: torch.Tensor | None = None, scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Error-feedback codes for linears that read one input (q/k/v, gate/up): one call.
 
     Rows are independent given the Gram ``full``, so the weights are stacked and rounded
     together: one inverse Cholesky factor and one column sweep instead of one per linear.
+    ``gram``, ``scale``: the unscaled full Gram and the AWQ scale ``full`` was made from; with
+    ``gptq_shared_factor`` the factor comes from them (:func:`~awq_ao.passes.rounding.scaled_factor`),
+    as the search rounded its candidates.
     """
     if len(targets) == 1:
         w, sc, zr = targets[0], *params[0]
@@ -239,8 +248,13 @@ def round_weights(
         w = torch.cat([t.float() if t.dtype != torch.float64 else t for t in targets])
         sc = torch.cat([p[0].to(w.dtype) for p in params])
         zr = torch.cat([p[1].to(w.dtype) for p in params])
+    factor = None
+    if config.gptq_shared_factor and gram is not None and gram.dim() == 2:
+        base = inverse_factor(gram.to(w.device, torch.float64 if w.dtype == torch.float64 else torch.float32),
+                              config.gptq_damp, config.gptq_act_order)
+        factor = scaled_factor(base, scale)
     codes = error_feedback_codes(w, sc, zr, full, config.bits, config.group_size, config.gptq_damp,
-                                 act_order=config.gptq_act_order)
+                                 act_order=config.gptq_act_order, factor=factor)
     return list(codes.split([t.shape[0] for t in targets]))
 
 
@@ -274,10 +288,11 @@ def quantize_linears(
     pending: list[tuple[str, str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
     key: tuple | None = None
     group_gram = full = None
+    source: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # full's unscaled Gram and scale
 
     def flush() -> None:  # round and pack the linears waiting on the Gram ``full``
         if pending:
-            codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config)
+            codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config, *source)
             report.error_feedback += len(pending)
             for (name, handling, _, params), c in zip(pending, codes, strict=True):
                 pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn)
@@ -302,6 +317,7 @@ def quantize_linears(
             flush()
             key = new_key
             group_gram, full = input_grams(gram, scale, w_target.device, config.group_size)
+            source = (gram, scale)
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
             w_grid = clip_weight(w_target, group_gram, config)

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from awq_ao.lowering.quant_math import group_geometry, quant_params
-from awq_ao.passes.rounding import error_feedback_codes_batched, scale_full_gram
+from awq_ao.passes.rounding import (
+    Factor,
+    error_feedback_codes_batched,
+    inverse_factor,
+    scale_full_gram,
+    scaled_factor,
+)
 from awq_ao.passes.scale_grid import candidate_scales, duo_families
 from awq_ao.passes.search_loss import gram_output_mse
 
@@ -47,16 +53,29 @@ def _key(s: torch.Tensor | None) -> bytes | None:
     return None if s is None else s.detach().float().cpu().numpy().tobytes()
 
 
+def shared_base(gram: torch.Tensor, config: Any) -> Factor | None:
+    """With ``gptq_shared_factor``, the unscaled Gram's ``(perm, U)`` that every candidate's
+    factor is scaled from; else None (each candidate is factorized on its own)."""
+    if not getattr(config, "gptq_shared_factor", False):
+        return None
+    return inverse_factor(gram.to(torch.float32), config.gptq_damp, config.gptq_act_order)
+
+
 def rounded_scaled(
-    weights: list[torch.Tensor], scales: list[torch.Tensor | None], gram: torch.Tensor, config: Any
+    weights: list[torch.Tensor], scales: list[torch.Tensor | None], gram: torch.Tensor, config: Any,
+    base: Factor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``[(Q, W, H)]`` per candidate scale ``s``, in the scaled space: ``W = [w_1; w_2; ...] * s``
     (float32 ``[sum N, K]``), ``Q`` its error-feedback rounding on ``W``'s round-to-nearest grid,
     ``H`` the Gram of ``x / s``. The weights read one input whose Gram (unscaled) is
     ``gram [K, K]``. The candidates are rounded in one column sweep
-    (:func:`~awq_ao.passes.rounding.error_feedback_codes_batched`)."""
+    (:func:`~awq_ao.passes.rounding.error_feedback_codes_batched`). ``base``: the unscaled
+    Gram's factor (:func:`shared_base`) that each candidate's factor is scaled from, with
+    ``gptq_shared_factor`` (computed here if not given)."""
     w0 = torch.cat([t.float() for t in weights])
     h0 = gram.to(w0.device, torch.float32)
+    if base is None:
+        base = shared_base(h0, config)
     ws, hs, grids = [], [], []
     for s in scales:
         w, h = w0, h0
@@ -67,9 +86,10 @@ def rounded_scaled(
         hs.append(h)
         grids.append(quant_params(w, config.bits, config.group_size, config.zero_point))
     rows = w0.shape[0] if len(scales) * w0.shape[0] <= SWEEP_ROWS else None  # one sweep if it fits
+    factors = None if base is None else [scaled_factor(base, s) for s in scales]
     codes = error_feedback_codes_batched(ws, [p[0] for p in grids], [p[1] for p in grids], hs, config.bits,
                                          config.group_size, config.gptq_damp, rows_per_chunk=rows,
-                                         act_order=config.gptq_act_order)
+                                         act_order=config.gptq_act_order, factors=factors)
     col_group = torch.arange(w0.shape[1], device=w0.device) // group_geometry(w0.shape[1], config.group_size).size
     return [((c.float() - zero[:, col_group]) * scale[:, col_group], w, h)
             for c, (scale, zero), w, h in zip(codes, grids, ws, hs, strict=True)]
@@ -89,6 +109,7 @@ class RoundedWeights:
         self._elems = sum(w.numel() for w in weights)
         self._room = max(1, CACHE_ELEMS // max(self._elems, 1))  # candidates the cache holds
         self._cache: dict[bytes | None, list[torch.Tensor]] = {}
+        self._base: Factor | None = None  # gptq_shared_factor: the unscaled factor, once
 
     def prepare(self, scales: list[torch.Tensor | None]) -> None:
         """Round the candidates ``scales`` (those the cache has room for) in batched sweeps."""
@@ -106,7 +127,10 @@ class RoundedWeights:
     def _store(self, scales: list[torch.Tensor | None]) -> None:
         if len(self._cache) + len(scales) > self._room:
             self._cache.clear()
-        for s, (q, _, _) in zip(scales, rounded_scaled(self.weights, scales, self.gram, self.config), strict=True):
+        if self._base is None:
+            self._base = shared_base(self.gram.to(self.weights[0].device), self.config)
+        for s, (q, _, _) in zip(scales, rounded_scaled(self.weights, scales, self.gram, self.config, self._base),
+                                strict=True):
             if s is not None:
                 q = q / s.to(q.device, torch.float32)
             out = []
@@ -135,9 +159,10 @@ def rounded_gram_losses(
 ) -> list[float]:
     """:func:`rounded_gram_loss` of several candidate scales, rounded in batched sweeps."""
     per_sweep = _per_sweep(weights)
+    base = shared_base(gram.to(weights[0].device), config)
     out = []
     for b0 in range(0, len(scales), per_sweep):
-        for q, w, h in rounded_scaled(weights, scales[b0 : b0 + per_sweep], gram, config):
+        for q, w, h in rounded_scaled(weights, scales[b0 : b0 + per_sweep], gram, config, base):
             d = q - w
             out.append(float(((d @ h) * d).sum()) / max(w.shape[0], 1))
     return out

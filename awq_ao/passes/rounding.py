@@ -110,6 +110,38 @@ def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tens
     return out
 
 
+#: ``(perm, U)``: the column order (None: left to right) and the upper Cholesky factor of the
+#: damped inverse Gram in that order, as :func:`error_feedback_codes_batched` uses them.
+Factor = tuple[torch.Tensor | None, torch.Tensor]
+
+
+def inverse_factor(h: torch.Tensor, damp: float, act_order: bool) -> Factor:
+    """``(perm, U)`` of the Gram ``h [K, K]``: ``perm`` orders the columns by decreasing
+    ``diag(h)`` (``act_order``; else None) and ``U`` is :func:`inverse_cholesky` of the Gram
+    permuted that way (float32, or float64 for a float64 ``h``)."""
+    hc = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    perm = torch.argsort(torch.diagonal(hc), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        hc = hc[perm][:, perm]
+    return perm, inverse_cholesky(hc, damp)
+
+
+def scaled_factor(base: Factor, s: torch.Tensor | None) -> Factor:
+    """The factor of the inputs ``x / s`` from ``base``, the factor of the inputs ``x``, with the
+    damping and the column order kept on ``x`` (``gptq_shared_factor``).
+
+    With ``D = diag(1 / s)`` the damped Gram of ``x / s`` is taken as ``D (H + lam I) D``, whose
+    inverse is ``diag(s) A^-1 diag(s)``, so its factor is ``U diag(s)`` in the same column order:
+    no factorization per scale. (The default rounding damps ``D H D`` by its own mean diagonal
+    and orders by its own diagonal, which needs a factorization per scale.)
+    """
+    perm, u = base
+    if s is None:
+        return perm, u
+    sc = s.to(u.device, u.dtype)
+    return perm, u * (sc[perm] if perm is not None else sc)[None, :]
+
+
 #: Elements of one row chunk of :func:`error_feedback_codes` (the weight chunk and its
 #: expanded scales and zeros: three float32 tensors of this size, 48 MiB).
 ROUND_CHUNK_ELEMS = 1 << 22
@@ -126,6 +158,7 @@ def error_feedback_codes(
     block: int = 128,
     rows_per_chunk: int | None = None,
     act_order: bool = False,
+    factor: Factor | None = None,
 ) -> torch.Tensor:
     """Round ``w [N, K]`` on the fixed grid ``(scale, zero) [N, G]`` with GPTQ error feedback.
 
@@ -136,13 +169,14 @@ def error_feedback_codes(
     of decreasing input energy (``diag H``) instead of left to right; each column keeps its
     own group's grid, so the storage format does not change. Rows are processed in chunks of
     ``rows_per_chunk`` (default: at least 1024 rows and up to :data:`ROUND_CHUNK_ELEMS`
-    elements), each chunk one sweep over the columns.
+    elements), each chunk one sweep over the columns. ``factor``: the ``(perm, U)`` to use
+    instead of computing it from ``h``, ``damp`` and ``act_order`` (:func:`scaled_factor`).
     """
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"error_feedback_round: Gram of shape {tuple(h.shape)} does not fit weight {tuple(w.shape)}")
     return error_feedback_codes_batched([w], [scale], [zero], [h], bits, group_size, damp, block, rows_per_chunk,
-                                        act_order)[0]
+                                        act_order, None if factor is None else [factor])[0]
 
 
 def _sweep_block(wb: torch.Tensor, u: torch.Tensor, diag: torch.Tensor, st: torch.Tensor, zt: torch.Tensor,
@@ -181,13 +215,16 @@ def error_feedback_codes_batched(
     block: int = 128,
     rows_per_chunk: int | None = None,
     act_order: bool = False,
+    factors: list[Factor] | None = None,
 ) -> list[torch.Tensor]:
     """:func:`error_feedback_codes` of several ``(w_b [N, K], grid, Gram h_b [K, K])`` at once.
 
     Every item is rounded exactly as alone (same column order, factor and damping per item),
     but the column sweep runs once for all of them: each per-column step works on a
     ``[B, rows]`` tile, so small weights (or many AWQ candidates of one weight) share the
-    per-column cost. All items have the same shape.
+    per-column cost. All items have the same shape. ``factors``: each item's ``(perm, U)``
+    given (:func:`inverse_factor`, :func:`scaled_factor`) instead of computed from its Gram,
+    ``damp`` and ``act_order``.
     """
     nb = len(ws)
     n, k = ws[0].shape
@@ -198,16 +235,14 @@ def error_feedback_codes_batched(
     max_int = 2**bits - 1
     cdt = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
     base_group = torch.arange(k, device=dev) // g
+    if factors is not None and (len(factors) != nb or any(f[1].shape != (k, k) for f in factors)):
+        raise ValueError("error_feedback_codes_batched: one [K, K] factor per weight is needed")
     perms, col_groups, us = [], [], []
-    for h in hs:
-        hc = h.to(dev, cdt)
-        perm = torch.argsort(torch.diagonal(hc), descending=True, stable=True) if act_order else None
-        if perm is not None:
-            hc = hc[perm][:, perm]
-        us.append(inverse_cholesky(hc, damp))
+    for b, h in enumerate(hs):
+        perm, u_b = factors[b] if factors is not None else inverse_factor(h.to(dev, cdt), damp, act_order)
+        us.append(u_b.to(dev, cdt))
         perms.append(perm)
         col_groups.append(base_group[perm] if perm is not None else base_group)
-        del hc
     u = torch.stack(us)  # [B, K, K]
     del us
     diag = torch.diagonal(u, dim1=1, dim2=2).unsqueeze(-1)  # [B, K, 1]
@@ -250,7 +285,7 @@ def error_feedback_round(
 
     Every value is ``(code - zero) * scale`` of its group, so quantizing it again with the
     same ``(scale, zero)`` gives back the codes. ``options``: those of
-    :func:`error_feedback_codes` (``damp``, ``block``, ``rows_per_chunk``, ``act_order``).
+    :func:`error_feedback_codes` (``damp``, ``block``, ``rows_per_chunk``, ``act_order``, ``factor``).
     """
     codes = error_feedback_codes(w, scale, zero, h, bits, group_size, **options)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32

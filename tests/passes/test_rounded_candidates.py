@@ -143,3 +143,58 @@ def test_the_search_rounds_candidates_as_configured(monkeypatch, mode, expect):
         awq_ao.quantize(model, token_batches(4, seq=32), group_size=32, progress=False, verbose=False,
                         search_rounding=mode)
     assert (calls["module"] > 0) is expect and (calls["gram"] > 0) is expect, calls
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.lists(st.integers(1, 5), min_size=1, max_size=3), k=st.integers(2, 11), t=st.integers(4, 40),
+       act_order=st.booleans(), seed=st.integers(0, 2**16))
+def test_shared_factor_rounds_every_candidate_with_the_scaled_unscaled_factor(n, k, t, act_order, seed):
+    """gptq_shared_factor: RoundedWeights(s) uses scaled_factor(factor of the unscaled Gram, s)."""
+    from awq_ao.lowering.quant_math import quant_params
+    from awq_ao.passes.rounding import inverse_factor, scaled_factor
+
+    ws, x, s = _data(seed, n, k, t)
+    cfg = _cfg(gptq_act_order=act_order, gptq_shared_factor=True)
+    gram = (x.t() @ x / t).float()
+    got = RoundedWeights(ws, [False] * len(ws), gram, cfg)(s)
+    w = torch.cat(ws).float()
+    sf = s.float()
+    scale, zero = quant_params(w * sf, 4, cfg.group_size, True)
+    xs = x / s
+    factor = scaled_factor(inverse_factor(gram, 0.1, act_order), sf)
+    want = error_feedback_round(w * sf, scale, zero, (xs.t() @ xs / t).float(), 4, cfg.group_size,
+                                damp=0.1, act_order=act_order, factor=factor) / sf
+    torch.testing.assert_close(torch.cat(got).float(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_factor_factorizes_once_per_input(monkeypatch):
+    """With gptq_shared_factor the search and convert factorize each linear input's Gram once,
+    not once per candidate; the model is still fully quantized with error feedback."""
+    import warnings
+
+    from tiny_models import tiny_model, token_batches
+
+    import awq_ao
+    import awq_ao.passes.rounding as rounding
+
+    counts = []
+    orig = rounding.inverse_cholesky
+
+    def counted(h, damp):
+        counts[-1] += 1
+        return orig(h, damp)
+
+    monkeypatch.setattr(rounding, "inverse_cholesky", counted)
+    reports = []
+    for shared in (False, True):
+        counts.append(0)
+        model = tiny_model("llama", layers=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports.append(awq_ao.quantize(model, token_batches(4, seq=32), group_size=32, progress=False,
+                                           verbose=False, gptq_shared_factor=shared))
+    per_candidate, shared = counts
+    # 4 inputs per llama block (q/k/v, o, gate/up, down): 21 candidates each, plus convert
+    assert per_candidate >= 4 * 21
+    assert shared <= 2 * 4, counts  # one per input in the search, one per input in convert
+    assert reports[1].error_feedback == len(reports[1].quantized) == len(reports[0].quantized)

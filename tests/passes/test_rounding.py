@@ -16,8 +16,10 @@ from awq_ao.passes.rounding import (
     full_gram,
     group_blocks,
     inverse_cholesky,
+    inverse_factor,
     lower_triangular_inverse,
     scale_full_gram,
+    scaled_factor,
 )
 from awq_ao.passes.search import group_gram, scale_gram
 
@@ -156,6 +158,40 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(k, damp, see
     assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
     damped = h + damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
     torch.testing.assert_close(u.t() @ u @ damped, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.sampled_from([0.01, 0.1]), st.booleans(), st.integers(0, 2**16))
+def test_scaled_factor_is_the_factor_of_the_scaled_gram_damped_on_the_unscaled_inputs(k, damp, act_order, seed):
+    """scaled_factor(inverse_factor(H), s) == (perm, U_s) with U_s^T U_s = (P D (H + lam I) D P^T)^-1,
+    D = diag(1 / s), lam = damp * mean(diag H), P ordering by diag(H) (float64 reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = full_gram(correlated(2 * k + 1, k, gen).double())
+    s = torch.rand(k, generator=gen, dtype=torch.float64) * 3 + 0.2
+    perm, u = scaled_factor(inverse_factor(h, damp, act_order), s)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    assert (perm is None) is not act_order and (perm is None or torch.equal(perm, order))
+    d = torch.diag(1.0 / s)
+    a = d @ (h + damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)) @ d
+    a = a[order][:, order]
+    want = torch.linalg.cholesky(torch.linalg.inv(a), upper=True)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u, want, rtol=1e-6, atol=1e-9)
+    assert scaled_factor((perm, u), None)[1] is u  # no scale: the same factor
+
+
+def test_given_factors_replace_the_computed_ones():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 16, generator=gen)
+    h = full_gram(correlated(40, 16, gen))
+    sc, zr = quant_params(w, 4, 8, True)
+    for act_order in (False, True):
+        own = error_feedback_codes(w, sc, zr, h, 4, 8, 0.1, act_order=act_order)
+        given = error_feedback_codes(w, sc, zr, h, 4, 8, 0.1, act_order=act_order,
+                                     factor=inverse_factor(h, 0.1, act_order))
+        assert torch.equal(own, given)
+    with pytest.raises(ValueError, match="factor"):
+        error_feedback_codes(w, sc, zr, h, 4, 8, factor=(None, torch.eye(5)))
 
 
 def test_shape_mismatch_is_an_error():
