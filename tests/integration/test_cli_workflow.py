@@ -83,7 +83,9 @@ def test_generate_greedy_matches_model_generate(qdir, capsys):
     assert out == _greedy(model, tok, chat, 6) + "\n" and err == ""
 
     # sampling: the seed makes it repeatable
-    argv = ["generate", qdir, "--prompt", "The", "--sample", "--temperature", 0.8, "--top-p", 0.9, "--seed", 3, "-q"]
+    # (--no-progress: the loading bar on stderr draws intermediate states only when loading is slow)
+    argv = ["generate", qdir, "--prompt", "The", "--sample", "--temperature", 0.8, "--top-p", 0.9, "--seed", 3, "-q",
+            "--no-progress"]
     first = run(argv, capsys)
     assert first[0] == 0 and run(argv, capsys) == first
 
