@@ -20,10 +20,10 @@ from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
+from awq_ao.passes.rounded_candidates import shared_base
 from awq_ao.passes.rounding import (
     error_feedback_codes,
     group_blocks,
-    inverse_factor,
     scale_full_gram,
     scaled_factor,
 )
@@ -248,11 +248,10 @@ def round_weights(
         w = torch.cat([t.float() if t.dtype != torch.float64 else t for t in targets])
         sc = torch.cat([p[0].to(w.dtype) for p in params])
         zr = torch.cat([p[1].to(w.dtype) for p in params])
-    factor = None
-    if config.gptq_shared_factor and gram is not None and gram.dim() == 2:
-        base = inverse_factor(gram.to(w.device, torch.float64 if w.dtype == torch.float64 else torch.float32),
-                              config.gptq_damp, config.gptq_act_order)
-        factor = scaled_factor(base, scale)
+    base = None
+    if gram is not None and gram.dim() == 2:
+        base = shared_base(gram.to(w.device, torch.float64 if w.dtype == torch.float64 else torch.float32), config)
+    factor = None if base is None else scaled_factor(base, scale)
     codes = error_feedback_codes(w, sc, zr, full, config.bits, config.group_size, config.gptq_damp,
                                  act_order=config.gptq_act_order, factor=factor)
     return list(codes.split([t.shape[0] for t in targets]))

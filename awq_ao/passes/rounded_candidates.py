@@ -55,10 +55,11 @@ def _key(s: torch.Tensor | None) -> bytes | None:
 
 def shared_base(gram: torch.Tensor, config: Any) -> Factor | None:
     """With ``gptq_shared_factor``, the unscaled Gram's ``(perm, U)`` that every candidate's
-    factor is scaled from; else None (each candidate is factorized on its own)."""
+    factor is scaled from (float64 for a float64 ``gram``, else float32); else None (each
+    candidate is factorized on its own)."""
     if not getattr(config, "gptq_shared_factor", False):
         return None
-    return inverse_factor(gram.to(torch.float32), config.gptq_damp, config.gptq_act_order)
+    return inverse_factor(gram, config.gptq_damp, config.gptq_act_order)
 
 
 def rounded_scaled(
