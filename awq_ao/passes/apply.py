@@ -27,6 +27,7 @@ from awq_ao.passes.rounding import (
     scale_full_gram,
     scaled_factor,
 )
+from awq_ao.passes.scale_refit import refit_scales
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
 from awq_ao.progress import current
 from awq_ao.report import ConvertReport, GroupReport
@@ -233,11 +234,13 @@ def grid_params(w_grid: torch.Tensor, config: AWQConfig) -> tuple[torch.Tensor, 
 def round_weights(
     targets: list[torch.Tensor], params: list[tuple[torch.Tensor, torch.Tensor]], full: torch.Tensor,
     config: AWQConfig, gram: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """Error-feedback codes for linears that read one input (q/k/v, gate/up): one call.
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """Error-feedback codes and their grids for linears that read one input (q/k/v, gate/up): one call.
 
     Rows are independent given the Gram ``full``, so the weights are stacked and rounded
     together: one inverse Cholesky factor and one column sweep instead of one per linear.
+    Returns each linear's ``(codes, (scale, zero))``: the grids of ``params``, or with
+    ``gptq_refit_scales`` their scales refit to the codes (:func:`~awq_ao.passes.scale_refit.refit_scales`).
     ``gram``, ``scale``: the unscaled full Gram and the AWQ scale ``full`` was made from; with
     ``gptq_shared_factor`` the factor comes from them (:func:`~awq_ao.passes.rounding.scaled_factor`),
     as the search rounded its candidates.
@@ -254,7 +257,15 @@ def round_weights(
     factor = None if base is None else scaled_factor(base, scale)
     codes = error_feedback_codes(w, sc, zr, full, config.bits, config.group_size, config.gptq_damp,
                                  act_order=config.gptq_act_order, factor=factor)
-    return list(codes.split([t.shape[0] for t in targets]))
+    sizes = [t.shape[0] for t in targets]
+    if not config.gptq_refit_scales:
+        return list(zip(codes.split(sizes), params, strict=True))
+    refit = refit_scales(w, codes, sc, zr, full.to(w.device), config.group_size, config.gptq_damp)
+    out = []
+    for t, c, s_t, z_t in zip(targets, codes.split(sizes), refit.split(sizes), zr.split(sizes), strict=True):
+        layout = choose_layout(t.device, config.bits, *t.shape, config.group_size)
+        out.append((c, (round_scale(s_t, scale_storage_dtype(t.dtype, layout)), z_t)))
+    return out
 
 
 def quantize_linears(
@@ -291,9 +302,9 @@ def quantize_linears(
 
     def flush() -> None:  # round and pack the linears waiting on the Gram ``full``
         if pending:
-            codes = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config, *source)
+            rounded = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config, *source)
             report.error_feedback += len(pending)
-            for (name, handling, _, params), c in zip(pending, codes, strict=True):
+            for (name, handling, _, _), (c, params) in zip(pending, rounded, strict=True):
                 pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn)
                 done(name)
         pending.clear()

@@ -112,7 +112,7 @@ def _quantize_weight(
             slabs.append(Int4WeightTensor.from_float(w_grid.contiguous(), config.bits, config.group_size, config.zero_point, layout=layout))
             continue
         params = grid_params(w_grid, config)
-        codes = round_weights([w[e]], [params], full, config, grams.get(slab.key(e)), scales.of(slab, e))[0]
+        codes, params = round_weights([w[e]], [params], full, config, grams.get(slab.key(e)), scales.of(slab, e))[0]
         slabs.append(Int4WeightTensor.from_codes(codes, *params, config.bits, config.group_size, w.dtype, layout=layout))
     return Int4WeightTensor.from_slabs(slabs, info.transposed), clipped, True
 
