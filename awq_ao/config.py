@@ -116,7 +116,7 @@ class AWQConfig(AOBaseConfig):
     gptq_damp            ``rounding_options.damp``
     gptq_act_order       ``rounding_options.act_order``
     gptq_shared_factor   ``rounding_options.shared_factor``
-    gptq_refit_scales    ``rounding_options.refit_scales``
+    gptq_refit_rounds    ``rounding_options.refit_rounds``
     max_gram_gib         ``rounding_options.max_gram_gib``
     skip                 ``selection.skip``
     include              ``selection.include``
@@ -173,7 +173,7 @@ class AWQConfig(AOBaseConfig):
     gptq_damp = _Flat[float]("rounding_options", "damp")
     gptq_act_order = _Flat[bool]("rounding_options", "act_order")
     gptq_shared_factor = _Flat[bool]("rounding_options", "shared_factor")
-    gptq_refit_scales = _Flat[bool]("rounding_options", "refit_scales")
+    gptq_refit_rounds = _Flat[int]("rounding_options", "refit_rounds")
     max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")

@@ -97,13 +97,14 @@ def validate(cfg: AWQConfig) -> None:
     if not _is_int(cfg.group_size) or not (cfg.group_size == -1 or cfg.group_size >= 1):
         raise _bad("group_size", cfg.group_size, "an integer >= 1, or -1 for one group per output row")
     cfg.group_size = int(cfg.group_size)
-    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "gptq_act_order", "gptq_shared_factor", "gptq_refit_scales",
+    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "gptq_act_order", "gptq_shared_factor",
                  "split_blocks", "experts", "progress", "verbose"):
         _choice(cfg, name, (True, False))
     _int_at_least(cfg, "n_grid", 1)
     _int_at_least(cfg, "clip_grid", 1)
     _int_at_least(cfg, "max_search_samples", 1)
     _int_at_least(cfg, "max_gram_samples", 1)
+    _int_at_least(cfg, "gptq_refit_rounds", 0)
     _int_at_least(cfg, "clip_tokens", 1, none_ok=True)
     _int_at_least(cfg, "screen_rows", 1, none_ok=True)
     _int_at_least(cfg, "screen_keep", 1, none_ok=True)

@@ -190,9 +190,11 @@ class RoundingOptions:
             test 22.510 vs 22.275); an option for wide models on CPU, where the
             per-candidate factorizations dominate the search time.
             (Flat ``gptq_shared_factor``.)
-        refit_scales: with ``method="gptq"``, once the codes are chosen, refit each group's
-            scale by least squares on the same damped Gram (the zero points and codes stay;
-            :mod:`awq_ao.passes.scale_refit`). (Flat ``gptq_refit_scales``.)
+        refit_rounds: with ``method="gptq"``, once the codes are chosen, refit each group's
+            scale by least squares on the same damped Gram (the zero points stay), round the
+            codes again on the refit scales, and so on: this many refits
+            (:func:`awq_ao.passes.scale_refit.alternate_grid`). Default 0 (the grid stays the
+            clipped weight's). (Flat ``gptq_refit_rounds``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes
             (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
@@ -203,7 +205,7 @@ class RoundingOptions:
     damp: float = 0.1
     act_order: bool = True
     shared_factor: bool = False
-    refit_scales: bool = False
+    refit_rounds: int = 0
     max_gram_gib: float = 4.0
 
 

@@ -24,10 +24,11 @@ from awq_ao.passes.rounded_candidates import shared_base
 from awq_ao.passes.rounding import (
     error_feedback_codes,
     group_blocks,
+    inverse_factor,
     scale_full_gram,
     scaled_factor,
 )
-from awq_ao.passes.scale_refit import refit_scales
+from awq_ao.passes.scale_refit import alternate_grid
 from awq_ao.passes.search import GroupResult, apply_clip, clip_ratios, scale_gram, weight_2d
 from awq_ao.progress import current
 from awq_ao.report import ConvertReport, GroupReport
@@ -240,7 +241,8 @@ def round_weights(
     Rows are independent given the Gram ``full``, so the weights are stacked and rounded
     together: one inverse Cholesky factor and one column sweep instead of one per linear.
     Returns each linear's ``(codes, (scale, zero))``: the grids of ``params``, or with
-    ``gptq_refit_scales`` their scales refit to the codes (:func:`~awq_ao.passes.scale_refit.refit_scales`).
+    ``gptq_refit_rounds`` their scales refit to the codes, alternating with rounding
+    (:func:`~awq_ao.passes.scale_refit.alternate_grid`).
     ``gram``, ``scale``: the unscaled full Gram and the AWQ scale ``full`` was made from; with
     ``gptq_shared_factor`` the factor comes from them (:func:`~awq_ao.passes.rounding.scaled_factor`),
     as the search rounded its candidates.
@@ -255,17 +257,26 @@ def round_weights(
     if gram is not None and gram.dim() == 2:
         base = shared_base(gram.to(w.device, torch.float64 if w.dtype == torch.float64 else torch.float32), config)
     factor = None if base is None else scaled_factor(base, scale)
-    codes = error_feedback_codes(w, sc, zr, full, config.bits, config.group_size, config.gptq_damp,
-                                 act_order=config.gptq_act_order, factor=factor)
+    if factor is None and config.gptq_refit_rounds:  # one factorization serves every round
+        factor = inverse_factor(full.to(w.device, w.dtype if w.dtype == torch.float64 else torch.float32),
+                                config.gptq_damp, config.gptq_act_order)
     sizes = [t.shape[0] for t in targets]
-    if not config.gptq_refit_scales:
-        return list(zip(codes.split(sizes), params, strict=True))
-    refit = refit_scales(w, codes, sc, zr, full.to(w.device), config.group_size, config.gptq_damp)
-    out = []
-    for t, c, s_t, z_t in zip(targets, codes.split(sizes), refit.split(sizes), zr.split(sizes), strict=True):
-        layout = choose_layout(t.device, config.bits, *t.shape, config.group_size)
-        out.append((c, (round_scale(s_t, scale_storage_dtype(t.dtype, layout)), z_t)))
-    return out
+    stored = [scale_storage_dtype(t.dtype, choose_layout(t.device, config.bits, *t.shape, config.group_size))
+              for t in targets]
+
+    def round_codes(s: torch.Tensor) -> torch.Tensor:
+        return error_feedback_codes(w, s, zr, full, config.bits, config.group_size, config.gptq_damp,
+                                    act_order=config.gptq_act_order, factor=factor)
+
+    def store(s: torch.Tensor) -> torch.Tensor:
+        return torch.cat([round_scale(part, d).to(s.dtype) for part, d in zip(s.split(sizes), stored, strict=True)])
+
+    if not config.gptq_refit_rounds:
+        return list(zip(round_codes(sc).split(sizes), params, strict=True))
+    codes, sc = alternate_grid(w, sc, zr, full.to(w.device), config.group_size, config.gptq_damp,
+                               config.gptq_refit_rounds, round_codes, store)
+    sc = sc.float()
+    return [(c, (s_t, z_t)) for c, s_t, z_t in zip(codes.split(sizes), sc.split(sizes), zr.split(sizes), strict=True)]
 
 
 def quantize_linears(

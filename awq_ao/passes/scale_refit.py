@@ -10,15 +10,21 @@ the scales that minimise the layer's expected output error
 are the solution of one small ``G x G`` linear system per row (``G``: groups per row). The
 zero points stay the integers they were (checkpoint formats store integer zeros); the codes
 do not change. A row whose refit does not lower its error keeps its scales.
+
+:func:`alternate_grid` repeats the two steps: the codes are rounded again on the refit scales,
+the scales refit to the new codes, and so on, each row keeping whichever step lowered its
+error. Every step lowers (or keeps) the same objective.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from awq_ao.lowering.quant_math import group_geometry
 
-__all__ = ["refit_scales"]
+__all__ = ["refit_scales", "alternate_grid"]
 
 #: Rows solved at once: their ``[rows, K, G]`` temporaries stay a few tens of MiB.
 ROWS_PER_CHUNK = 256
@@ -27,6 +33,17 @@ ROWS_PER_CHUNK = 256
 def _row_errors(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     d = w - q
     return ((d @ h) * d).sum(dim=1)
+
+
+def _damped(h: torch.Tensor, damp: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    hd = h.to(device, dtype).clone()
+    hd.diagonal().add_(damp * float(hd.diagonal().mean()))
+    return hd
+
+
+def _dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_group: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    return (codes.to(dtype) - zero.to(dtype)[:, col_group]) * scale.to(dtype)[:, col_group]
 
 
 @torch.no_grad()
@@ -58,8 +75,7 @@ def refit_scales(
         )
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     dev = w.device
-    hd = h.to(dev, cdt).clone()
-    hd.diagonal().add_(damp * float(hd.diagonal().mean()))
+    hd = _damped(h, damp, cdt, dev)
     hp = torch.nn.functional.pad(hd, (0, pad, 0, pad)) if pad else hd
     h_cols = hp[:k].reshape(k, groups, g)  # [K, G, g]: H's columns grouped
     col_group = torch.arange(k, device=dev) // g
@@ -88,3 +104,50 @@ def refit_scales(
         after = _row_errors(wc, c * s[:, col_group], hd)
         out[rows] = torch.where((after < before)[:, None], s, s0)
     return out
+
+
+@torch.no_grad()
+def alternate_grid(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    h: torch.Tensor,
+    group_size: int,
+    damp: float,
+    rounds: int,
+    round_codes: Callable[[torch.Tensor], torch.Tensor],
+    store: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales by alternating rounding and :func:`refit_scales`, ``rounds`` refits.
+
+    ``round_codes(scale)``: the codes ``uint8 [N, K]`` of ``w`` on the grid ``(scale, zero)``
+    (error-feedback rounding on ``h``); ``store(scale)``: the scales as they will be stored
+    (e.g. rounded to bfloat16), applied to every refit. Starts from ``round_codes(scale)``;
+    then ``rounds`` times: refit the scales, and (but after the last refit) round the codes
+    again on them. A row takes a step's result only if it lowers its error
+    ``(w - Q) (H + damp * mean(diag H) * I) (w - Q)^T``. ``rounds=0``: the first codes, the
+    given scales. Returns ``(codes, scale)``.
+    """
+    if rounds < 0:
+        raise ValueError(f"alternate_grid: rounds must be >= 0, got {rounds}")
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    dev = w.device
+    col_group = torch.arange(w.shape[1], device=dev) // group_geometry(w.shape[1], group_size).size
+    hd = _damped(h, damp, cdt, dev)
+    wc = w.to(cdt)
+    codes, scale = round_codes(scale), scale.to(dev, cdt)
+    err = _row_errors(wc, _dequant(codes, scale, zero, col_group, cdt), hd)
+    for r in range(rounds):
+        s_new = store(refit_scales(wc, codes, scale, zero, h, group_size, damp)).to(cdt)
+        e_new = _row_errors(wc, _dequant(codes, s_new, zero, col_group, cdt), hd)
+        better = e_new < err
+        scale = torch.where(better[:, None], s_new, scale)
+        err = torch.where(better, e_new, err)
+        if r + 1 == rounds:
+            break
+        c_new = round_codes(scale)
+        e_new = _row_errors(wc, _dequant(c_new, scale, zero, col_group, cdt), hd)
+        better = e_new < err
+        codes = torch.where(better[:, None], c_new, codes)
+        err = torch.where(better, e_new, err)
+    return codes, scale

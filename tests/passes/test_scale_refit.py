@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from awq_ao.lowering.quant_math import group_geometry, quant_params
 from awq_ao.passes.rounding import error_feedback_codes
-from awq_ao.passes.scale_refit import refit_scales
+from awq_ao.passes.scale_refit import alternate_grid, refit_scales
 
 
 def _problem(seed: int, n: int, k: int, g: int, tokens: int = 96):
@@ -90,3 +90,85 @@ def test_bad_shapes_are_refused() -> None:
         assert "shapes do not fit" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), rounds=st.integers(0, 4))
+def test_alternating_never_raises_the_error(seed: int, rounds: int) -> None:
+    w, h, _, scale, zero = _problem(seed, 6, 48, 16)
+    calls = []
+
+    def round_codes(s: torch.Tensor) -> torch.Tensor:
+        calls.append(s)
+        return error_feedback_codes(w, s, zero, h, 4, 16, damp=0.1)
+
+    codes, got = alternate_grid(w, scale, zero, h, 16, 0.1, rounds, round_codes)
+    first = error_feedback_codes(w, scale, zero, h, 4, 16, damp=0.1)
+    assert len(calls) == max(rounds, 1)  # the first rounding, then one after every refit but the last
+    assert (_errors(w, h, codes, got, zero, 16, 0.1) <= _errors(w, h, first, scale, zero, 16, 0.1) + 1e-12).all()
+    if rounds == 0:
+        assert torch.equal(codes, first) and torch.equal(got, scale)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+
+
+def test_more_rounds_lower_the_error_on_correlated_inputs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 32, 128, 64
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    mix = torch.randn(k, k, generator=gen, dtype=torch.float64) / k**0.5 + torch.eye(k, dtype=torch.float64)
+    x = torch.randn(512, k, generator=gen, dtype=torch.float64) @ mix
+    h = x.t() @ x / 512
+    scale, zero = (t.double() for t in quant_params(w.float(), 4, g))
+
+    def round_codes(s: torch.Tensor) -> torch.Tensor:
+        return error_feedback_codes(w, s, zero, h, 4, g, damp=0.1)
+
+    errs = [float(_errors(w, h, *alternate_grid(w, scale, zero, h, g, 0.1, r, round_codes), zero, g, 0.1).sum())
+            for r in (0, 1, 4)]
+    assert errs[2] <= errs[1] <= errs[0] and errs[2] < 0.99 * errs[0]
+
+
+def test_config_refit_rounds_checked() -> None:
+    from awq_ao import awq_config
+
+    assert awq_config(gptq_refit_rounds=3).gptq_refit_rounds == 3
+    try:
+        awq_config(gptq_refit_rounds=-1)
+    except ValueError as e:
+        assert "gptq_refit_rounds" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def _int4_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from awq_ao.lowering.int4_tensor import Int4WeightTensor
+
+    return {n: p.dequantize() for n, p in model.named_parameters() if isinstance(p, Int4WeightTensor)}
+
+
+def test_refit_rounds_in_convert_dense_and_experts() -> None:
+    """gptq_refit_rounds reaches every error-feedback-rounded weight (dense linears and expert
+    slabs) and the quantized models still run; rounds=0 leaves the default untouched."""
+    import warnings
+
+    from moe_models import batches, tiny_moe
+    from tiny_models import tiny_model, token_batches
+
+    import awq_ao
+
+    for make, data in ((lambda: tiny_model("llama", layers=2), lambda: token_batches(4, seq=32)),
+                       (lambda: tiny_moe("MixtralForCausalLM"), lambda: batches(3))):
+        got = {}
+        for rounds in (0, 2):
+            model = make()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                awq_ao.quantize(model, data(), group_size=32, n_grid=3, progress=False, verbose=False,
+                                gptq_refit_rounds=rounds)
+            got[rounds] = _int4_weights(model)
+            x = next(iter(data()))
+            out = model(**x) if isinstance(x, dict) else model(x)
+            assert torch.isfinite(out.logits).all()
+        assert got[0].keys() == got[2].keys() and got[0]
+        changed = [k for k in got[0] if not torch.equal(got[0][k], got[2][k])]
+        assert len(changed) == len(got[0]), f"unchanged by the refit: {sorted(set(got[0]) - set(changed))}"
