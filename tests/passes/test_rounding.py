@@ -261,8 +261,9 @@ def test_linears_sharing_an_input_round_together_as_they_would_alone():
     cfg = awq_config(group_size=32)
     together = round_weights(ws, params, h, cfg)
     alone = [error_feedback_codes(w, s, z, h, 4, 32, cfg.gptq_damp, act_order=cfg.gptq_act_order) for w, (s, z) in zip(ws, params, strict=True)]
-    for a, b in zip(together, alone, strict=True):
+    for (a, grid), b, p in zip(together, alone, params, strict=True):
         assert torch.equal(a, b)
+        assert grid is p  # without gptq_refit_rounds the grids are returned as given
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
