@@ -93,7 +93,9 @@ class CostModel:
             passes = 3 if c.clip_mode == "asymmetric" else 1
             cost += CLIP_S_PER_ELEMENT * steps * passes * n * k
         if c.needs_calibration and c.rounding == "gptq":
-            cost += ROUND_S_PER_MAC * n * k * k
+            # each gptq_refit_rounds round: a least-squares refit and a re-rounding, each
+            # roughly one sweep's N K^2 work (a rough estimate, not fitted)
+            cost += ROUND_S_PER_MAC * n * k * k * (1 + 2 * c.gptq_refit_rounds)
         return cost
 
     def save(self, n: int, k: int) -> float:
