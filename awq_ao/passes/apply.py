@@ -261,18 +261,19 @@ def round_weights(
         factor = inverse_factor(full.to(w.device, w.dtype if w.dtype == torch.float64 else torch.float32),
                                 config.gptq_damp, config.gptq_act_order)
     sizes = [t.shape[0] for t in targets]
-    stored = [scale_storage_dtype(t.dtype, choose_layout(t.device, config.bits, *t.shape, config.group_size))
-              for t in targets]
 
     def round_codes(s: torch.Tensor) -> torch.Tensor:
         return error_feedback_codes(w, s, zr, full, config.bits, config.group_size, config.gptq_damp,
                                     act_order=config.gptq_act_order, factor=factor)
 
-    def store(s: torch.Tensor) -> torch.Tensor:
-        return torch.cat([round_scale(part, d).to(s.dtype) for part, d in zip(s.split(sizes), stored, strict=True)])
-
     if not config.gptq_refit_rounds:
         return list(zip(round_codes(sc).split(sizes), params, strict=True))
+    stored = [scale_storage_dtype(t.dtype, choose_layout(t.device, config.bits, *t.shape, config.group_size))
+              for t in targets]
+
+    def store(s: torch.Tensor) -> torch.Tensor:  # the scales as each linear's layout stores them
+        return torch.cat([round_scale(part, d).to(s.dtype) for part, d in zip(s.split(sizes), stored, strict=True)])
+
     codes, sc = alternate_grid(w, sc, zr, full.to(w.device), config.group_size, config.gptq_damp,
                                config.gptq_refit_rounds, round_codes, store)
     sc = sc.float()
