@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -128,6 +129,7 @@ def quantize(
             cost = _plan(run, model, calibration, cfg_convert)
             n = 0
             extra = calibration_kwargs(model)
+            t_calib = time.perf_counter()
             with torch.no_grad():
                 for batch in calibration:
                     _call(model, batch, extra)
@@ -136,7 +138,10 @@ def quantize(
             if n == 0:
                 raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
             run.finish("calibrate")
+            t_calib = time.perf_counter() - t_calib
         quantize_(model, cfg_convert, filter_fn=whole_model)
     state = get_state(model)
     assert state is not None and state.report is not None
+    if cfg_convert.needs_calibration:
+        state.report.times["calibration loop (before convert)"] = t_calib
     return state.report

@@ -46,24 +46,29 @@ def text_ids(tokenizer: object, text: str, bos_token_id: int | None = None) -> t
 
 
 def calibration_blocks(
-    tokenizer: object, text: str, n_samples: int = 64, seq_len: int = 512, bos_token_id: int | None = None
+    tokenizer: object, text: str, n_samples: int = 64, seq_len: int = 512, bos_token_id: int | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """``n_samples`` consecutive, non-overlapping token blocks ``[n, seq_len]`` from ``text``.
 
     With ``bos_token_id`` (see :func:`leading_bos`) each block is that BOS followed by the next
     ``seq_len - 1`` tokens of the text (tokenized without special tokens); without it, the
     blocks are the tokenizer's default encoding of the text cut in ``seq_len`` pieces.
-    Deterministic. Raises ``ValueError`` if the text is too short.
+    ``offset``: skip that many blocks first (another calibration draw from the same text; 0,
+    the default, gives the blocks every committed result used). Deterministic. Raises
+    ``ValueError`` if the text is too short.
     """
-    need_chars = n_samples * seq_len * 8
+    if offset < 0:
+        raise ValueError(f"calibration_blocks: offset must be >= 0 blocks, got {offset}")
+    need_chars = (offset + n_samples) * seq_len * 8
     ids = text_ids(tokenizer, text[: need_chars * 2], bos_token_id)
     per_block = seq_len if bos_token_id is None else seq_len - 1
-    if ids.numel() < n_samples * per_block:
+    if ids.numel() < (offset + n_samples) * per_block:
         raise ValueError(
-            f"calibration text gives {ids.numel()} tokens; need {n_samples} x {per_block}. "
-            "Use a longer text or fewer/shorter samples."
+            f"calibration text gives {ids.numel()} tokens; need {offset} + {n_samples} blocks of {per_block}. "
+            "Use a longer text, fewer/shorter samples or a smaller offset."
         )
-    blocks = ids[: n_samples * per_block].view(n_samples, per_block)
+    blocks = ids[offset * per_block : (offset + n_samples) * per_block].view(n_samples, per_block)
     if bos_token_id is not None:
         blocks = torch.cat([blocks.new_full((n_samples, 1), bos_token_id), blocks], dim=1)
     return blocks.clone()

@@ -107,7 +107,7 @@ TORCHAO_G128_SKIP = {
 
 def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int, seq_len: int,
            calib: str, search_samples: int, autoround_iters: int | None = None,
-           model_name: str = "smollm2") -> dict:
+           model_name: str = "smollm2", calib_offset: int = 0) -> dict:
     """Quantize with one method and measure perplexity (runs in a fresh process)."""
     import torch
 
@@ -121,7 +121,8 @@ def worker(method: str, bits: int, group_size: int, windows: int, n_samples: int
     model, tok = load_model(model_name, dtype)
     bos = leading_bos(tok)  # None for SmolLM2: its windows and blocks are as they always were
     ids = text_ids(tok, wikitext_test(), bos)
-    blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len, bos_token_id=bos)
+    blocks = calibration_blocks(tok, calibration_text(calib), n_samples, seq_len, bos_token_id=bos,
+                                offset=calib_offset)
     rss_loaded = current_mib()
     peak_kind = reset_peak()
     out: dict = {"method": method, "bits": bits, "group_size": group_size, "dtype": str(dtype).removeprefix("torch.")}
@@ -239,6 +240,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--search-samples", type=int, default=16)
     ap.add_argument("--calib", default="wiki.valid.tokens")
+    ap.add_argument("--calib-offset", type=int, default=0,
+                    help="skip this many calibration blocks first: another calibration draw for every method (default 0)")
     ap.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/"
@@ -252,7 +255,7 @@ def main() -> None:
     if args.worker:
         method, bits, gs = args.worker.split(":")
         res = worker(method, int(bits), int(gs), args.windows, args.n_samples, args.seq_len,
-                     args.calib, args.search_samples, args.autoround_iters, args.model)
+                     args.calib, args.search_samples, args.autoround_iters, args.model, args.calib_offset)
         print("RESULT " + json.dumps(res), flush=True)
         return
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
@@ -263,6 +266,8 @@ def main() -> None:
     out_path = Path(args.out)
     eval_desc = f"WikiText-2 test, non-overlapping 2048-token windows, first {args.windows}"
     calib_desc = f"{args.n_samples} x {args.seq_len} tokens from {args.calib} (same for all methods)"
+    if args.calib_offset:  # another draw: its own description, so --resume never mixes draws
+        calib_desc = calib_desc.replace(" tokens from ", f" tokens after the first {args.calib_offset} blocks of ")
     if args.model != "smollm2":  # SmolLM2's tokenizer prepends no BOS: its strings stay as they were
         eval_desc += " (each: the tokenizer's BOS + 2047 text tokens, 2047 tokens scored)"
         calib_desc += " (each block: the tokenizer's BOS + seq_len - 1 text tokens)"
@@ -327,7 +332,8 @@ def main() -> None:
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
         cmd = [python, __file__, "--worker", f"{m}:{bits}:{gs}", "--model", args.model, "--windows", str(args.windows),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
-               "--search-samples", str(args.search_samples), "--calib", args.calib]
+               "--search-samples", str(args.search_samples), "--calib", args.calib,
+               "--calib-offset", str(args.calib_offset)]
         if args.autoround_iters is not None and m in PEERS:
             cmd += ["--autoround-iters", str(args.autoround_iters)]
         print(f"running {m}" + ("" if m in ("fp", "fp_bf16") else f" INT{bits} g{gs}") + " ...", flush=True)

@@ -2,7 +2,7 @@
 
 Used to choose the library defaults; each call appends one JSON line::
 
-    python benchmarks/settings_sweep.py NAME '{"sequential": true, "max_search_samples": 16}' [N_CALIB] [WINDOWS] [VAL_WINDOWS] [--model gemma3]
+    python benchmarks/settings_sweep.py NAME '{"sequential": true, "max_search_samples": 16}' [N_CALIB] [WINDOWS] [VAL_WINDOWS] [--model gemma3] [--calib-offset N]
 
 ``--model gemma3`` (default smollm2) runs Gemma 3 270M (``bash benchmarks/peers/second_model_setup.sh``)
 and appends to ``settings_sweep_gemma3.jsonl``; its windows and calibration blocks each start with
@@ -10,7 +10,9 @@ the tokenizer's ``<bos>`` (as in benchmarks/quality.py). Every line records its 
 
 Besides the WikiText-2 test perplexity it measures a held-out *validation* perplexity on the
 last VAL_WINDOWS (default 20) 2048-token windows of ``wiki.valid.tokens``, whose beginning is
-the calibration text: choose settings on this one, report the test one.
+the calibration text: choose settings on this one, report the test one. ``--calib-offset N``
+takes the calibration blocks after the first N (another draw from the same text, still clear
+of the validation tail), to see how much a result moves with the calibration sample.
 
 Options not given take the library defaults *of the commit that ran it*: record them when
 defaults change (benchmarks/results/settings_sweep.jsonl lists the effective settings).
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("windows", type=int, nargs="?", default=40)
     ap.add_argument("val_windows", type=int, nargs="?", default=20)
     ap.add_argument("--model", choices=sorted(OUT), default="smollm2")
+    ap.add_argument("--calib-offset", type=int, default=0,
+                    help="skip this many calibration blocks first: another calibration draw (default 0)")
     args = ap.parse_args()
     name, opts, n_calib, windows, val_windows = args.name, args.opts, args.n_calib, args.windows, args.val_windows
     torch.manual_seed(0)
@@ -60,9 +64,9 @@ def main() -> None:
     bos = leading_bos(tok)  # None for SmolLM2 (unchanged windows and blocks)
     ids = text_ids(tok, wikitext_test(), bos)
     valid_text = calibration_text("wiki.valid.tokens")
-    calib = calibration_blocks(tok, valid_text, n_calib, 512, bos_token_id=bos)
+    calib = calibration_blocks(tok, valid_text, n_calib, 512, bos_token_id=bos, offset=args.calib_offset)
     stride = 2048 if bos is None else 2047  # text tokens per window
-    val_ids = held_out_tail(tok, valid_text, n_calib * 512, val_windows * stride, bos)
+    val_ids = held_out_tail(tok, valid_text, (args.calib_offset + n_calib) * 512, val_windows * stride, bos)
     o = dict(bits=4, group_size=64, verbose=False, progress=False)
     o.update(opts)
     t = time.perf_counter()
@@ -70,7 +74,7 @@ def main() -> None:
     quant_s = time.perf_counter() - t
     ppl, n = perplexity(model, ids, 2048, windows, bos_token_id=bos)
     val_ppl, val_n = perplexity(model, val_ids, 2048, val_windows, bos_token_id=bos)
-    res = dict(name=name, model=args.model, opts=o, n_calib=n_calib, ppl=ppl, windows=n, val_ppl=val_ppl,
+    res = dict(name=name, model=args.model, opts=o, n_calib=n_calib, calib_offset=args.calib_offset, ppl=ppl, windows=n, val_ppl=val_ppl,
                val_windows=val_n, quant_s=quant_s, times=report.times)
     print(json.dumps(res), flush=True)
     with OUT[args.model].open("a") as f:

@@ -1,18 +1,26 @@
 """Profile one default awq_ao quantization of SmolLM2-135M (the main job's AWQ row).
 
     python -m devtools.profile_quantize [--n-samples 32] [--top 40] [--out prof.txt]
+    python -m devtools.profile_quantize --no-profile --options '{"screen_rows": 2}' --jsonl runs.jsonl
 
 Prints the report's phase times and the cProfile functions with the most cumulative and
-internal time, so that the slow part of a run is measured rather than guessed.
+internal time, so that the slow part of a run is measured rather than guessed. ``--jsonl``
+appends one line per run (options, times, every group's alpha and a SHA-256 of the quantized
+model's logits on two calibration rows): two runs with the same fingerprint produced the same
+model, so a speed change can be shown not to change the result.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import datetime as dt
+import hashlib
 import io
 import json
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--no-profile", action="store_true", help="phase times only (no cProfile overhead)")
     ap.add_argument("--out", default=None, help="also write the statistics to this file")
+    ap.add_argument("--jsonl", default=None, help="append the run's times and model fingerprint to this file")
     ap.add_argument("--options", default="{}", help='more awq_config keywords as JSON, e.g. \'{"search_loss": "linear"}\'')
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -47,6 +56,19 @@ def main(argv: list[str] | None = None) -> None:
         prof.disable()
     total = time.perf_counter() - t0
     print(f"calibration + convert {total:.1f} s; convert phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.times.items()))
+    if args.jsonl:
+        with torch.no_grad():
+            logits = model(calib[:2, :256], use_cache=False).logits.float().contiguous()
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+        from machine import machine_info
+
+        line = {"command": "python -m devtools.profile_quantize " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                "options": json.loads(args.options), "profiled": not args.no_profile, "total_s": total,
+                "times": report.times, "alphas": [g.alpha for g in report.groups],
+                "logits_sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest()}
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(line) + "\n")
     if args.no_profile:
         return
     buf = io.StringIO()

@@ -196,6 +196,9 @@ def summarize(records: list[dict]) -> dict:
         "halving 4/5, 8/2": [(4, 5), (8, 2)],
         "halving 4/7, 8/3 (the default for rounded candidates)": [(4, 7), (8, 3)],
         "halving 2/12, 4/6, 8/3": [(2, 12), (4, 6), (8, 3)],
+        "halving 2/10, 4/5, 8/2": [(2, 10), (4, 5), (8, 2)],
+        "halving 2/14, 4/7, 8/3": [(2, 14), (4, 7), (8, 3)],
+        "halving 2/20, 4/10, 8/5": [(2, 20), (4, 10), (8, 5)],
     }
     pre_rules: dict[str, tuple[int, list[tuple[int, int]]]] = {
         "linear top 5, full": (5, []),

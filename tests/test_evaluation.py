@@ -55,6 +55,19 @@ def test_leading_bos_and_blocks():
     assert torch.equal(calibration_blocks(tok, TEXT, 4, 16).reshape(-1), text_ids(tok, TEXT)[:64])
 
 
+def test_calibration_offset_is_another_draw_of_the_same_text():
+    tok = _Tok(adds_bos=False)
+    first = calibration_blocks(tok, TEXT, 6, 16)
+    later = calibration_blocks(tok, TEXT, 4, 16, offset=2)
+    assert torch.equal(later, first[2:])  # the blocks after the first two, no overlap with them
+    with_bos = calibration_blocks(_Tok(adds_bos=True), TEXT, 3, 16, bos_token_id=0, offset=1)
+    assert torch.equal(with_bos, calibration_blocks(_Tok(adds_bos=True), TEXT, 4, 16, bos_token_id=0)[1:])
+    with pytest.raises(ValueError, match="offset"):
+        calibration_blocks(tok, TEXT, 4, 16, offset=-1)
+    with pytest.raises(ValueError, match="smaller offset"):
+        calibration_blocks(tok, TEXT, 4, 16, offset=10_000)
+
+
 class _Bigram(nn.Module):
     def __init__(self):
         super().__init__()

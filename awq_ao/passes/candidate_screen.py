@@ -7,11 +7,12 @@ scores every candidate on the first rows only, keeps the best ones, scores the s
 more rows, and so on; the last survivors are scored on every row, and the winner is chosen on
 the full loss exactly as the full grid search would choose among them (plain RTN, the
 candidate to beat, is always scored on every row). With the default stages for candidates
-scored after error-feedback rounding (all 20 candidates on 4 of the 16 search rows, the best 7
-on 8, the best 3 on all 16) a group costs 0.44x the full grid's module forwards (0.52x for
-nearest-rounded candidates: the best 10 on 8, the best 5 on 16), and they picked the same
-scale as the full grid in every module-scored group of SmolLM2-135M and Gemma 3 270M
-(``devtools/search_rank_check.py``).
+scored after error-feedback rounding (all 20 candidates on 2 of the 16 search rows, the best
+12 on 4, the best 6 on 8, the best 3 on all 16) a group costs 0.38x the full grid's module
+forwards; nearest-rounded candidates keep all 20 after 2 rows, then the best 10 on 8 and the
+best 5 on 16 (0.52x). Both picked the same scale as the full grid in every module-scored group
+of SmolLM2-135M and Gemma 3 270M (``devtools/search_rank_check.py``), and the rounded default
+gave a byte-identical SmolLM2 model to the 4-row screen before it, 9% faster.
 
 The losses are sums of squared output errors over row chunks: a survivor's total over every
 chunk is the same mean squared error the full search measures (up to float summation order).
@@ -25,12 +26,13 @@ import torch
 
 __all__ = ["screen_stages", "screen_keep", "stage_chunks", "screened_grid_search", "screened_candidates"]
 
-#: ``screen_keep=None``: survivors of the first stage when the candidates are scored after
-#: error-feedback rounding (7) or rounded to nearest (10). In the offline replays
-#: (``devtools/search_rank_check.py``, ``screen_rows=4``) the smallest keep that reproduced
-#: the full grid's pick in every group was 6 for rounded candidates (5 missed one Gemma pick;
-#: 7 is one step above) and 10 for nearest-rounded ones (9 missed one SmolLM2 pick).
-KEEP_ROUNDED, KEEP_NEAREST = 7, 10
+#: ``screen_keep=None``: survivors of the first stage (``screen_rows=2``) when the candidates
+#: are scored after error-feedback rounding (12) or rounded to nearest (20: all of them). In
+#: the offline replays (``devtools/search_rank_check.py``) at 2 rows the smallest keep that
+#: reproduced the full grid's pick in every group was 12 for rounded candidates (10 missed one
+#: Gemma pick) and 20 for nearest-rounded ones (14 missed two SmolLM2 picks), i.e. the same
+#: 4/10, 8/5 screen as the 4-row default before 2026-12-07.
+KEEP_ROUNDED, KEEP_NEAREST = 12, 20
 
 #: a chunk's loss: ``(sum of squared errors, number of elements)``
 ChunkLoss = Callable[[torch.Tensor | None, int], tuple[float, int]]

@@ -138,11 +138,14 @@ def search(
     try:
         results = scale_search.run(search_args, search_kwargs)
         analysis.expert_tokens = dict(scale_search.experts.tokens)
+        add_time(report, "search", time.perf_counter() - t0)
+        t0 = time.perf_counter()
         grams = accumulate_grams(root, scale_search.clip_inputs, scale_search.gram_tokens, args, kwargs,
                                  rows, first, config, analysis.experts) if first else scale_search.clip_inputs
+        if first:
+            add_time(report, "grams of the other rows", time.perf_counter() - t0)
     finally:
         root.train(was_training)
-    add_time(report, "search", time.perf_counter() - t0)
     return results, grams
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from awq_ao.lowering.quant_math import group_geometry, quant_params
+from awq_ao.lowering.quant_math import dequantize_codes, quant_params
 from awq_ao.passes.rounding import (
     Factor,
     error_feedback_codes_batched,
@@ -91,8 +91,7 @@ def rounded_scaled(
     codes = error_feedback_codes_batched(ws, [p[0] for p in grids], [p[1] for p in grids], hs, config.bits,
                                          config.group_size, config.gptq_damp, rows_per_chunk=rows,
                                          act_order=config.gptq_act_order, factors=factors)
-    col_group = torch.arange(w0.shape[1], device=w0.device) // group_geometry(w0.shape[1], config.group_size).size
-    return [((c.float() - zero[:, col_group]) * scale[:, col_group], w, h)
+    return [(dequantize_codes(c, scale, zero, config.group_size), w, h)
             for c, (scale, zero), w, h in zip(codes, grids, ws, hs, strict=True)]
 
 

@@ -16,6 +16,7 @@ without scaling and listed in the report's warnings.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_map
 from awq_ao.config import AWQConfig
 from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall, first_tensor
-from awq_ao.passes.apply import apply_found
+from awq_ao.passes.apply import add_time, apply_found
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
@@ -177,7 +178,9 @@ def convert_sequential(
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
             awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
             done.update(prefix + n for n in local)
+        t0 = time.perf_counter()
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)
+        add_time(report, "block outputs", time.perf_counter() - t0)
         if nxt is None or not torch.isfinite(nxt).all():
             raise FloatingPointError(
                 f"the output of block {blocks_name}.{i} contains NaN/Inf after quantization "

@@ -16,6 +16,12 @@ def test_decoder_defaults_to_layer_by_layer_with_gptq():
     assert rep.mode == "layer by layer (2 blocks of model.layers)"
     assert rep.error_feedback == len(rep.quantized) == 14
     assert "layer by layer" in rep.summary()
+    # the time breakdown names every phase of a layer-by-layer run, the calibration loop too
+    phases = {"capture+groups", "search", "block outputs", "fold+clip+quantize", "total",
+              "calibration loop (before convert)"}
+    assert phases <= set(rep.times), rep.times
+    assert all(v >= 0 for v in rep.times.values())
+    assert rep.times["total"] >= rep.times["search"] + rep.times["block outputs"]
 
 
 def test_auto_and_forced_layer_by_layer_agree():

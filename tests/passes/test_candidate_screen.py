@@ -125,9 +125,9 @@ def test_screen_scores_fewer_rows_and_never_loses_to_rtn():
 
 
 def test_default_keep_follows_how_the_candidates_are_rounded():
-    assert screen_keep(None, rounded=True) == 7 and screen_keep(None, rounded=False) == 10
+    assert screen_keep(None, rounded=True) == 12 and screen_keep(None, rounded=False) == 20
     assert screen_keep(3, rounded=True) == 3
-    for rounding, keep in (("gptq", 7), ("nearest", 10)):
+    for rounding, keep in (("gptq", 12), ("nearest", 20)):
         default, _ = _results(8, screen_rows=1, search_rounding=rounding, rounding=rounding)
         explicit, _ = _results(8, screen_rows=1, screen_keep=keep, search_rounding=rounding, rounding=rounding)
         other, _ = _results(8, screen_rows=1, screen_keep=1, search_rounding=rounding, rounding=rounding)
@@ -137,7 +137,7 @@ def test_default_keep_follows_how_the_candidates_are_rounded():
 
 def test_options_are_validated():
     assert awq_config(screen_rows=2).search_options.screen_rows == 2
-    assert (awq_config().screen_rows, awq_config().screen_keep) == (4, None)  # the default screens
+    assert (awq_config().screen_rows, awq_config().screen_keep) == (2, None)  # the default screens
     with pytest.raises(ValueError, match="screen_rows"):
         awq_config(screen_rows=0)
     with pytest.raises(ValueError, match="screen_keep"):
