@@ -20,6 +20,7 @@ import torch
 from awq_ao.api import quantize
 from awq_ao.evaluation import batches, calibration_blocks, perplexity
 from awq_ao.lowering.swap import footprint, model_size_bytes
+from devtools.machine_record import machine_info
 from devtools.shared_data import calibration_text, load_smollm2, wikitext_test
 
 
@@ -98,20 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"({q['decode_tok_s'] / f32['decode_tok_s']:.2f}x), prefill {q['prefill_tok_s']:.0f} vs "
           f"{f32['prefill_tok_s']:.0f} tok/s; size {q['size_mib']:.1f} vs {f32['size_mib']:.1f} MiB")
     out = {"command": "python -m devtools.main_job " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": _machine(),
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
            "bits": args.bits, "group_size": args.group_size, "rows": rows, "gap_closed": closed,
            "quantize_phases_s": report.times, "total_s": time.perf_counter() - t0}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
-
-
-def _machine() -> dict:
-    """The benchmarks' machine record (CPU, ISA flags, versions)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from machine import machine_info
-
-    return machine_info()
 
 
 def _decode_speed(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64) -> float:

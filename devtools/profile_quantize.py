@@ -20,12 +20,12 @@ import json
 import pstats
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from awq_ao import quantize
 from awq_ao.evaluation import batches, calibration_blocks
+from devtools.machine_record import machine_info
 from devtools.shared_data import calibration_text, load_smollm2
 
 
@@ -59,9 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.jsonl:
         with torch.no_grad():
             logits = model(calib[:2, :256], use_cache=False).logits.float().contiguous()
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-        from machine import machine_info
-
         line = {"command": "python -m devtools.profile_quantize " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
                 "options": json.loads(args.options), "profiled": not args.no_profile, "total_s": total,

@@ -50,10 +50,8 @@ import awq_ao.passes.rounded_candidates as rounded_mod
 import awq_ao.passes.search as search_mod
 from awq_ao.api import quantize
 from awq_ao.evaluation import batches, calibration_blocks, leading_bos
+from devtools.machine_record import machine_info
 from devtools.shared_data import calibration_text, load_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from machine import machine_info  # noqa: E402
 
 RECORDS: list[dict] = []
 GRAM_RECORDS: list[dict] = []  # Gram-scored groups: per candidate, the loss per weight-row chunk
@@ -190,12 +188,12 @@ def summarize(records: list[dict]) -> dict:
         "screen 2 top 5": [(2, 5)],
         "screen 8 top 3": [(8, 3)],
         "halving 4/8, 8/4": [(4, 8), (8, 4)],
-        "halving 4/10, 8/5 (the default)": [(4, 10), (8, 5)],
+        "halving 4/10, 8/5 (= the nearest default 2/20, 4/10, 8/5)": [(4, 10), (8, 5)],
         "halving 2/8, 4/4, 8/2": [(2, 8), (4, 4), (8, 2)],
         "halving 4/6, 8/3": [(4, 6), (8, 3)],
         "halving 4/5, 8/2": [(4, 5), (8, 2)],
-        "halving 4/7, 8/3 (the default for rounded candidates)": [(4, 7), (8, 3)],
-        "halving 2/12, 4/6, 8/3": [(2, 12), (4, 6), (8, 3)],
+        "halving 4/7, 8/3 (the rounded default until 2026-12-07)": [(4, 7), (8, 3)],
+        "halving 2/12, 4/6, 8/3 (the rounded default)": [(2, 12), (4, 6), (8, 3)],
         "halving 2/10, 4/5, 8/2": [(2, 10), (4, 5), (8, 2)],
         "halving 2/14, 4/7, 8/3": [(2, 14), (4, 7), (8, 3)],
         "halving 2/20, 4/10, 8/5": [(2, 20), (4, 10), (8, 5)],
