@@ -11,6 +11,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 from awq_ao.config import awq_config, whole_model
+from awq_ao.observers.activation import CallRecorded
 from awq_ao.passes.convert import CalibrationError
 from awq_ao.progress import (
     RunProgress,
@@ -47,8 +48,12 @@ def calibration_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if accepts_kwarg(model, "logits_to_keep") else {}
 
 
-def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config: Any) -> Callable[[Any], float]:
+def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config: Any,
+          forward: bool = True) -> Callable[[Any], float]:
     """Plan the run's phases before calibration; returns a batch's calibration cost.
+
+    ``forward=False``: the batches are only recorded (``channel_stats="sample"``), so the
+    calibration phase is not planned.
 
     Where the batches can be counted (a list or tuple) the calibration, the kept sample (the
     first batches up to ``max_gram_samples`` rows, as the recorder keeps them) and its search
@@ -63,7 +68,8 @@ def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config
                                  max(config.max_search_samples, config.max_gram_samples))
     total = sum(tokens_of(b) for b in batches)
     if sized:
-        plan_quantization(run, model, targets, config, search, calibration_tokens=total, kept_tokens=kept)
+        plan_quantization(run, model, targets, config, search, calibration_tokens=total if forward else 0,
+                          kept_tokens=kept)
     per_token = run.totals.get("calibrate", 0.0) / total if total else 0.0
     return lambda batch: per_token * tokens_of(batch)
 
@@ -126,15 +132,24 @@ def quantize(
             if calibration is None:
                 raise CalibrationError("calibration batches are required (or pass scale_search=False, clip=False).")
             quantize_(model, cfg_prepare, filter_fn=whole_model)
-            cost = _plan(run, model, calibration, cfg_convert)
+            record_only = cfg_convert.channel_stats == "sample"
+            state = get_state(model)
+            if record_only and state is not None and state.recorder is not None:
+                state.recorder.record_only = True  # the search takes its statistics from the sample
+            cost = _plan(run, model, calibration, cfg_convert, forward=not record_only)
             n = 0
             extra = calibration_kwargs(model)
             t_calib = time.perf_counter()
             with torch.no_grad():
                 for batch in calibration:
-                    _call(model, batch, extra)
+                    try:
+                        _call(model, batch, extra)
+                    except CallRecorded:
+                        pass
                     n += 1
                     run.advance("calibrate", cost(batch), f"batch {n}")
+            if state is not None and state.recorder is not None:
+                state.recorder.record_only = False
             if n == 0:
                 raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
             run.finish("calibrate")

@@ -36,6 +36,7 @@ from awq_ao.config_checks import validate
 # the option groups live in awq_ao.options; importing them here also re-exports them
 from awq_ao.options import (
     GROUPS,
+    ChannelStats,
     ClipMode,
     ClipOptions,
     DuoScaling,
@@ -105,6 +106,7 @@ class AWQConfig(AOBaseConfig):
     search_rounding      ``search_options.rounding``
     max_search_samples   ``search_options.max_samples``
     max_gram_samples     ``search_options.max_gram_samples``
+    channel_stats        ``search_options.channel_stats``
     fallback             ``search_options.fallback``
     clip                 ``clip_options.enabled``
     clip_grid            ``clip_options.grid``
@@ -162,6 +164,7 @@ class AWQConfig(AOBaseConfig):
     search_rounding = _Flat[SearchRounding]("search_options", "rounding")
     max_search_samples = _Flat[int]("search_options", "max_samples")
     max_gram_samples = _Flat[int]("search_options", "max_gram_samples")
+    channel_stats = _Flat[ChannelStats]("search_options", "channel_stats")
     fallback = _Flat[Fallback]("search_options", "fallback")
     clip = _Flat[bool]("clip_options", "enabled")
     clip_grid = _Flat[int]("clip_options", "grid")

@@ -123,6 +123,7 @@ def validate(cfg: AWQConfig) -> None:
             "awq_config: search_rounding='gptq' scores candidates after error-feedback rounding, which "
             "needs the full input Grams of rounding='gptq'; pass rounding='gptq' or search_rounding='auto'."
         )
+    _choice(cfg, "channel_stats", ("calibration", "sample"))
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

@@ -20,6 +20,7 @@ from typing import Generic, Literal, TypeVar
 DuoScaling = bool | Literal["both"]
 SearchLoss = Literal["module", "linear", "attention"]
 SearchRounding = Literal["auto", "nearest", "gptq"]
+ChannelStats = Literal["calibration", "sample"]
 Fallback = Literal["multiply", "skip"]
 ClipMode = Literal["range", "asymmetric", "symmetric"]
 Rounding = Literal["nearest", "gptq"]
@@ -114,6 +115,14 @@ class SearchOptions:
             batch either way. Bounds calibration memory. MoE experts' Grams too (each
             expert's over the tokens routed to it in these rows).
             Default 64. (Flat ``max_gram_samples``.)
+        channel_stats: where the per-channel mean ``|x|`` that shapes the candidate scales
+            comes from. ``"calibration"`` (default): observers on every linear over every
+            calibration batch of the float model. ``"sample"``: the search sample's own inputs
+            to the group's linears (the first ``max_samples`` rows; layer by layer, the inputs
+            after the blocks before were quantized), the statistics the candidates are then
+            scored on; :func:`awq_ao.quantize` then skips the full-model calibration forward
+            (it only records the batches; batches beyond ``max_gram_samples`` rows go unused).
+            (Flat ``channel_stats``.)
         fallback: what to do where no fold is legal: ``"multiply"`` (default) inserts an
             explicit per-channel input multiply (counted in the report), ``"skip"`` leaves the
             group unscaled (plain RTN for its linears). (Flat ``fallback``.)
@@ -129,6 +138,7 @@ class SearchOptions:
     rounding: SearchRounding = "auto"
     max_samples: int = 16
     max_gram_samples: int = 64
+    channel_stats: ChannelStats = "calibration"
     fallback: Fallback = "multiply"
 
 

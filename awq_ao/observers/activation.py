@@ -49,7 +49,7 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
 _last_sums: tuple[Any, int, torch.Tensor] | None = None
 
 
-def _abs_column_sums(x: torch.Tensor, in_features: int) -> torch.Tensor:
+def abs_column_sums(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """Sum of |x| over all rows, per channel, in float64 (shared by observers of one tensor)."""
     global _last_sums
     last = _last_sums
@@ -96,7 +96,7 @@ class ChannelStatsObserver:
         self.calls += 1
         if x.shape[-1] != self.in_features or x.numel() == 0:
             return
-        s = _abs_column_sums(x, self.in_features)
+        s = abs_column_sums(x, self.in_features)
         if not torch.isfinite(s).all():
             if self.nonfinite_call is None:
                 self.nonfinite_call = self.calls
@@ -133,17 +133,25 @@ class RootCallRecorder:
     rows: int = 0
     total_calls: int = 0
     enabled: bool = True
+    #: raise :class:`CallRecorded` instead of letting the forward run (``awq_ao.quantize`` with
+    #: ``channel_stats="sample"``: nothing of the full-model forward is needed)
+    record_only: bool = False
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.total_calls += 1
-        if self.rows >= self.max_rows and self.calls:
-            return
-        t = first_tensor((args, kwargs))
-        rows = int(t.shape[0]) if t is not None and t.dim() > 0 else 1
-        self.calls.append(RecordedCall(_detach_tree(args), _detach_tree(dict(kwargs)), rows))
-        self.rows += rows
+        if self.rows < self.max_rows or not self.calls:
+            t = first_tensor((args, kwargs))
+            rows = int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+            self.calls.append(RecordedCall(_detach_tree(args), _detach_tree(dict(kwargs)), rows))
+            self.rows += rows
+        if self.record_only:
+            raise CallRecorded
+
+
+class CallRecorded(Exception):
+    """Ends a calibration call once the root recorder has what it needs (record-only mode)."""
 
 
 HookFn = Callable[..., Any]

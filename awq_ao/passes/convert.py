@@ -51,7 +51,8 @@ def _check_calibration(state: AWQState | None, config: AWQConfig) -> None:
                 "(float16 overflow is common: try bfloat16 or float32), then prepare again."
             )
     rec = state.recorder
-    if rec is None or not rec.calls or all(o.rows == 0 for o in state.observers.values()):
+    observed = config.channel_stats == "sample" or any(o.rows for o in state.observers.values())
+    if rec is None or not rec.calls or not observed:
         raise CalibrationError(
             "no calibration data: the model was prepared but no batch was run through it. "
             "Call model(batch) on some calibration batches (e.g. 16-128 sequences of 512 tokens) "

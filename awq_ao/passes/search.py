@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from awq_ao.config import AWQConfig
-from awq_ao.observers.activation import ChannelStatsObserver, first_tensor
+from awq_ao.observers.activation import ChannelStatsObserver, abs_column_sums, first_tensor
 from awq_ao.passes.candidate_screen import (
     screen_keep,
     screen_stages,
@@ -109,6 +109,19 @@ def _module_out(call: Any, g: ScaleGroup) -> torch.Tensor:
     return out
 
 
+def _sample_mean_abs(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Mean |x| per channel (float64) of one consumer's input in the search sample; a
+    non-finite input is named as the calibration observers name it."""
+    k = x.shape[-1]
+    s = abs_column_sums(x, k)
+    if not torch.isfinite(s).all():
+        raise FloatingPointError(
+            f"NaN/Inf in the input of layer {name!r} in the search sample. Check the calibration "
+            "data and the model's dtype (float16 overflow is common: try bfloat16 or float32)."
+        )
+    return s / max(x.numel() // k, 1)
+
+
 def _label(g: ScaleGroup) -> str:
     """The group's name in messages: its enclosing module, first linear or expert slab."""
     if g.inspect or g.consumers:
@@ -152,6 +165,8 @@ class ScaleSearch:
         self.clip_inputs: dict[str, torch.Tensor] = {}
         self.gram_tokens: dict[str, int] = {}  # consumer -> tokens its Gram averages over
         self._last_gram: tuple[torch.Tensor, torch.Tensor] | None = None
+        # channel_stats="sample": consumer -> mean |x| per channel of its input in the sample
+        self._sample_mean: dict[str, torch.Tensor] = {}
         self.active = True
         self.on_group = on_group  # called with each searched group (progress)
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -204,6 +219,8 @@ class ScaleSearch:
             if not self.active or not args or not isinstance(args[0], torch.Tensor):
                 return
             x = args[0]
+            if self.config.channel_stats == "sample" and name not in self._sample_mean and x.numel():
+                self._sample_mean[name] = _sample_mean_abs(x, name)
             if name not in self.clip_inputs and self.config.rounding == "gptq":
                 # the full Gram: error-feedback rounding needs it, clipping reads its diagonal
                 # blocks; linears reading the same tensor (q/k/v, gate/up) share one
@@ -389,8 +406,11 @@ class ScaleSearch:
         return RoundedWeights(orig, conv, grams[0], self.config)
 
     def _x_mean(self, g: ScaleGroup, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Mean |x| per input channel: the consumers' observer (every calibration batch), else
-        for experts the search sample's (one expert's down input ``x``, or the block input)."""
+        """Mean |x| per input channel: the consumers' input in the search sample
+        (``channel_stats="sample"``) or their observer (every calibration batch), else for
+        experts the search sample's (one expert's down input ``x``, or the block input)."""
+        if g.consumers and g.consumers[0] in self._sample_mean:
+            return self._sample_mean[g.consumers[0]]
         obs = self.observers.get(g.consumers[0]) if g.consumers else None
         if obs is not None:
             return obs.mean_abs()
