@@ -119,7 +119,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 rounding=args.rounding,
                 head=args.head,
                 **{k: v for k, v in (("search_loss", args.search_loss), ("search_rounding", args.search_rounding),
-                                               ("gptq_act_order", args.act_order)) if v is not None},
+                                               ("gptq_act_order", args.act_order), ("channel_stats", args.channel_stats)) if v is not None},
                 **({} if args.screen_rows is None else {"screen_rows": args.screen_rows or None}),
                 progress=not args.no_progress,
                 verbose=False,

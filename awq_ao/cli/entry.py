@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what candidate scales are scored on (default: the library's; see docs/options.md)")
     q.add_argument("--search-rounding", choices=["auto", "nearest", "gptq"], default=None,
                    help="how candidate scales' weights are rounded when scored (default: the library's, auto = as --rounding)")
+    q.add_argument("--channel-stats", choices=["calibration", "sample"], default=None,
+                   help="where the scales' mean |x| comes from: every calibration batch (calibration) or the search "
+                        "sample, which skips the calibration forward (sample); default: the library's")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq rounding: columns in order of decreasing input energy (default: the library's)")
     q.add_argument("--sequential", action="store_true",
