@@ -134,22 +134,25 @@ def quantize(
             quantize_(model, cfg_prepare, filter_fn=whole_model)
             record_only = cfg_convert.channel_stats == "sample"
             state = get_state(model)
-            if record_only and state is not None and state.recorder is not None:
-                state.recorder.record_only = True  # the search takes its statistics from the sample
-            cost = _plan(run, model, calibration, cfg_convert, forward=not record_only)
-            n = 0
-            extra = calibration_kwargs(model)
-            t_calib = time.perf_counter()
-            with torch.no_grad():
-                for batch in calibration:
-                    try:
-                        _call(model, batch, extra)
-                    except CallRecorded:
-                        pass
-                    n += 1
-                    run.advance("calibrate", cost(batch), f"batch {n}")
-            if state is not None and state.recorder is not None:
-                state.recorder.record_only = False
+            recorder = state.recorder if state is not None else None
+            if record_only and recorder is not None:
+                recorder.record_only = True  # the search takes its statistics from the sample
+            try:
+                cost = _plan(run, model, calibration, cfg_convert, forward=not record_only)
+                n = 0
+                extra = calibration_kwargs(model)
+                t_calib = time.perf_counter()
+                with torch.no_grad():
+                    for batch in calibration:
+                        try:
+                            _call(model, batch, extra)
+                        except CallRecorded:
+                            pass
+                        n += 1
+                        run.advance("calibrate", cost(batch), f"batch {n}")
+            finally:  # the prepared model must run normally again, whatever the loop raised
+                if recorder is not None:
+                    recorder.record_only = False
             if n == 0:
                 raise CalibrationError("the calibration iterable was empty; pass at least one batch.")
             run.finish("calibrate")

@@ -114,6 +114,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
         cur.pos = 4
         version = cur.unpack("<I")
+        if version not in (2, 3) and struct.unpack(">I", struct.pack("<I", version))[0] in (2, 3):
+            raise ValueError(f"{path} is a big-endian GGUF file; this reader reads little-endian ones only")
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
         n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
@@ -144,6 +146,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
             infos.append((name, ggml_type, tuple(reversed(dims)), offset))
         align = int(out.metadata.get("general.alignment", 32))
+        if align <= 0:
+            raise ValueError(f"{path}: general.alignment is {align}; it must be a positive number of bytes")
         data_start = (cur.pos + align - 1) // align * align
     for name, ggml_type, shape, offset in infos:
         if ggml_type not in _BLOCKS:
@@ -220,6 +224,12 @@ def llama_config(g: GGUFFile) -> Any:
 
     _require_llama(g)
     m = g.metadata
+    scaling = sorted(k for k in m if k.startswith("llama.rope.scaling."))
+    if scaling:
+        raise ValueError(
+            f"{g.path}: rotary scaling ({', '.join(scaling)}) is not read here; load the file with "
+            "transformers' from_pretrained(..., gguf_file=...) instead."
+        )
     heads = int(m["llama.attention.head_count"])
     hidden = int(m["llama.embedding_length"])
     vocab = int(m.get("llama.vocab_size", g.array_lengths.get("tokenizer.ggml.tokens", 0)))

@@ -83,9 +83,12 @@ def _tiny_llama(tie: bool):
     return model
 
 
-def _write_gguf(model, path, q8_embedding: bool = False) -> None:
+def _write_gguf(model, path, q8_embedding: bool = False, rope_scaling: float | None = None) -> None:
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
+    if rope_scaling is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scaling)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -188,6 +191,14 @@ def test_errors_name_the_problem(tmp_path) -> None:
     w.close()
     with pytest.raises(ValueError, match="ggml type 14.*transformers"):
         read_gguf(k_quant)
+    big = tmp_path / "big.gguf"
+    big.write_bytes(b"GGUF" + (3).to_bytes(4, "big") + bytes(16))
+    with pytest.raises(ValueError, match="big-endian"):
+        read_gguf(big)
+    scaled = tmp_path / "scaled.gguf"
+    _write_gguf(_tiny_llama(True), scaled, rope_scaling=4.0)
+    with pytest.raises(ValueError, match="llama.rope.scaling.factor.*from_pretrained"):
+        load_llama_gguf(scaled)
 
 
 def _smollm2_file():

@@ -147,7 +147,7 @@ class RootCallRecorder:
             self.calls.append(RecordedCall(_detach_tree(args), _detach_tree(dict(kwargs)), rows))
             self.rows += rows
         if self.record_only:
-            raise CallRecorded
+            raise CallRecorded("awq_ao: a record-only calibration call (channel_stats='sample') ended here")
 
 
 class CallRecorded(Exception):

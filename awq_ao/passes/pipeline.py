@@ -130,7 +130,7 @@ def search(
 
     if run is not None:
         run.set_detail("search", detail)
-    scale_search = ScaleSearch(root, analysis, observers, config, on_group)
+    scale_search = ScaleSearch(root, analysis, observers, config, on_group, prefix=prefix)
     first = min(rows, config.max_search_samples) if rows and splits_rows(args, kwargs, rows) else 0
     search_args, search_kwargs = rows_of(args, kwargs, rows, 0, first) if first else (args, kwargs)
     was_training = root.training

@@ -111,7 +111,7 @@ def _module_out(call: Any, g: ScaleGroup) -> torch.Tensor:
 
 def _sample_mean_abs(x: torch.Tensor, name: str) -> torch.Tensor:
     """Mean |x| per channel (float64) of one consumer's input in the search sample; a
-    non-finite input is named as the calibration observers name it."""
+    non-finite input raises ``FloatingPointError`` naming the layer (``name``: its full name)."""
     k = x.shape[-1]
     s = abs_column_sums(x, k)
     if not torch.isfinite(s).all():
@@ -154,8 +154,10 @@ class ScaleSearch:
         observers: dict[str, ChannelStatsObserver],
         config: AWQConfig,
         on_group: Any = None,
+        prefix: str = "",
     ) -> None:
         self.model = model
+        self.prefix = prefix  # the root's name in the model (layer by layer: the block's), for errors
         self.analysis = analysis
         self.observers = observers
         self.config = config
@@ -220,7 +222,7 @@ class ScaleSearch:
                 return
             x = args[0]
             if self.config.channel_stats == "sample" and name not in self._sample_mean and x.numel():
-                self._sample_mean[name] = _sample_mean_abs(x, name)
+                self._sample_mean[name] = _sample_mean_abs(x, self.prefix + name)
             if name not in self.clip_inputs and self.config.rounding == "gptq":
                 # the full Gram: error-feedback rounding needs it, clipping reads its diagonal
                 # blocks; linears reading the same tensor (q/k/v, gate/up) share one
@@ -277,7 +279,9 @@ class ScaleSearch:
             return GroupResult(None, note="not foldable; left unscaled (fallback='skip')")
         xm = self._x_mean(g, x)
         if xm is None:
-            return GroupResult(None, note="no calibration activations reached this group")
+            where = "its first consumer saw no tokens in the search sample (channel_stats='sample')" \
+                if cfg.channel_stats == "sample" and g.consumers else "no calibration activations reached this group"
+            return GroupResult(None, note=where)
         mods = [self.modules[c] for c in g.consumers]
         conv = [g.consumer_is_conv1d.get(c, False) for c in g.consumers]
         # experts' rows as per-expert [N, K] views in the weights' dtype (no float32 copy of all experts)
@@ -409,11 +413,14 @@ class ScaleSearch:
         """Mean |x| per input channel: the consumers' input in the search sample
         (``channel_stats="sample"``) or their observer (every calibration batch), else for
         experts the search sample's (one expert's down input ``x``, or the block input)."""
-        if g.consumers and g.consumers[0] in self._sample_mean:
-            return self._sample_mean[g.consumers[0]]
-        obs = self.observers.get(g.consumers[0]) if g.consumers else None
-        if obs is not None:
-            return obs.mean_abs()
+        if g.consumers and self.config.channel_stats == "sample":
+            got = self._sample_mean.get(g.consumers[0])
+            if got is not None or not g.slabs:  # (the observers saw nothing in this mode)
+                return got
+        elif g.consumers:
+            obs = self.observers.get(g.consumers[0])
+            if obs is not None:
+                return obs.mean_abs()
         if g.slabs and g.slabs[0].index is not None:
             return None if x is None else x.abs().float().mean(0)
         return self.experts.hidden_mean(g.slabs[0].module) if g.slabs else None
