@@ -114,6 +114,7 @@ class AWQConfig(AOBaseConfig):
     max_shrink           ``clip_options.max_shrink``
     clip_qk              ``clip_options.qk``
     clip_tokens          ``clip_options.tokens``
+    clip_after_rounding  ``clip_options.after_rounding``
     rounding             ``rounding_options.method``
     gptq_damp            ``rounding_options.damp``
     gptq_act_order       ``rounding_options.act_order``
@@ -172,6 +173,7 @@ class AWQConfig(AOBaseConfig):
     max_shrink = _Flat[float]("clip_options", "max_shrink")
     clip_qk = _Flat[bool]("clip_options", "qk")
     clip_tokens = _Flat[int | None]("clip_options", "tokens")
+    clip_after_rounding = _Flat[bool]("clip_options", "after_rounding")
     rounding = _Flat[Rounding]("rounding_options", "method")
     gptq_damp = _Flat[float]("rounding_options", "damp")
     gptq_act_order = _Flat[bool]("rounding_options", "act_order")

@@ -97,7 +97,7 @@ def validate(cfg: AWQConfig) -> None:
     if not _is_int(cfg.group_size) or not (cfg.group_size == -1 or cfg.group_size >= 1):
         raise _bad("group_size", cfg.group_size, "an integer >= 1, or -1 for one group per output row")
     cfg.group_size = int(cfg.group_size)
-    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "gptq_act_order", "gptq_shared_factor",
+    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "clip_after_rounding", "gptq_act_order", "gptq_shared_factor",
                  "split_blocks", "experts", "progress", "verbose"):
         _choice(cfg, name, (True, False))
     _int_at_least(cfg, "n_grid", 1)
@@ -124,6 +124,13 @@ def validate(cfg: AWQConfig) -> None:
             "needs the full input Grams of rounding='gptq'; pass rounding='gptq' or search_rounding='auto'."
         )
     _choice(cfg, "channel_stats", ("calibration", "sample"))
+    if cfg.clip_after_rounding and (cfg.rounding != "gptq" or not cfg.clip or cfg.gptq_refit_rounds):
+        warnings.warn(
+            "awq_config: clip_after_rounding=True has no effect here: it chooses each row's clipping after "
+            "error-feedback rounding, so it needs rounding='gptq', clip=True and gptq_refit_rounds=0 (got "
+            f"rounding={cfg.rounding!r}, clip={cfg.clip}, gptq_refit_rounds={cfg.gptq_refit_rounds}).",
+            stacklevel=_caller_outside_package(),
+        )
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

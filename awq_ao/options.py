@@ -162,6 +162,12 @@ class ClipOptions:
         tokens: tokens of the search sample used by each layer's clipping search; None (the
             default) uses all of them. Only their per-group Gram ``[K/g, g, g]`` is kept, so
             this bounds time, not memory. (Flat ``clip_tokens``.)
+        after_rounding: with ``rounding="gptq"``, choose each output row's clipping after
+            error-feedback rounding: the linear is rounded on its clipped grid, on a grid
+            clipped half as much and on the unclipped grid (three sweeps sharing one
+            factorization), and every row keeps the grid whose codes give the lowest output
+            error through the input Gram. The clipping search itself scores round-to-nearest.
+            Default False. (Flat ``clip_after_rounding``.)
     """
 
     enabled: bool = True
@@ -170,6 +176,7 @@ class ClipOptions:
     max_shrink: float = 0.5
     qk: bool = False
     tokens: int | None = None
+    after_rounding: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

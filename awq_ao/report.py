@@ -33,6 +33,8 @@ class ConvertReport:
     unseen: list[str] = field(default_factory=list)
     clipped: int = 0
     error_feedback: int = 0  # linears rounded with error feedback (rounding="gptq")
+    # clip_after_rounding: rows of clipped linears that kept the searched / half / no clipping
+    clip_after_rounding_rows: list[int] = field(default_factory=list)
     fallback_multiplies: int = 0
     times: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -64,6 +66,10 @@ class ConvertReport:
             f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}"
             + (f", error-feedback rounded {self.error_feedback}" if self.error_feedback else ""),
         ]
+        if self.clip_after_rounding_rows:
+            r = self.clip_after_rounding_rows
+            lines.append(f"  clipping chosen after rounding: rows kept the searched clipping {r[0]}"
+                         + (f", half of it {r[1]}, none {r[2]}" if len(r) == 3 else ""))
         if self.experts_quantized:
             lines.append(
                 f"  MoE experts: {len(self.experts_quantized)} 3-D expert weights quantized; "

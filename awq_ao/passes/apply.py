@@ -18,6 +18,7 @@ from awq_ao.lowering.int4_tensor import Int4WeightTensor, round_scale, scale_sto
 from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
+from awq_ao.passes.clip_choice import CLIP_STRENGTHS, clip_alternatives, round_choosing_rows
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
 from awq_ao.passes.rounded_candidates import shared_base
@@ -280,6 +281,39 @@ def round_weights(
     return [(c, (s_t, z_t)) for c, s_t, z_t in zip(codes.split(sizes), sc.split(sizes), zr.split(sizes), strict=True)]
 
 
+def round_weights_choosing_clip(
+    targets: list[torch.Tensor], params: list, full: torch.Tensor, config: AWQConfig, report: ConvertReport,
+    gram: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`round_weights` with ``clip_after_rounding``: ``params[i]`` is one grid, or the
+    grids of :data:`~awq_ao.passes.clip_choice.CLIP_STRENGTHS` for a clipped linear; each row
+    keeps the grid whose error-feedback codes have the lowest output error
+    (:func:`~awq_ao.passes.clip_choice.round_choosing_rows`). The rows choosing each strength
+    are added up in ``report.clip_after_rounding_rows``."""
+    n_alt = len(CLIP_STRENGTHS)
+    alts = [p if isinstance(p, list) else [p] * n_alt for p in params]
+    w = torch.cat([t.float() if t.dtype != torch.float64 else t for t in targets])
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    grids = [(torch.cat([a[i][0].to(w.dtype) for a in alts]), torch.cat([a[i][1].to(w.dtype) for a in alts]))
+             for i in range(n_alt)]
+    base = None
+    if gram is not None and gram.dim() == 2:
+        base = shared_base(gram.to(w.device, cdt), config)
+    factor = scaled_factor(base, scale) if base is not None else \
+        inverse_factor(full.to(w.device, cdt), config.gptq_damp, config.gptq_act_order)
+    codes, sc, zr, best = round_choosing_rows(w, grids, full.to(w.device, cdt), factor, config)
+    tally = report.clip_after_rounding_rows or [0] * n_alt
+    off = 0
+    for p, t in zip(params, targets, strict=True):  # the clipped linears' rows only
+        if isinstance(p, list):
+            tally = [a + int(b) for a, b in zip(tally, torch.bincount(best[off : off + t.shape[0]], minlength=n_alt), strict=True)]
+        off += t.shape[0]
+    report.clip_after_rounding_rows = tally
+    sizes = [t.shape[0] for t in targets]
+    sc, zr = sc.float(), zr.float()
+    return [(c, (s_t, z_t)) for c, s_t, z_t in zip(codes.split(sizes), sc.split(sizes), zr.split(sizes), strict=True)]
+
+
 def quantize_linears(
     root: nn.Module,
     targets: list[str],
@@ -314,7 +348,11 @@ def quantize_linears(
 
     def flush() -> None:  # round and pack the linears waiting on the Gram ``full``
         if pending:
-            rounded = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config, *source)
+            if any(isinstance(p[3], list) for p in pending):  # clip_after_rounding
+                rounded = round_weights_choosing_clip([p[2] for p in pending], [p[3] for p in pending], full,
+                                                      config, report, *source)
+            else:
+                rounded = round_weights([p[2] for p in pending], [p[3] for p in pending], full, config, *source)
             report.error_feedback += len(pending)
             for (name, handling, _, _), (c, params) in zip(pending, rounded, strict=True):
                 pack_linear(root, name, handling, c, params, input_scale.get(name), config, txn)
@@ -342,6 +380,11 @@ def quantize_linears(
             source = (gram, scale)
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
+            if full is not None and config.clip_after_rounding and not config.gptq_refit_rounds:
+                report.clipped += 1
+                pending.append((name, handling, w_target,
+                                [grid_params(a, config) for a in clip_alternatives(w_target, group_gram, config)]))
+                continue
             w_grid = clip_weight(w_target, group_gram, config)
             report.clipped += 1
         if full is not None:
