@@ -76,6 +76,8 @@ def main() -> None:
     val_ppl, val_n = perplexity(model, val_ids, 2048, val_windows, bos_token_id=bos)
     res = dict(name=name, model=args.model, opts=o, n_calib=n_calib, calib_offset=args.calib_offset, ppl=ppl, windows=n, val_ppl=val_ppl,
                val_windows=val_n, quant_s=quant_s, times=report.times)
+    if report.clip_after_rounding_rows:  # rows that kept the searched / half / no clipping
+        res["clip_after_rounding_rows"] = report.clip_after_rounding_rows
     print(json.dumps(res), flush=True)
     with OUT[args.model].open("a") as f:
         f.write(json.dumps(res) + "\n")
