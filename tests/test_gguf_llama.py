@@ -127,6 +127,21 @@ def _write_gguf(model, path, q8_embedding: bool = False, rope_scaling: float | N
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(gname, a)
+    _finish(w)
+
+
+def _assert_same_model(a, b, ids: torch.Tensor) -> None:
+    """Every tensor and the logits on ``ids`` bit-identical."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def _finish(w) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -141,13 +156,7 @@ def test_tiny_llama_round_trips_exactly(tmp_path, tie: bool) -> None:
     back = load_llama_gguf(path)
     assert back.config.tie_word_embeddings is tie
     assert (back.lm_head.weight is back.model.embed_tokens.weight) is tie
-    want, got = model.state_dict(), back.state_dict()
-    assert set(want) == set(got)
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
-    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, back(ids).logits)
+    _assert_same_model(model, back, torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1)))
 
 
 def test_tiny_llama_reads_like_transformers(tmp_path) -> None:
@@ -158,13 +167,7 @@ def test_tiny_llama_reads_like_transformers(tmp_path) -> None:
     _write_gguf(_tiny_llama(True), path, q8_embedding=True)
     mine = load_llama_gguf(path)
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    a, b = mine.state_dict(), theirs.state_dict()
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(mine(ids).logits, theirs(ids).logits)
+    _assert_same_model(mine, theirs, torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(2)))
 
 
 def test_errors_name_the_problem(tmp_path) -> None:
@@ -175,20 +178,14 @@ def test_errors_name_the_problem(tmp_path) -> None:
     other = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(str(other), "gpt2")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match="'gpt2'.*llama.*from_pretrained"):
         load_llama_gguf(other)
     k_quant = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(k_quant), "llama")
     w.add_tensor("token_embd.weight", np.zeros((1, 210), np.uint8),
                  raw_dtype=gguf.GGMLQuantizationType.Q6_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match="ggml type 14.*transformers"):
         read_gguf(k_quant)
     big = tmp_path / "big.gguf"
@@ -218,12 +215,7 @@ def test_smollm2_identical_to_transformers_loader() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     mine = load_llama_gguf(path)
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    a, b = mine.state_dict(), theirs.state_dict()
-    assert set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ids = torch.arange(100, 164).unsqueeze(0)
-    with torch.no_grad():
-        assert torch.equal(mine(ids).logits, theirs(ids).logits)
+    _assert_same_model(mine, theirs, torch.arange(100, 164).unsqueeze(0))
 
 
 def test_smollm2_header_reads() -> None:
