@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from awq_ao.lowering.quant_math import group_geometry
+from awq_ao.lowering.quant_math import dequantize_codes
 from awq_ao.passes.clipping import apply_clip, clip_ratios
 from awq_ao.passes.rounding import Factor, error_feedback_codes_batched
 
@@ -32,13 +32,6 @@ def clip_alternatives(w: torch.Tensor, group_gram: torch.Tensor, config: object)
     for t in CLIP_STRENGTHS:
         out.append(w if t == 0.0 else apply_clip(w, 1.0 - t * (1.0 - ratios), config.group_size, config.clip_mode))
     return out
-
-
-def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                dtype: torch.dtype) -> torch.Tensor:
-    k = codes.shape[1]
-    col = torch.arange(k, device=codes.device) // group_geometry(k, group_size).size
-    return (codes.to(dtype) - zero.to(codes.device, dtype)[:, col]) * scale.to(codes.device, dtype)[:, col]
 
 
 def row_output_error(q: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -64,7 +57,7 @@ def round_choosing_rows(
                                          config.bits, config.group_size, config.gptq_damp,
                                          act_order=config.gptq_act_order, factors=[factor] * nb)
     h = full.to(wc.device, cdt)
-    errors = torch.stack([row_output_error(_dequantize(c, s, z, config.group_size, cdt), wc, h)
+    errors = torch.stack([row_output_error(dequantize_codes(c, s.to(cdt), z.to(cdt), config.group_size, cdt), wc, h)
                           for c, (s, z) in zip(codes, grids, strict=True)])  # [nb, N]
     best = torch.argmin(errors, dim=0)  # the first minimum: the searched clipping on ties
     pick = best[:, None]
