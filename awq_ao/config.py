@@ -120,6 +120,7 @@ class AWQConfig(AOBaseConfig):
     gptq_act_order       ``rounding_options.act_order``
     gptq_shared_factor   ``rounding_options.shared_factor``
     gptq_refit_rounds    ``rounding_options.refit_rounds``
+    gptq_float_target    ``rounding_options.float_target``
     max_gram_gib         ``rounding_options.max_gram_gib``
     skip                 ``selection.skip``
     include              ``selection.include``
@@ -179,6 +180,7 @@ class AWQConfig(AOBaseConfig):
     gptq_act_order = _Flat[bool]("rounding_options", "act_order")
     gptq_shared_factor = _Flat[bool]("rounding_options", "shared_factor")
     gptq_refit_rounds = _Flat[int]("rounding_options", "refit_rounds")
+    gptq_float_target = _Flat[bool]("rounding_options", "float_target")
     max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")

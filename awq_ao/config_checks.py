@@ -97,7 +97,7 @@ def validate(cfg: AWQConfig) -> None:
     if not _is_int(cfg.group_size) or not (cfg.group_size == -1 or cfg.group_size >= 1):
         raise _bad("group_size", cfg.group_size, "an integer >= 1, or -1 for one group per output row")
     cfg.group_size = int(cfg.group_size)
-    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "clip_after_rounding", "gptq_act_order", "gptq_shared_factor",
+    for name in ("zero_point", "scale_search", "search_refine", "clip", "clip_qk", "clip_after_rounding", "gptq_act_order", "gptq_float_target", "gptq_shared_factor",
                  "split_blocks", "experts", "progress", "verbose"):
         _choice(cfg, name, (True, False))
     _int_at_least(cfg, "n_grid", 1)
@@ -129,6 +129,13 @@ def validate(cfg: AWQConfig) -> None:
             "awq_config: clip_after_rounding=True has no effect here: it chooses each row's clipping after "
             "error-feedback rounding, so it needs rounding='gptq', clip=True and gptq_refit_rounds=0 (got "
             f"rounding={cfg.rounding!r}, clip={cfg.clip}, gptq_refit_rounds={cfg.gptq_refit_rounds}).",
+            stacklevel=_caller_outside_package(),
+        )
+    if cfg.gptq_float_target and (cfg.rounding != "gptq" or cfg.sequential is False):
+        warnings.warn(
+            "awq_config: gptq_float_target=True has no effect here: it shifts the error-feedback rounding's "
+            "target in layer-by-layer mode, so it needs rounding='gptq' and sequential=True or 'auto' (got "
+            f"rounding={cfg.rounding!r}, sequential={cfg.sequential!r}).",
             stacklevel=_caller_outside_package(),
         )
     _choice(cfg, "fallback", ("multiply", "skip"))

@@ -213,6 +213,13 @@ class RoundingOptions:
             codes again on the refit scales, and so on: this many refits
             (:func:`awq_ao.passes.scale_refit.alternate_grid`). Default 0 (the grid stays the
             clipped weight's). (Flat ``gptq_refit_rounds``.)
+        float_target: with ``method="gptq"`` in layer-by-layer mode, round each linear toward
+            the float model's output rather than its own output on the quantized model's
+            inputs: the float blocks also run on the float model's own inputs, and each weight
+            is shifted by ``W C H^-1`` before clipping and rounding (``C``: the cross Gram of
+            the float and quantized inputs; :mod:`awq_ao.passes.float_target`), so the error
+            the earlier blocks left is compensated too. One more float forward of the kept
+            sample per block. Default False. (Flat ``gptq_float_target``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes
             (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
@@ -224,6 +231,7 @@ class RoundingOptions:
     act_order: bool = True
     shared_factor: bool = False
     refit_rounds: int = 0
+    float_target: bool = False
     max_gram_gib: float = 4.0
 
 

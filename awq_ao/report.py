@@ -35,6 +35,7 @@ class ConvertReport:
     error_feedback: int = 0  # linears rounded with error feedback (rounding="gptq")
     # clip_after_rounding: rows of clipped linears that kept the searched / half / no clipping
     clip_after_rounding_rows: list[int] = field(default_factory=list)
+    float_targets: int = 0  # linears rounded toward the float model's output (gptq_float_target)
     fallback_multiplies: int = 0
     times: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -64,7 +65,8 @@ class ConvertReport:
             + (f"; {self.mode}" if self.mode else ""),
             f"  groups: {len(self.groups)} ({', '.join(f'{k}: {v}' for k, v in sorted(self.kind_counts().items()))}); "
             f"folded {self.folded}, explicit multiplies {self.fallback_multiplies}, clipped {self.clipped}"
-            + (f", error-feedback rounded {self.error_feedback}" if self.error_feedback else ""),
+            + (f", error-feedback rounded {self.error_feedback}" if self.error_feedback else "")
+            + (f" ({self.float_targets} toward the float model's output)" if self.float_targets else ""),
         ]
         if self.clip_after_rounding_rows:
             r = self.clip_after_rounding_rows

@@ -19,6 +19,7 @@ from awq_ao.lowering.packing import choose_layout
 from awq_ao.lowering.quant_math import quant_params
 from awq_ao.lowering.scaled_input import ScaledInputLinear
 from awq_ao.passes.clip_choice import CLIP_STRENGTHS, clip_alternatives, round_choosing_rows
+from awq_ao.passes.float_target import shifted_target
 from awq_ao.passes.fold import Transaction, fold_group, scale_consumer
 from awq_ao.passes.groups import GraphAnalysis
 from awq_ao.passes.rounded_candidates import shared_base
@@ -325,11 +326,14 @@ def quantize_linears(
     txn: Transaction,
     report: ConvertReport,
     prefix: str = "",
+    float_cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Clip, round and pack every linear of ``targets`` (scales already folded).
 
     Consecutive linears reading the same input with the same scale (q/k/v, gate/up) share
     their scaled Grams and are rounded in one error-feedback call (:func:`round_weights`).
+    ``float_cross``: linear -> its unscaled cross Gram ``C`` (``gptq_float_target``); such a
+    linear's clipping and rounding aim at :func:`~awq_ao.passes.float_target.shifted_target`.
     """
     scale_of = scales_by_consumer(analysis, results) if analysis is not None else {}
     qk = analysis.qk_linears if analysis is not None and not config.clip_qk else set()
@@ -378,6 +382,11 @@ def quantize_linears(
             key = new_key
             group_gram, full = input_grams(gram, scale, w_target.device, config.group_size)
             source = (gram, scale)
+        if float_cross and name in float_cross and full is not None:
+            cross = float_cross[name]
+            cross = scale_full_gram(cross.to(w_target.device), scale) if scale is not None else cross
+            w_target = shifted_target(w_target, cross, full, config.gptq_damp)
+            report.float_targets += 1
         w_grid = w_target
         if config.clip and group_gram is not None and name not in qk:
             if full is not None and config.clip_after_rounding and not config.gptq_refit_rounds:
@@ -408,8 +417,10 @@ def apply_found(
     txn: Transaction,
     report: ConvertReport,
     prefix: str = "",
+    float_cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase)."""
+    """Fold, then quantize the experts and the linears of ``targets`` (timed as one phase);
+    ``float_cross``: see :func:`quantize_linears`."""
     from awq_ao.passes.experts_apply import experts_scales, fold_experts, quantize_experts
 
     t0 = time.perf_counter()
@@ -422,5 +433,6 @@ def apply_found(
         report.warnings.append(prefix + note)
     quantize_experts(root, experts, scales, clip_inputs, getattr(analysis, "expert_tokens", {}), config, txn,
                      report, prefix)
-    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report, prefix)
+    quantize_linears(root, targets, analysis, results, clip_inputs, input_scale, config, txn, report, prefix,
+                     float_cross)
     add_time(report, "fold+clip+quantize", time.perf_counter() - t0)

@@ -192,6 +192,9 @@ def _whole_model(
     """Search the whole model on one replay of the stacked calibration sample, then apply."""
     assert state.recorder is not None
     _check_gram_budget(model, targets, config)
+    if config.gptq_float_target and config.rounding == "gptq":
+        report.warnings.append("gptq_float_target has no effect in whole-model mode (the linears see the float "
+                               "model's own inputs there); it applies layer by layer")
     calls = state.recorder.calls
     args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)

@@ -44,6 +44,7 @@ def awq_root(
     label: str = "",
     split: bool = False,
     rows: int | None = None,
+    float_cross: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Quantize the linears ``targets`` of ``root`` with AWQ, searched on ``(args, kwargs)``.
 
@@ -51,7 +52,8 @@ def awq_root(
     sub-blocks one after the other (attention, then MLP), each on the outputs of the
     already quantized ones, where the root can be split (:func:`block_stages`). ``rows``: the
     batch rows of ``(args, kwargs)`` (default ``first_call.rows``); the candidates are scored
-    on the first ``max_search_samples`` of them, the Grams use all of them.
+    on the first ``max_search_samples`` of them, the Grams use all of them. ``float_cross``:
+    each linear's cross Gram for ``gptq_float_target`` (:mod:`awq_ao.passes.float_target`).
     """
     rows = first_call.rows if rows is None else rows
     analysis = analyze(root, first_call, targets, config, report)  # capture -> scale groups
@@ -59,7 +61,7 @@ def awq_root(
         results, grams = search(root, stage, args, kwargs, observers, config, report, label, prefix, rows)  # data only
         release_freed_memory()
         # fold the scales, then per linear: clip -> error-feedback round -> pack / swap
-        apply_found(root, stage, results, grams, stage_targets, config, txn, report, prefix)
+        apply_found(root, stage, results, grams, stage_targets, config, txn, report, prefix, float_cross)
 
 
 def analyze(

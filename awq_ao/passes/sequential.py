@@ -28,6 +28,7 @@ from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall, first_tensor
 from awq_ao.passes.apply import add_time, apply_found
 from awq_ao.passes.capture import call_kwargs
+from awq_ao.passes.float_target import cross_grams
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
 from awq_ao.passes.sample_chunks import row_chunks, rows_of, splits_rows
@@ -165,6 +166,7 @@ def convert_sequential(
     if h0 is None:
         raise RuntimeError("the first block received no tensor input")
     hidden = h0.detach().to("cpu")
+    hidden_float = hidden if config.gptq_float_target and config.rounding == "gptq" else None
     done: set[str] = set()
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}."
@@ -174,9 +176,20 @@ def convert_sequential(
             block.to(dev)
         a, kw = _with_hidden(block_calls[i], hidden)
         a, kw = _to(a, dev), _to(kw, dev)
+        cross = None
+        if hidden_float is not None:
+            t0 = time.perf_counter()
+            fa, fkw = _to(_with_hidden(block_calls[i], hidden_float), dev)
+            cross, nxt_float = cross_grams(block, (fa, fkw), (a, kw), local, rows, config.max_search_samples)
+            del fa, fkw
+            if nxt_float is None:
+                raise RuntimeError(f"gptq_float_target: block {blocks_name}.{i} has no tensor output")
+            hidden_float = nxt_float.to("cpu")
+            add_time(report, "float stream", time.perf_counter() - t0)
         if local:
             obs = {n: observers[prefix + n] for n in local if prefix + n in observers}
-            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix, label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks)
+            awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix,
+                     label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks, float_cross=cross)
             done.update(prefix + n for n in local)
         t0 = time.perf_counter()
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)
@@ -190,7 +203,7 @@ def convert_sequential(
         if dev is not None and home is not None:
             block.to(home)
             txn.move_saved(home)
-        del nxt, a, kw
+        del nxt, a, kw, cross
         if config.spill_dir is not None:
             txn.spill()
         release_freed_memory()
