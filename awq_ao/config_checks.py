@@ -138,6 +138,12 @@ def validate(cfg: AWQConfig) -> None:
             f"rounding={cfg.rounding!r}, sequential={cfg.sequential!r}).",
             stacklevel=_caller_outside_package(),
         )
+    elif cfg.gptq_float_target:
+        warnings.warn(
+            "awq_config: gptq_float_target=True is experimental and measured much worse so far (SmolLM2 INT4 "
+            "g128: perplexity 1491 against 23.05 without it; docs/results.md); do not use it on real models yet.",
+            stacklevel=_caller_outside_package(),
+        )
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))

@@ -78,6 +78,8 @@ def main() -> None:
                val_windows=val_n, quant_s=quant_s, times=report.times)
     if report.clip_after_rounding_rows:  # rows that kept the searched / half / no clipping
         res["clip_after_rounding_rows"] = report.clip_after_rounding_rows
+    if report.float_targets:  # linears rounded toward the float model's output (gptq_float_target)
+        res["float_targets"] = report.float_targets
     print(json.dumps(res), flush=True)
     with OUT[args.model].open("a") as f:
         f.write(json.dumps(res) + "\n")

@@ -103,6 +103,8 @@ def test_layer_by_layer_first_block_unchanged_later_blocks_shifted() -> None:
 
 
 def test_no_effect_is_said() -> None:
+    with pytest.warns(UserWarning, match="experimental and measured much worse"):
+        awq_ao.awq_config(gptq_float_target=True)
     with pytest.warns(UserWarning, match="gptq_float_target=True has no effect"):
         awq_ao.awq_config(gptq_float_target=True, rounding="nearest")
     with warnings.catch_warnings():
