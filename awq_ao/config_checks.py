@@ -140,8 +140,9 @@ def validate(cfg: AWQConfig) -> None:
         )
     elif cfg.gptq_float_target:
         warnings.warn(
-            "awq_config: gptq_float_target=True is experimental and measured much worse so far (SmolLM2 INT4 "
-            "g128: perplexity 1491 against 23.05 without it; docs/results.md); do not use it on real models yet.",
+            "awq_config: gptq_float_target=True is experimental and measured much worse (SmolLM2 INT4 g128: "
+            "perplexity 1491 against 23.05 without it): o_proj/down_proj over-correct, and the other linears' "
+            "shifts overfit the calibration tokens (docs/results.md, session 25); do not use it on real models.",
             stacklevel=_caller_outside_package(),
         )
     _choice(cfg, "fallback", ("multiply", "skip"))

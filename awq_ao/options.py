@@ -219,8 +219,11 @@ class RoundingOptions:
             is shifted by ``W C H^-1`` before clipping and rounding (``C``: the cross Gram of
             the float and quantized inputs; :mod:`awq_ao.passes.float_target`), so the error
             the earlier blocks left is compensated too. One more float forward of the kept
-            sample per block. Default False. Experimental: measured much worse so far
-            (SmolLM2 INT4 g128: perplexity 1491 vs 23.05; docs/results.md), and
+            sample per block. Default False. Experimental: measured much worse
+            (SmolLM2 INT4 g128: perplexity 1491 vs 23.05): ``o_proj``/``down_proj``
+            over-correct (their cross Grams see q/k/v and gate/up still in float), and the
+            other shifts lower the in-sample error but not the held-out one at 16k
+            calibration tokens (docs/results.md, session 25; ``devtools/float_target_check.py``).
             ``awq_config`` warns. (Flat ``gptq_float_target``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes

@@ -2,6 +2,7 @@
 
     python -m devtools.profile_quantize [--n-samples 32] [--top 40] [--out prof.txt]
     python -m devtools.profile_quantize --no-profile --options '{"screen_rows": 2}' --jsonl runs.jsonl
+    python -m devtools.profile_quantize --blocks 6 --top 30     # the first 6 blocks only
 
 Prints the report's phase times and the cProfile functions with the most cumulative and
 internal time, so that the slow part of a run is measured rather than guessed. ``--jsonl``
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--search-samples", type=int, default=16)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--blocks", type=int, default=None, help="keep only the model's first N blocks (a quicker profile)")
     ap.add_argument("--no-profile", action="store_true", help="phase times only (no cProfile overhead)")
     ap.add_argument("--out", default=None, help="also write the statistics to this file")
     ap.add_argument("--jsonl", default=None, help="append the run's times and model fingerprint to this file")
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32)
+    if args.blocks is not None:
+        model.model.layers = model.model.layers[: args.blocks]
+        model.config.num_hidden_layers = args.blocks
     calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_samples, args.seq_len)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
