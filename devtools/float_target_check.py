@@ -40,7 +40,7 @@ import awq_ao.passes.sequential as sequential_mod
 from awq_ao import quantize
 from awq_ao.evaluation import batches, calibration_blocks, text_ids
 from devtools.machine_record import machine_info
-from devtools.shared_data import calibration_text, load_model
+from devtools.shared_data import calibration_text, first_blocks, load_model
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
 #: (name, gptq_float_target, linear-name suffixes left unshifted, damping of the shift or None)
@@ -50,6 +50,9 @@ VARIANTS: list[tuple[str, bool, tuple[str, ...], float | None]] = [
     ("float_target_qkv_gate_up", True, ("o_proj", "down_proj"), None),
     ("float_target_qkv_gate_up_damp1", True, ("o_proj", "down_proj"), 1.0),
 ]
+
+#: the pass's own functions, which every variant wraps
+_ORIG = (sequential_mod.cross_grams, apply_mod.shifted_target)
 
 
 def _patch(skip: tuple[str, ...], damp: float | None) -> None:
@@ -65,9 +68,6 @@ def _patch(skip: tuple[str, ...], damp: float | None) -> None:
 
     sequential_mod.cross_grams = cross_grams
     apply_mod.shifted_target = shifted_target
-
-
-_ORIG = (sequential_mod.cross_grams, apply_mod.shifted_target)
 
 
 def _outputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_model("smollm2", torch.float32)
-    model.model.layers = model.model.layers[: args.blocks]
-    model.config.num_hidden_layers = args.blocks
+    first_blocks(model, args.blocks)
     calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), 16, 512)
     in_sample = calib[:4].reshape(4, 512)
     held_out = text_ids(tok, calibration_text("wiki.valid.tokens"), None)[-8 * 512:].view(8, 512)

@@ -27,7 +27,7 @@ import torch
 from awq_ao import quantize
 from awq_ao.evaluation import batches, calibration_blocks
 from devtools.machine_record import machine_info
-from devtools.shared_data import calibration_text, load_smollm2
+from devtools.shared_data import calibration_text, first_blocks, load_smollm2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tok = load_smollm2(torch.float32)
     if args.blocks is not None:
-        model.model.layers = model.model.layers[: args.blocks]
-        model.config.num_hidden_layers = args.blocks
+        first_blocks(model, args.blocks)
     calib = calibration_blocks(tok, calibration_text("wiki.valid.tokens"), args.n_samples, args.seq_len)
     prof = cProfile.Profile()
     t0 = time.perf_counter()

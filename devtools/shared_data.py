@@ -135,6 +135,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     return loaders[name](dtype)
 
 
+def first_blocks(model: nn.Module, n: int) -> nn.Module:
+    """Cut a loaded decoder (``model.model.layers``) to its first ``n`` blocks, in place (quick
+    profiles and diagnostics); returns ``model``."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    return model
+
+
 def data_file(*parts: str) -> Path:
     """A file under ``shared/data`` (raises ``FileNotFoundError`` with the path)."""
     sd = shared_dir()
