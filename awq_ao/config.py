@@ -121,6 +121,9 @@ class AWQConfig(AOBaseConfig):
     gptq_shared_factor   ``rounding_options.shared_factor``
     gptq_refit_rounds    ``rounding_options.refit_rounds``
     gptq_float_target    ``rounding_options.float_target``
+    block_refine_steps   ``rounding_options.refine_steps``
+    block_refine_lr      ``rounding_options.refine_lr``
+    block_refine_batch   ``rounding_options.refine_batch``
     max_gram_gib         ``rounding_options.max_gram_gib``
     skip                 ``selection.skip``
     include              ``selection.include``
@@ -181,6 +184,9 @@ class AWQConfig(AOBaseConfig):
     gptq_shared_factor = _Flat[bool]("rounding_options", "shared_factor")
     gptq_refit_rounds = _Flat[int]("rounding_options", "refit_rounds")
     gptq_float_target = _Flat[bool]("rounding_options", "float_target")
+    block_refine_steps = _Flat[int]("rounding_options", "refine_steps")
+    block_refine_lr = _Flat[float]("rounding_options", "refine_lr")
+    block_refine_batch = _Flat[int]("rounding_options", "refine_batch")
     max_gram_gib = _Flat[float]("rounding_options", "max_gram_gib")
     skip = _Flat[tuple[str, ...]]("selection", "skip")
     include = _Flat[tuple[str, ...] | None]("selection", "include")

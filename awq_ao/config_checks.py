@@ -105,6 +105,8 @@ def validate(cfg: AWQConfig) -> None:
     _int_at_least(cfg, "max_search_samples", 1)
     _int_at_least(cfg, "max_gram_samples", 1)
     _int_at_least(cfg, "gptq_refit_rounds", 0)
+    _int_at_least(cfg, "block_refine_steps", 0)
+    _int_at_least(cfg, "block_refine_batch", 1)
     _int_at_least(cfg, "clip_tokens", 1, none_ok=True)
     _int_at_least(cfg, "screen_rows", 1, none_ok=True)
     _int_at_least(cfg, "screen_keep", 1, none_ok=True)
@@ -145,13 +147,19 @@ def validate(cfg: AWQConfig) -> None:
             "shifts overfit the calibration tokens (docs/results.md, session 25); do not use it on real models.",
             stacklevel=_caller_outside_package(),
         )
+    if cfg.block_refine_steps and cfg.sequential is False:
+        warnings.warn(
+            "awq_config: block_refine_steps has no effect with sequential=False: it tunes each block on its "
+            "output in layer-by-layer mode; pass sequential=True or 'auto', or drop it.",
+            stacklevel=_caller_outside_package(),
+        )
     _choice(cfg, "fallback", ("multiply", "skip"))
     _choice(cfg, "on_capture_error", ("raise", "hook_only"))
     _choice(cfg, "sequential", (True, False, "auto"))
     _choice(cfg, "head", ("keep", "int8"))
     if not _is_real(cfg.max_shrink) or not 0.0 <= cfg.max_shrink < 1.0:
         raise _bad("max_shrink", cfg.max_shrink, "a number in [0, 1)")
-    for name in ("gptq_damp", "max_gram_gib"):
+    for name in ("gptq_damp", "max_gram_gib", "block_refine_lr"):
         v = getattr(cfg, name)
         if not _is_real(v) or not v > 0:
             raise _bad(name, v, "a number > 0")

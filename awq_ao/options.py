@@ -225,6 +225,18 @@ class RoundingOptions:
             other shifts lower the in-sample error but not the held-out one at 16k
             calibration tokens (docs/results.md, session 25; ``devtools/float_target_check.py``).
             ``awq_config`` warns. (Flat ``gptq_float_target``.)
+        refine_steps: in layer-by-layer mode, after a block's linears are rounded and packed,
+            tune their codes and scales jointly on the block's output against the float
+            model's block output on its own stream, this many signed-gradient steps
+            (:mod:`awq_ao.passes.block_refine`: an offset per code, a multiplier per group
+            scale; kept only where it lowers the error on all calibration rows). Each step is
+            a forward and backward of one block on ``refine_batch`` rows, so it adds about
+            ``refine_steps`` training steps per block to the convert time. Default 0 (off).
+            (Flat ``block_refine_steps``.)
+        refine_lr: the first step's size (in codes and in relative scale), decaying linearly
+            to 0. Default 0.06. (Flat ``block_refine_lr``.)
+        refine_batch: calibration rows per refinement step. Default 4.
+            (Flat ``block_refine_batch``.)
         max_gram_gib: with ``sequential=False`` and ``method="gptq"``, the most memory (GiB)
             the whole model's Grams may take; convert refuses beyond it and names the fixes
             (layer-by-layer mode, or ``rounding="nearest"``). Default 4.0.
@@ -237,6 +249,9 @@ class RoundingOptions:
     shared_factor: bool = False
     refit_rounds: int = 0
     float_target: bool = False
+    refine_steps: int = 0
+    refine_lr: float = 0.06
+    refine_batch: int = 4
     max_gram_gib: float = 4.0
 
 

@@ -36,6 +36,8 @@ class ConvertReport:
     # clip_after_rounding: rows of clipped linears that kept the searched / half / no clipping
     clip_after_rounding_rows: list[int] = field(default_factory=list)
     float_targets: int = 0  # linears rounded toward the float model's output (gptq_float_target)
+    # block_refine_steps: one awq_ao.passes.block_refine.RefineResult per refined block
+    block_refine: list = field(default_factory=list)
     fallback_multiplies: int = 0
     times: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -72,6 +74,13 @@ class ConvertReport:
             r = self.clip_after_rounding_rows
             lines.append(f"  clipping chosen after rounding: rows kept the searched clipping {r[0]}"
                          + (f", half of it {r[1]}, none {r[2]}" if len(r) == 3 else ""))
+        if self.block_refine:
+            r = self.block_refine
+            kept = [x for x in r if x.kept]
+            gain = sum(1 - x.loss_after / x.loss_before for x in kept if x.loss_before > 0) / max(len(kept), 1)
+            lines.append(f"  block refinement: {len(kept)} of {len(r)} blocks kept it (output error -{100 * gain:.1f}% "
+                         f"on average, {100 * sum(x.changed_codes for x in r) / max(sum(x.codes for x in r), 1):.2f}% "
+                         "of codes changed)")
         if self.experts_quantized:
             lines.append(
                 f"  MoE experts: {len(self.experts_quantized)} 3-D expert weights quantized; "

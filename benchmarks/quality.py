@@ -66,6 +66,8 @@ AWQ_AO_METHODS: dict[str, dict] = {
     "awq_ao_no_scales": {"scale_search": False},
     # AWQ scales + GPTQ-style rounding, no clipping
     "awq_ao_no_clip": {"clip": False},
+    # the defaults + 32 steps of block-output refinement per block (block_refine_steps)
+    "awq_ao_refine32": {"block_refine_steps": 32},
 }
 # peers, each in its own venv: method -> venv name (benchmarks/.venvs/<name>, made by
 # benchmarks/peers/<name>_setup.sh)

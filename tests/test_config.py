@@ -36,7 +36,7 @@ OTHER = {
     "screen_rows": None, "screen_keep": 6, "search_loss": "linear", "search_rounding": "nearest", "max_search_samples": 4, "max_gram_samples": 8, "channel_stats": "sample", "fallback": "skip",
     "clip": False, "clip_grid": 20, "clip_mode": "range", "max_shrink": 0.25, "clip_qk": True,
     "clip_tokens": 256, "clip_after_rounding": True,
-    "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": False, "gptq_shared_factor": True, "gptq_refit_rounds": 2, "gptq_float_target": True, "max_gram_gib": 1.5,
+    "rounding": "nearest", "gptq_damp": 0.3, "gptq_act_order": False, "gptq_shared_factor": True, "gptq_refit_rounds": 2, "gptq_float_target": True, "block_refine_steps": 3, "block_refine_lr": 0.01, "block_refine_batch": 2, "max_gram_gib": 1.5,
     "skip": ("lm_head",), "include": ("model.layers.*",), "experts": False, "head": "int8",
     "sequential": True, "device": "cpu", "split_blocks": True, "spill_dir": "/tmp",
     "on_capture_error": "hook_only", "progress": False, "verbose": False,
@@ -65,7 +65,7 @@ def _grouped(flat: dict) -> dict:
 
 def test_other_values_cover_every_flat_name():
     assert set(OTHER) == set(FLAT_NAMES)
-    assert len(FLAT_NAMES) == 40  # + step and seed: the 30 options of the flat config before 2026-12-06, head, max_gram_samples, screen_rows, screen_keep, search_rounding, gptq_shared_factor, gptq_refit_rounds, channel_stats, clip_after_rounding, gptq_float_target
+    assert len(FLAT_NAMES) == 43  # + step and seed: the 30 options of the flat config before 2026-12-06, head, max_gram_samples, screen_rows, screen_keep, search_rounding, gptq_shared_factor, gptq_refit_rounds, channel_stats, clip_after_rounding, gptq_float_target, block_refine_steps/lr/batch
     assert all(OTHER[n] != _group_default(n) for n in OTHER)
 
 

@@ -195,6 +195,9 @@ def _whole_model(
     if config.gptq_float_target and config.rounding == "gptq":
         report.warnings.append("gptq_float_target has no effect in whole-model mode (the linears see the float "
                                "model's own inputs there); it applies layer by layer")
+    if config.block_refine_steps:
+        report.warnings.append("block_refine_steps has no effect in whole-model mode (no decoder-block stack was "
+                               "walked); it applies layer by layer")
     calls = state.recorder.calls
     args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)

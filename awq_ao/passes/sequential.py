@@ -9,6 +9,9 @@
    block inputs, fold, clip, round, pack), then run the quantized block to get the next
    block's inputs, ``max_search_samples`` rows at a time. Activations are cached on the CPU;
    peak device memory is one block plus one chunk's activations.
+   With ``gptq_float_target`` or ``block_refine_steps`` the float block first runs on the
+   float model's own stream (a second cached hidden state); ``block_refine_steps`` then tunes
+   the packed block toward that output (:mod:`awq_ao.passes.block_refine`).
 
 Linears outside the repeated blocks (rare: projections before/after the stack) are quantized
 without scaling and listed in the report's warnings.
@@ -27,6 +30,7 @@ from awq_ao.config import AWQConfig
 from awq_ao.memory import release_freed_memory
 from awq_ao.observers.activation import RecordedCall, first_tensor
 from awq_ao.passes.apply import add_time, apply_found
+from awq_ao.passes.block_refine import refine_block
 from awq_ao.passes.capture import call_kwargs
 from awq_ao.passes.float_target import cross_grams
 from awq_ao.passes.fold import Transaction
@@ -166,7 +170,9 @@ def convert_sequential(
     if h0 is None:
         raise RuntimeError("the first block received no tensor input")
     hidden = h0.detach().to("cpu")
-    hidden_float = hidden if config.gptq_float_target and config.rounding == "gptq" else None
+    float_target = config.gptq_float_target and config.rounding == "gptq"
+    refine = config.block_refine_steps > 0
+    hidden_float = hidden if float_target or refine else None
     done: set[str] = set()
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}."
@@ -176,14 +182,18 @@ def convert_sequential(
             block.to(dev)
         a, kw = _with_hidden(block_calls[i], hidden)
         a, kw = _to(a, dev), _to(kw, dev)
-        cross = None
-        if hidden_float is not None:
+        cross = target = None
+        if hidden_float is not None:  # the float block on the float model's stream, before quantizing it
             t0 = time.perf_counter()
             fa, fkw = _to(_with_hidden(block_calls[i], hidden_float), dev)
-            cross, nxt_float = cross_grams(block, (fa, fkw), (a, kw), local, rows, config.max_search_samples)
+            if float_target:
+                cross, nxt_float = cross_grams(block, (fa, fkw), (a, kw), local, rows, config.max_search_samples)
+            else:
+                nxt_float = _block_output(block, fa, fkw, rows, config.max_search_samples)
             del fa, fkw
             if nxt_float is None:
-                raise RuntimeError(f"gptq_float_target: block {blocks_name}.{i} has no tensor output")
+                raise RuntimeError(f"block {blocks_name}.{i} has no tensor output (needed for the float stream)")
+            target = nxt_float if refine else None
             hidden_float = nxt_float.to("cpu")
             add_time(report, "float stream", time.perf_counter() - t0)
         if local:
@@ -191,6 +201,13 @@ def convert_sequential(
             awq_root(block, RecordedCall(a, kw, rows), a, kw, local, obs, config, txn, report, prefix,
                      label=f" block {i + 1}/{len(blocks)}", split=config.split_blocks, float_cross=cross)
             done.update(prefix + n for n in local)
+            if target is not None:
+                t0 = time.perf_counter()
+                res = refine_block(block, (a, kw), rows, target, config.block_refine_steps, config.block_refine_lr,
+                                   config.block_refine_batch, seed=i)
+                if res is not None:
+                    report.block_refine.append(res)
+                add_time(report, "block refine", time.perf_counter() - t0)
         t0 = time.perf_counter()
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)
         add_time(report, "block outputs", time.perf_counter() - t0)
@@ -203,7 +220,7 @@ def convert_sequential(
         if dev is not None and home is not None:
             block.to(home)
             txn.move_saved(home)
-        del nxt, a, kw, cross
+        del nxt, a, kw, cross, target
         if config.spill_dir is not None:
             txn.spill()
         release_freed_memory()
