@@ -156,7 +156,8 @@ def refine_block(block: nn.Module, call: Call, rows: int, target: torch.Tensor, 
     try:
         for p in frozen:
             p.requires_grad_(False)
-        opened = [_OpenLinear(m) for m in mods]
+        for m in mods:  # one at a time: a failure restores those already opened
+            opened.append(_OpenLinear(m))
         for i in range(steps):
             idx = torch.randperm(rows, generator=gen)[:batch]
             for o in opened:
