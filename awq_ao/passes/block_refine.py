@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.quant_math import group_geometry
 from awq_ao.observers.activation import first_tensor
-from awq_ao.passes.sample_chunks import splits_rows
+from awq_ao.passes.sample_chunks import row_chunks, rows_of, splits_rows
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -102,7 +102,8 @@ class _OpenLinear:
 
 
 def _rows(call: Call, total: int, idx: torch.Tensor) -> Call:
-    """Rows ``idx`` of every tensor of the call whose leading dim is the batch."""
+    """Rows ``idx`` (any order) of every tensor of the call whose leading dim is the batch;
+    :func:`~awq_ao.passes.sample_chunks.rows_of` cuts contiguous ranges only."""
     def pick(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == total:
             return t[idx.to(t.device)]
@@ -142,10 +143,9 @@ def refine_block(block: nn.Module, call: Call, rows: int, target: torch.Tensor, 
     def full_loss() -> float:  # with the block's weights as they are (packed)
         with torch.no_grad():
             total = 0.0
-            for s0 in range(0, rows, chunk):
-                idx = torch.arange(s0, min(s0 + chunk, rows))
-                out = _output(block, _rows(call, rows, idx))
-                total += float(((out.float() - target[idx.to(target.device)].float()) ** 2).sum())
+            for start, stop in row_chunks(rows, chunk):
+                out = _output(block, rows_of(*call, rows, start, stop))
+                total += float(((out.float() - target[start:stop].float()) ** 2).sum())
             return total / target.numel()
 
     before = full_loss()
