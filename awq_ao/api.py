@@ -12,7 +12,7 @@ from torchao.quantization import quantize_
 
 from awq_ao.config import awq_config, whole_model
 from awq_ao.observers.activation import CallRecorded
-from awq_ao.passes.convert import CalibrationError
+from awq_ao.passes.convert import CalibrationError, refuse_inference_mode
 from awq_ao.progress import (
     RunProgress,
     plan_quantization,
@@ -64,12 +64,12 @@ def _plan(run: RunProgress, model: nn.Module, calibration: Iterable[Any], config
     targets = list(state.targets) if state is not None else []
     sized = isinstance(calibration, (list, tuple))
     batches = list(calibration) if sized else []
-    search, kept = sample_tokens(((tokens_of(b), rows_of(b)) for b in batches), config.max_search_samples,
+    search, kept, kept_rows = sample_tokens(((tokens_of(b), rows_of(b)) for b in batches), config.max_search_samples,
                                  max(config.max_search_samples, config.max_gram_samples))
     total = sum(tokens_of(b) for b in batches)
     if sized:
         plan_quantization(run, model, targets, config, search, calibration_tokens=total if forward else 0,
-                          kept_tokens=kept)
+                          kept_tokens=kept, kept_rows=kept_rows)
     per_token = run.totals.get("calibrate", 0.0) / total if total else 0.0
     return lambda batch: per_token * tokens_of(batch)
 
@@ -127,6 +127,7 @@ def quantize(
             "calibration batches are not used (error-feedback rounding alone: clip=True, max_shrink=0.0).",
             stacklevel=2,
         )
+    refuse_inference_mode(cfg_convert)  # before the model is prepared
     with run_progress(cfg_convert.progress) as (run, _owned):
         if cfg_convert.needs_calibration:
             if calibration is None:

@@ -247,6 +247,12 @@ class AWQConfig(AOBaseConfig):
         """Whether convert needs observed activations."""
         return self.scale_search or self.clip
 
+    @property
+    def refine_steps(self) -> int:
+        """Block-refinement steps this config runs in layer-by-layer mode: ``block_refine_steps``,
+        or 0 where convert needs no calibration (there is no sample to tune on)."""
+        return self.block_refine_steps if self.needs_calibration else 0
+
     def flat_dict(self) -> dict[str, Any]:
         """Every option under its flat name (``step``, the table's names, ``seed``).
 

@@ -231,9 +231,12 @@ class RoundingOptions:
             (:mod:`awq_ao.passes.block_refine`: an offset per code, a multiplier per group
             scale; kept only where it lowers the error on all calibration rows). Each step is
             a forward and backward of one block on ``refine_batch`` rows, so it adds about
-            ``refine_steps`` training steps per block to the convert time. Default 0 (off):
-            on SmolLM2 INT3 g64, 32 steps gave 29.800 against 31.751 (16 steps 31.677, 64
-            steps 31.146: more overfit), +490 s on 2 cores; at INT4 g128 no gain (docs/results.md).
+            ``refine_steps`` training steps per block to the convert time; it needs autograd
+            (convert refuses it under ``torch.inference_mode()``). Default 0 (off). On
+            SmolLM2 INT3 g64, 32 steps gave 29.800 against 31.751 (a second calibration draw:
+            29.974 against 31.801; 16 steps 31.677, 64 steps 31.146: more overfit), about
+            +500 s on 2 cores; at INT4 g128 no test gain; on Gemma 3 270M INT3 g64 validation
+            82.16 -> 67.98 but test 27.28 -> 28.46 (docs/results.md, sessions 26-27).
             (Flat ``block_refine_steps``.)
         refine_lr: the first step's size (in codes and in relative scale), decaying linearly
             to 0. Default 0.06. (Flat ``block_refine_lr``.)

@@ -33,8 +33,9 @@ CLIP_S_PER_ELEMENT = 2.7e-9  # one weight element for one clipping candidate
 ROUND_S_PER_MAC = 2.0e-10  # one multiply-add of the error-feedback sweep (N K^2)
 SAVE_S_PER_WEIGHT = 5.0e-8  # one weight element packed and written
 
-PHASES = ("calibrate", "search", "round", "save")
-_LABELS = {"calibrate": "calibrating", "search": "searching scales", "round": "clip + round + pack", "save": "saving"}
+PHASES = ("calibrate", "search", "round", "refine", "save")
+_LABELS = {"calibrate": "calibrating", "search": "searching scales", "round": "clip + round + pack",
+           "refine": "refining block", "save": "saving"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class CostModel:
     config: Any
     search_tokens: int = 0
     kept_tokens: int = 0
+    kept_rows: int = 0
 
     def candidates(self) -> int:
         """Scale candidates per group (the grid, both duo families, plus plain RTN)."""
@@ -97,6 +99,18 @@ class CostModel:
             # roughly one sweep's N K^2 work (a rough estimate, not fitted)
             cost += ROUND_S_PER_MAC * n * k * k * (1 + 2 * c.gptq_refit_rounds)
         return cost
+
+    def refine(self, n: int, k: int) -> float:
+        """Block refinement's share of this linear (``config.refine_steps``, layer by layer):
+        each step a forward and a backward (about three forwards) of ``block_refine_batch``
+        rows, plus two forwards of the whole kept sample (the error before and after)."""
+        c = self.config
+        steps = c.refine_steps if c.sequential is not False else 0
+        if not steps or not self.kept_tokens:
+            return 0.0
+        rows = max(self.kept_rows, 1)
+        step_tokens = self.kept_tokens * min(c.block_refine_batch, rows) / rows
+        return CALIBRATE_S_PER_MAC * n * k * (3 * steps * step_tokens + 2 * self.kept_tokens)
 
     def save(self, n: int, k: int) -> float:
         """Packing for the checkpoint format and writing this linear."""
@@ -262,10 +276,12 @@ def run_progress(enabled: bool, desc: str = "awq_ao") -> Iterator[tuple[RunProgr
         run.close()
 
 
-def sample_tokens(parts: Iterable[tuple[int, int]], max_search_rows: int, max_kept_rows: int) -> tuple[int, int]:
-    """Tokens of the search chunk and of the whole kept sample, from ``(tokens, rows)`` per
-    calibration call in order. Whole calls are kept until ``max_kept_rows`` rows are held (as
-    the recorder keeps them); the search chunk is their first ``max_search_rows`` rows."""
+def sample_tokens(parts: Iterable[tuple[int, int]], max_search_rows: int,
+                  max_kept_rows: int) -> tuple[int, int, int]:
+    """Tokens of the search chunk and of the whole kept sample, and the kept sample's rows, from
+    ``(tokens, rows)`` per calibration call in order. Whole calls are kept until
+    ``max_kept_rows`` rows are held (as the recorder keeps them); the search chunk is their
+    first ``max_search_rows`` rows."""
     search = kept = rows = 0
     for t, r in parts:
         if rows >= max_kept_rows:
@@ -274,7 +290,7 @@ def sample_tokens(parts: Iterable[tuple[int, int]], max_search_rows: int, max_ke
             search += t * min(r, max_search_rows - rows) // max(r, 1)
         kept += t
         rows += r
-    return search, kept
+    return search, kept, rows
 
 
 def plan_quantization(
@@ -286,14 +302,18 @@ def plan_quantization(
     calibration_tokens: int = 0,
     save: bool = False,
     kept_tokens: int = 0,
+    kept_rows: int = 0,
 ) -> CostModel:
     """Plan the phases of quantizing ``targets`` (those not yet planned) and return the model."""
     shapes = linear_shapes(model, targets)
-    cm = CostModel(config, search_tokens, kept_tokens)
+    cm = CostModel(config, search_tokens, kept_tokens, kept_rows)
     if calibration_tokens and config.needs_calibration:
         run.plan("calibrate", math.fsum(cm.calibrate(n, k, calibration_tokens) for n, k in shapes.values()))
     run.plan_linears("search", {name: cm.search(n, k) for name, (n, k) in shapes.items()})
     run.plan_linears("round", {name: cm.round(n, k) for name, (n, k) in shapes.items()})
+    refine = {name: cm.refine(n, k) for name, (n, k) in shapes.items()}
+    if any(refine.values()):
+        run.plan_linears("refine", refine)
     if save:
         run.plan("save", math.fsum(cm.save(n, k) for n, k in shapes.values()))
     return cm

@@ -106,6 +106,21 @@ def test_one_bar_covers_calibration_search_and_rounding(monkeypatch, sequential)
     assert run.done["calibrate"] == pytest.approx(run.totals["calibrate"])
 
 
+def test_refining_run_plans_and_counts_the_block_refinement():
+    model = tiny_model("llama", layers=2)
+    with run_progress(False) as (run, _):
+        report = awq_ao.quantize(model, token_batches(4), bits=3, group_size=32, n_grid=3, verbose=False,
+                                 block_refine_steps=32)
+    assert len(report.block_refine) == 2
+    assert set(run.totals) == {"calibrate", "search", "round", "refine"}
+    assert run._counted["refine"] == set(report.quantized)
+    assert run.fraction() == pytest.approx(1.0)
+    phases = [p for _, _, p in run.timeline]
+    assert phases.index("refine") > phases.index("round")
+    # 32 steps of 4 rows, and two passes over the sample: well above one calibration forward
+    assert run.totals["refine"] > 3 * run.totals["calibrate"]
+
+
 def test_plain_quantize_flow_owns_its_run():
     from torchao.quantization import quantize_
 

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--channel-stats", choices=["calibration", "sample"], default=None,
                    help="where the scales' mean |x| comes from: every calibration batch (calibration) or the search "
                         "sample, which skips the calibration forward (sample); default: the library's")
+    q.add_argument("--refine-steps", type=int_type(0, "an integer >= 0 (0: off)"), default=None,
+                   help="layer by layer: tune each quantized block's codes and scales on its output against the "
+                        "float model's, this many steps (default 0: off; see docs/options.md)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq rounding: columns in order of decreasing input energy (default: the library's)")
     q.add_argument("--sequential", action="store_true",

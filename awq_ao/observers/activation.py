@@ -65,6 +65,9 @@ def abs_column_sums(x: torch.Tensor, in_features: int) -> torch.Tensor:
     for r0 in range(0, x2.shape[0], step):
         s += torch.linalg.vector_norm(x2[r0 : r0 + step], 1, dim=0, dtype=torch.float64)
     release_freed_memory()
+    if x.is_inference():  # no version counter: an in-place change could not be seen, so no cache
+        _last_sums = None
+        return s
     try:
         _last_sums = (weakref.ref(x), x._version, s)
     except TypeError:  # pragma: no cover - a tensor type without weak references

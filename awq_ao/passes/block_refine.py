@@ -156,17 +156,20 @@ def refine_block(block: nn.Module, call: Call, rows: int, target: torch.Tensor, 
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for m in mods:  # one at a time: a failure restores those already opened
-            opened.append(_OpenLinear(m))
-        for i in range(steps):
-            idx = torch.randperm(rows, generator=gen)[:batch]
-            for o in opened:
-                o.set_weight()
-            out = _output(block, _rows(call, rows, idx))
-            loss = ((out.float() - target[idx.to(target.device)].float()) ** 2).mean()
-            loss.backward()
-            for o in opened:
-                o.step(lr * (1 - i / steps), vmax, m_range)
+        # the steps need autograd also where the caller turned it off (the CLI converts under
+        # no_grad; convert refuses torch.inference_mode, whose tensors autograd cannot save)
+        with torch.enable_grad():
+            for m in mods:  # one at a time: a failure restores those already opened
+                opened.append(_OpenLinear(m))
+            for i in range(steps):
+                idx = torch.randperm(rows, generator=gen)[:batch]
+                for o in opened:
+                    o.set_weight()
+                out = _output(block, _rows(call, rows, idx))
+                loss = ((out.float() - target[idx.to(target.device)].float()) ** 2).mean()
+                loss.backward()
+                for o in opened:
+                    o.step(lr * (1 - i / steps), vmax, m_range)
         changed = sum(o.pack() for o in opened)
         after = full_loss()
         kept = after < before

@@ -77,6 +77,7 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
         if not targets:
             raise ValueError("no quantizable layer found (nn.Linear or transformers' Conv1D).")
     head_plan = find_head(model) if config.head == "int8" else None  # refuse before any edit
+    refuse_inference_mode(config)
     report = ConvertReport(config.bits, config.group_size, config.zero_point)
     report.size_before = model_size_bytes(model)
     rec = state.recorder if state is not None else None
@@ -98,8 +99,9 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
         hf_config.use_cache = False
     try:
         with run_progress(config.progress) as (run, _owned):
-            search_tokens, kept_tokens = _sample_tokens(state, config.max_search_samples)
-            plan_quantization(run, model, targets, config, search_tokens, kept_tokens=kept_tokens)
+            search_tokens, kept_tokens, kept_rows = _sample_tokens(state, config.max_search_samples)
+            plan_quantization(run, model, targets, config, search_tokens, kept_tokens=kept_tokens,
+                              kept_rows=kept_rows)
             if not config.needs_calibration:
                 apply_found(model, None, {}, {}, targets, config, txn, report)
             elif _layer_by_layer(model, targets, config, report):
@@ -125,6 +127,7 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
                 _whole_model(model, state, targets, observers, config, txn, report)
             run.finish("search")
             run.finish("round")
+            run.finish("refine")
     except BaseException:
         if saved_use_cache:
             hf_config.use_cache = saved_use_cache
@@ -170,12 +173,23 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
     return report
 
 
-def _sample_tokens(state: AWQState | None, max_search_rows: int) -> tuple[int, int]:
+def refuse_inference_mode(config: AWQConfig) -> None:
+    """Raise before any change where the config refines blocks (autograd) and the caller runs
+    under ``torch.inference_mode()`` (whose tensors autograd cannot save)."""
+    if config.refine_steps and config.sequential is not False and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "block_refine_steps tunes each block with autograd, which torch.inference_mode() turns off: "
+            "run quantize/convert under torch.no_grad() instead, or pass block_refine_steps=0. "
+            "The model's weights are unchanged."
+        )
+
+
+def _sample_tokens(state: AWQState | None, max_search_rows: int) -> tuple[int, int, int]:
     """Tokens of the search chunk (the first ``max_search_rows`` rows) and of the whole kept
-    sample (the recorder's calls)."""
+    sample (the recorder's calls), and the kept sample's rows."""
     rec = state.recorder if state is not None else None
     if rec is None:
-        return 0, 0
+        return 0, 0, 0
     parts = [(tokens_of(c.args if c.args else c.kwargs), c.rows) for c in rec.calls]
     return sample_tokens(parts, max_search_rows, sum(r for _, r in parts))
 
@@ -195,9 +209,9 @@ def _whole_model(
     if config.gptq_float_target and config.rounding == "gptq":
         report.warnings.append("gptq_float_target has no effect in whole-model mode (the linears see the float "
                                "model's own inputs there); it applies layer by layer")
-    if config.block_refine_steps:
-        report.warnings.append("block_refine_steps has no effect in whole-model mode (no decoder-block stack was "
-                               "walked); it applies layer by layer")
+    if config.refine_steps:
+        report.warnings.append("block_refine_steps has no effect in whole-model mode (no decoder-block stack "
+                               "was walked); it applies layer by layer")
     calls = state.recorder.calls
     args, kwargs, rows = stack_calls(calls)
     kwargs = call_kwargs(model, kwargs)

@@ -36,6 +36,7 @@ from awq_ao.passes.float_target import cross_grams
 from awq_ao.passes.fold import Transaction
 from awq_ao.passes.pipeline import awq_root, stack_calls
 from awq_ao.passes.sample_chunks import row_chunks, rows_of, splits_rows
+from awq_ao.progress import current
 from awq_ao.report import ConvertReport
 
 
@@ -171,7 +172,7 @@ def convert_sequential(
         raise RuntimeError("the first block received no tensor input")
     hidden = h0.detach().to("cpu")
     float_target = config.gptq_float_target and config.rounding == "gptq"
-    refine = config.block_refine_steps > 0
+    refine = config.refine_steps > 0
     hidden_float = hidden if float_target or refine else None
     done: set[str] = set()
     for i, block in enumerate(blocks):
@@ -203,10 +204,16 @@ def convert_sequential(
             done.update(prefix + n for n in local)
             if target is not None:
                 t0 = time.perf_counter()
-                res = refine_block(block, (a, kw), rows, target, config.block_refine_steps, config.block_refine_lr,
+                run = current()
+                if run is not None:
+                    run.set_detail("refine", f"{i + 1}/{len(blocks)}")
+                res = refine_block(block, (a, kw), rows, target, config.refine_steps, config.block_refine_lr,
                                    config.block_refine_batch, seed=i)
                 if res is not None:
                     report.block_refine.append(res)
+                if run is not None:
+                    for n in local:
+                        run.linear_done("refine", prefix + n)
                 add_time(report, "block refine", time.perf_counter() - t0)
         t0 = time.perf_counter()
         nxt = _block_output(block, a, kw, rows, config.max_search_samples)

@@ -198,10 +198,12 @@ def test_quantize_search_loss_and_act_order_flags_reach_the_config(model_dir, te
     monkeypatch.setattr(awq_ao, "quantize", spy)
     common = ["--calib", text_file, "--n-samples", 2, "--seq-len", 32, "--batch-size", 2, "--no-progress", "--quiet"]
     rc, _, err = run(["quantize", model_dir, "--out", tmp_path / "a", "--group-size", 32, "--search-loss", "linear",
-                      "--search-rounding", "nearest", "--no-act-order", "--channel-stats", "sample", *common], capsys)
+                      "--search-rounding", "nearest", "--no-act-order", "--channel-stats", "sample", "--refine-steps", 3,
+                      *common], capsys)
     assert rc == 0, err
     rc, _, err = run(["quantize", model_dir, "--out", tmp_path / "b", "--group-size", 32, *common], capsys)
     assert rc == 0, err
     assert seen[0]["search_loss"] == "linear" and seen[0]["gptq_act_order"] is False
     assert seen[0]["search_rounding"] == "nearest" and seen[0]["channel_stats"] == "sample"
-    assert not {"search_loss", "gptq_act_order", "search_rounding", "channel_stats"} & set(seen[1])  # the library defaults
+    assert seen[0]["block_refine_steps"] == 3
+    assert not {"search_loss", "gptq_act_order", "search_rounding", "channel_stats", "block_refine_steps"} & set(seen[1])

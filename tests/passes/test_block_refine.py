@@ -16,6 +16,7 @@ from awq_ao.lowering.int4_tensor import Int4WeightTensor
 from awq_ao.lowering.quant_math import group_geometry
 from awq_ao.lowering.swap import quantize_linear_module
 from awq_ao.passes.block_refine import _OpenLinear, refine_block
+from awq_ao.state import get_state
 
 OPTS = dict(group_size=32, verbose=False, progress=False)
 
@@ -132,3 +133,32 @@ def test_whole_model_mode_says_it_did_not_refine() -> None:
     rep = awq_ao.quantize(model, calib, bits=4, block_refine_steps=4, **OPTS)
     assert not rep.block_refine
     assert any("block_refine_steps has no effect in whole-model mode" in w for w in rep.warnings)
+
+
+@pytest.mark.parametrize(("bits", "given", "steps"), [(3, 0, 0), (3, 6, 6), (4, 5, 5)])
+def test_refine_steps_is_what_was_asked_and_zero_without_a_sample(bits: int, given: int, steps: int) -> None:
+    assert awq_ao.awq_config(bits=bits).refine_steps == 0  # off by default (Gemma 3 INT3: test worse)
+    cfg = awq_ao.awq_config(bits=bits, block_refine_steps=given)
+    assert cfg.block_refine_steps == given and cfg.refine_steps == steps
+    # no calibration sample (plain round-to-nearest): nothing to tune on
+    assert awq_ao.awq_config(bits=bits, block_refine_steps=given, scale_search=False, clip=False).refine_steps == 0
+
+
+def test_refinement_runs_under_no_grad_and_inference_mode_is_refused_untouched() -> None:
+    """The CLI converts under no_grad; autograd cannot run under inference_mode: a clear error
+    before anything changes (without refinement, convert still runs there)."""
+    model = tiny_model("llama", layers=2)
+    calib = token_batches(4)
+    with torch.no_grad():
+        rep = awq_ao.quantize(copy.deepcopy(model), calib, bits=3, block_refine_steps=4, **OPTS)
+    assert len(rep.block_refine) == 2 and torch.is_grad_enabled()
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad.*block_refine_steps=0"):
+        awq_ao.quantize(m, calib, bits=3, block_refine_steps=4, **OPTS)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert get_state(m) is None and not any(x._forward_pre_hooks for x in m.modules())  # not even prepared
+    with torch.inference_mode():
+        rep3 = awq_ao.quantize(copy.deepcopy(model), calib, bits=3, **OPTS)
+    assert rep3.quantized and not rep3.block_refine
