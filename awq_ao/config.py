@@ -249,9 +249,9 @@ class AWQConfig(AOBaseConfig):
 
     @property
     def refine_steps(self) -> int:
-        """Block-refinement steps this config runs in layer-by-layer mode: ``block_refine_steps``,
-        or 0 where convert needs no calibration (there is no sample to tune on)."""
-        return self.block_refine_steps if self.needs_calibration else 0
+        """Block-refinement steps this config runs: ``block_refine_steps``, or 0 where convert
+        needs no calibration (no sample to tune on) or runs whole-model (``sequential=False``)."""
+        return self.block_refine_steps if self.needs_calibration and self.sequential is not False else 0
 
     def flat_dict(self) -> dict[str, Any]:
         """Every option under its flat name (``step``, the table's names, ``seed``).

@@ -105,7 +105,7 @@ class CostModel:
         each step a forward and a backward (about three forwards) of ``block_refine_batch``
         rows, plus two forwards of the whole kept sample (the error before and after)."""
         c = self.config
-        steps = c.refine_steps if c.sequential is not False else 0
+        steps = c.refine_steps
         if not steps or not self.kept_tokens:
             return 0.0
         rows = max(self.kept_rows, 1)

@@ -176,7 +176,7 @@ def convert(model: nn.Module, config: AWQConfig) -> ConvertReport:
 def refuse_inference_mode(config: AWQConfig) -> None:
     """Raise before any change where the config refines blocks (autograd) and the caller runs
     under ``torch.inference_mode()`` (whose tensors autograd cannot save)."""
-    if config.refine_steps and config.sequential is not False and torch.is_inference_mode_enabled():
+    if config.refine_steps and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "block_refine_steps tunes each block with autograd, which torch.inference_mode() turns off: "
             "run quantize/convert under torch.no_grad() instead, or pass block_refine_steps=0. "

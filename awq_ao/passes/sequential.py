@@ -175,6 +175,7 @@ def convert_sequential(
     refine = config.refine_steps > 0
     hidden_float = hidden if float_target or refine else None
     done: set[str] = set()
+    run = current()
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}."
         local = [t[len(prefix):] for t in targets if t.startswith(prefix)]
@@ -204,7 +205,6 @@ def convert_sequential(
             done.update(prefix + n for n in local)
             if target is not None:
                 t0 = time.perf_counter()
-                run = current()
                 if run is not None:
                     run.set_detail("refine", f"{i + 1}/{len(blocks)}")
                 res = refine_block(block, (a, kw), rows, target, config.refine_steps, config.block_refine_lr,
